@@ -1,0 +1,44 @@
+"""Write one benchmark's section of benchmarks/RESULTS.md, leaving the other sections as they are."""
+
+from __future__ import annotations
+
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nEach section is rewritten by the script it names; run it again to refresh.\n"
+
+
+def machine_line(packages: tuple[str, ...] = ("torch", "transformers", "av")) -> str:
+    """One line naming the machine and the versions that matter for a measurement."""
+    import os
+
+    versions = []
+    for name in packages:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            + ", ".join(versions))
+
+
+def write_section(name: str, markdown: str) -> Path:
+    """Replace (or append) the section ``name`` of RESULTS.md with ``markdown``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}"
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+    return RESULTS

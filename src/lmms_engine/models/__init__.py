@@ -1,0 +1,1 @@
+"""Models: the video LLM, its video-token layouts and the autoregressive reconstruction module."""

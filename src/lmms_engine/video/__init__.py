@@ -1,0 +1,1 @@
+"""Video primitives: frame decoding, spatial pooling and frame-level attention masks."""
