@@ -1,0 +1,47 @@
+"""Data: conversation records, the tiny tokenizer, frame preprocessing, the SFT dataset and collator,
+and the generated demo dataset (``python -m lmms_engine.data.demo``).
+
+Names load lazily, so ``import lmms_engine.data`` stays cheap (no torch/transformers until used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "BAD_RECORD_REASONS": "records",
+    "METADATA_KEYS": "records",
+    "BadRecordError": "records",
+    "ConversationRecord": "records",
+    "Turn": "records",
+    "parse_record": "records",
+    "build_tiny_tokenizer": "tokenizer",
+    "ProcessorInfo": "preprocess",
+    "frames_to_pixel_values": "preprocess",
+    "IGNORE_INDEX": "chat",
+    "encode_conversation": "chat",
+    "BadRecordReport": "dataset",
+    "DatasetConfig": "dataset",
+    "VideoSFTDataset": "dataset",
+    "build_dataset": "dataset",
+    "load_records": "dataset",
+    "VideoSFTCollator": "collator",
+    "build_collator": "collator",
+    "generate_demo_dataset": "demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmms_engine.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

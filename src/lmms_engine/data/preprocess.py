@@ -1,0 +1,111 @@
+"""Frame preprocessing without torchvision, and what the data side needs to know about the model.
+
+``frames_to_pixel_values``: uint8 ``[T, 3, H, W]`` -> float ``[T, 3, S, S]`` rescaled to [0, 1] and
+normalised with the vision config's mean/std (SigLIP: 0.5/0.5, i.e. [-1, 1]). Frames normally arrive at
+``S x S`` already (the frame loader resizes inside the decoder); other sizes are resized here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmms_engine.models.layout import VideoLayoutConfig
+
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+def _triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must be a number or 3 numbers (R, G, B), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ProcessorInfo:
+    """What turning a video into model inputs needs from the model config.
+
+    ``image_size``/``patch_size``: the vision tower's (frames are resized to ``image_size`` square; the
+    patch grid side is ``image_size // patch_size``). ``image_mean``/``image_std``: per-channel
+    normalisation. ``layout``: the video-token layout (token count per video). ``video_token``: the
+    placeholder string, a single token of the tokenizer (``config.video_token_id``).
+    """
+
+    image_size: int
+    patch_size: int
+    image_mean: tuple[float, float, float] = SIGLIP_MEAN
+    image_std: tuple[float, float, float] = SIGLIP_STD
+    layout: VideoLayoutConfig = field(default_factory=VideoLayoutConfig)
+    video_token: str = "<video>"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.patch_size < 1 or self.patch_size > self.image_size:
+            raise ValueError(f"need 1 <= patch_size <= image_size, got image_size={self.image_size}, "
+                             f"patch_size={self.patch_size}")
+        object.__setattr__(self, "image_mean", _triple(self.image_mean, "image_mean"))
+        object.__setattr__(self, "image_std", _triple(self.image_std, "image_std"))
+        if any(s <= 0 for s in self.image_std):
+            raise ValueError(f"image_std must be > 0, got {self.image_std}")
+
+    @property
+    def patch_side(self) -> int:
+        """Patches per side of a frame (SigLIP 384/14 -> 27; the conv drops the remainder)."""
+        return self.image_size // self.patch_size
+
+    def video_token_count(self, num_frames: int) -> int:
+        """Tokens a ``<video>`` of ``num_frames`` frames expands to."""
+        return self.layout.video_token_count(num_frames, self.patch_side)
+
+    @classmethod
+    def from_model_config(cls, config: Any, layout: VideoLayoutConfig | None = None,
+                          video_token: str = "<video>") -> "ProcessorInfo":
+        """Read a LLaVA-OneVision-style config: ``config.vision_config.{image_size, patch_size}``;
+        ``image_mean``/``image_std`` from the config or its vision config (default 0.5); the layout from
+        ``layout`` or else from the config's attributes named like :class:`VideoLayoutConfig` fields."""
+        vision = getattr(config, "vision_config", config)
+
+        def pick(name: str, default: Any) -> Any:
+            for source in (config, vision):
+                value = getattr(source, name, None)
+                if value is not None:
+                    return value
+            return default
+
+        if layout is None:
+            names = [f.name for f in fields(VideoLayoutConfig)]
+            layout = VideoLayoutConfig(**{n: getattr(config, n) for n in names if getattr(config, n, None) is not None})
+        return cls(image_size=int(vision.image_size), patch_size=int(vision.patch_size),
+                   image_mean=pick("image_mean", SIGLIP_MEAN), image_std=pick("image_std", SIGLIP_STD),
+                   layout=layout, video_token=video_token)
+
+
+def frames_to_pixel_values(
+    frames: torch.Tensor,
+    image_size: int,
+    mean: Sequence[float] = SIGLIP_MEAN,
+    std: Sequence[float] = SIGLIP_STD,
+) -> torch.Tensor:
+    """uint8 RGB frames ``[T, 3, H, W]`` -> float32 ``[T, 3, S, S]``, ``(x / 255 - mean) / std``.
+
+    Frames not already ``S x S`` are resized (bilinear, antialiased, aspect ratio not kept: what the
+    LLaVA-OneVision video processor does).
+    """
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected uint8 frames [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    pixels = frames.float()
+    if tuple(pixels.shape[-2:]) != (image_size, image_size):
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                               antialias=True).clamp_(0, 255)
+    mean_t = torch.tensor(_triple(mean, "mean"), dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(_triple(std, "std"), dtype=torch.float32).view(1, 3, 1, 1)
+    return pixels.div_(255.0).sub_(mean_t).div_(std_t)
+
+
+__all__ = ["SIGLIP_MEAN", "SIGLIP_STD", "ProcessorInfo", "frames_to_pixel_values"]

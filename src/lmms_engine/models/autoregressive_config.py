@@ -1,0 +1,142 @@
+"""Typed config of the autoregressive reconstruction module (the YAML ``autoregressive_config`` block).
+
+Holds every key of the user's three parameter tables (autoregressive reconstruction, fast/slow frames,
+LLaVA-NeXT multi-scale) with the documented defaults, plus the keys the design needs (target encoder,
+dropout, MLP ratio, window selection, vision feature layer/strategy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
+
+from lmms_engine.utils.config import ConfigError, from_mapping
+from lmms_engine.video.pooling import check_pool_args
+
+TargetEncoderMode = Literal["auto", "shared", "copy"]
+WindowMode = Literal["all", "random"]
+FeatureSelectStrategy = Literal["default", "full"]
+
+# Keys that describe the video-token layout (owned by the model; see ``layout_overrides``).
+LAYOUT_KEYS: tuple[str, ...] = ("mm_spatial_pool_stride", "mm_spatial_pool_mode", "add_faster_video")
+
+
+@dataclass
+class AutoregressiveConfig:
+    """Config of :class:`~lmms_engine.models.autoregressive_reconstruction.AutoregressiveReconstructionModule`.
+
+    Autoregressive reconstruction:
+        embedding_dim: width of the target embeddings; must equal the vision tower's feature size
+            (1152 for SigLIP-so400m).
+        num_hist: history frames per window; a window holds ``num_hist + 1`` frames.
+        loss_weight: the returned loss is ``loss_weight * mse`` (0 = ablation baseline).
+        num_heads, num_layers: predictor transformer size.
+        use_frame_causal_mask: block lower-triangular attention over frames; every window position is
+            supervised. Off: full attention inside the window, only the last position is supervised.
+
+    Fast/slow frames (``use_fast_slow_frames``): a fast stream of ``num_fast`` frames ``fast_stride``
+    apart and a slow stream of ``num_slow`` frames ``slow_stride`` apart, both starting at frame 0 of
+    the frames the LLM saw; the loss is the mean of the two streams' losses.
+
+    LLaVA-NeXT multi-scale: ``mm_spatial_pool_stride`` / ``mm_spatial_pool_mode`` pool the targets
+    when ``enable_multiscale_pooling`` is set and no video-token layout is given; with
+    ``enable_multiscale_pooling`` these keys and ``add_faster_video`` also set the model's layout
+    (``layout_overrides``). A layout given at loss time always wins.
+
+    Design keys:
+        target_encoder: ``shared`` (reuse the model's frozen tower and its features), ``copy`` (a
+            frozen snapshot of the tower, for a tower that trains), ``auto`` (shared when every tower
+            parameter is frozen at creation, else copy).
+        dropout: attention/residual dropout of the predictor. mlp_ratio: MLP width / embedding_dim.
+        window: ``all`` trains on every window of ``num_hist + 1`` frames (unfold), ``random`` on one
+            random window per sample.
+        vision_feature_layer, vision_feature_select_strategy: where targets are read from the tower
+            (``hidden_states[vision_feature_layer]``; ``default`` drops the first token, ``full`` keeps
+            all); the model sets them from its own config.
+    """
+
+    embedding_dim: int = 1152
+    num_hist: int = 3
+    loss_weight: float = 0.1
+    num_heads: int = 8
+    num_layers: int = 3
+    use_frame_causal_mask: bool = True
+    use_fast_slow_frames: bool = False
+    fast_stride: int = 1
+    slow_stride: int = 4
+    num_fast: int = 8
+    num_slow: int = 8
+    enable_multiscale_pooling: bool = False
+    mm_spatial_pool_stride: int = 2
+    mm_spatial_pool_mode: str = "average"
+    add_faster_video: bool = False
+    target_encoder: TargetEncoderMode = "auto"
+    dropout: float = 0.0
+    mlp_ratio: float = 4.0
+    window: WindowMode = "all"
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: FeatureSelectStrategy = "full"
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        positive = ("embedding_dim", "num_hist", "num_heads", "num_layers", "fast_stride", "slow_stride")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_fast", "num_slow"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2 (one frame has no next frame to predict), "
+                                 f"got {getattr(self, name)}")
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if not math.isfinite(self.loss_weight) or self.loss_weight < 0:
+            raise ValueError(f"loss_weight must be a finite number >= 0, got {self.loss_weight}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        try:
+            check_pool_args(self.mm_spatial_pool_stride, self.mm_spatial_pool_mode)
+        except ValueError as err:
+            raise ValueError(f"mm_spatial_pool_stride/mm_spatial_pool_mode: {err}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "autoregressive_config") -> "AutoregressiveConfig":
+        """Build from a plain dict (YAML/JSON). Unknown key, wrong type or impossible value ->
+        :class:`~lmms_engine.utils.config.ConfigError` (a ``ValueError``) naming ``where`` and the key."""
+        return from_mapping(cls, data, where)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layout_overrides(self) -> dict:
+        """Layout keys this block sets for the model: ``mm_spatial_pool_stride``,
+        ``mm_spatial_pool_mode``, ``add_faster_video`` when ``enable_multiscale_pooling``, else ``{}``."""
+        if not self.enable_multiscale_pooling:
+            return {}
+        return {key: getattr(self, key) for key in LAYOUT_KEYS}
+
+
+def _check_field_types(config: AutoregressiveConfig) -> None:
+    """Type-check direct construction too (``from_dict`` already checks dict input)."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        value, tp = getattr(config, f.name), hints[f.name]
+        if get_origin(tp) is Literal:
+            if value not in get_args(tp):
+                raise ValueError(f"{f.name}: invalid value {value!r}; valid: "
+                                 f"{', '.join(repr(a) for a in get_args(tp))}")
+            continue
+        ok = (isinstance(value, bool) if tp is bool
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+              else isinstance(value, tp) and not isinstance(value, bool) if tp is int
+              else isinstance(value, tp))
+        if not ok:
+            raise ValueError(f"{f.name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        if tp is float:
+            setattr(config, f.name, float(value))
+
+
+__all__ = ["AutoregressiveConfig", "ConfigError", "LAYOUT_KEYS", "TargetEncoderMode", "WindowMode"]

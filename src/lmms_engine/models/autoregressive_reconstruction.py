@@ -1,0 +1,559 @@
+"""Autoregressive reconstruction: predict the vision encoder's embedding of frame t+1 (DINO-WM style).
+
+From the LLM's hidden states at the video tokens of frames ``<= t``, a small frame-causal transformer
+(the predictor) predicts the frozen vision encoder's features of frame ``t+1``; the loss is their MSE.
+
+Shapes and conventions
+----------------------
+- Per-frame hidden states ``[B, T, P', hidden_size]`` come either from a
+  :class:`~lmms_engine.models.layout.VideoTokenLayout` (gathered at each frame's patch tokens; newline
+  and faster tokens skipped; frames cut by truncation and samples without video masked) or, without a
+  layout, from ``hidden_states`` that are exactly the video tokens, frame-major: ``T x P'`` tokens,
+  ``P'`` = the tower's full patch grid (e.g. 8x8 = 64 for a 64 px / patch-8 tower) unless
+  ``enable_multiscale_pooling`` pools it with ``mm_spatial_pool_stride`` / ``mm_spatial_pool_mode``
+  (4x4 = 16 at average stride 2).
+- Targets ``[B, T, P_full, embedding_dim]``: the tower's ``hidden_states[vision_feature_layer]`` after
+  the feature select strategy, before the projector, detached; pooled exactly like each frame's video
+  tokens (the layout's stride and pool mode), so each hidden token has one target.
+- Faster video (``layout.fast`` set): slow frames' hidden states are pooled down to the fast grid with
+  the layout's pool mode (pooling by ``s`` then by 2 gives the same side as pooling by ``2s``) and every
+  frame's targets are pooled at the fast stride: the predictor sees one uniform grid.
+- Windows of ``num_hist + 1`` frames (teacher forcing): inputs frames ``i..i+num_hist-1``, targets
+  ``i+1..i+num_hist``. A window is used only when all its frames are present. With the frame-causal
+  mask every position is supervised; without it only the last position (which never sees its target).
+  ``window="all"`` uses every window, ``"random"`` one random window per sample. A sample with no full
+  window but ``n >= 2`` leading frames uses one shorter window of ``n`` frames (warned once).
+- Fast/slow streams (``use_fast_slow_frames``): frames ``0, fast_stride, ...`` (``num_fast`` of them)
+  and ``0, slow_stride, ...`` (``num_slow``), clipped to the frames seen (warned once); the predictor
+  runs on each and the MSE is the mean of the streams that have targets.
+- Loss: MSE over the elements of supervised target tokens; the returned loss is ``loss_weight * mse``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmms_engine.models.autoregressive_config import AutoregressiveConfig
+from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
+from lmms_engine.video.masks import frame_causal_mask
+from lmms_engine.video.pooling import pooled_side, spatial_pool
+
+
+@dataclass
+class AutoregressiveLossOutput:
+    """Result of :meth:`AutoregressiveReconstructionModule.compute_autoregressive_loss`.
+
+    Attributes:
+        loss: ``loss_weight * mse``, the term added to the main loss (main + this = total).
+        mse: raw MSE over supervised target elements (detached).
+        copy_last_mse: MSE of the copy-last-frame baseline (predict frame t+1 = target of frame t) on the
+            same supervised tokens (detached).
+        fast_loss, slow_loss: ``loss_weight * mse`` of each stream when ``use_fast_slow_frames`` (detached;
+            zero for a stream without targets), else None.
+        num_targets: supervised target tokens (for averaging across accumulation steps and ranks).
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    copy_last_mse: torch.Tensor
+    fast_loss: torch.Tensor | None
+    slow_loss: torch.Tensor | None
+    num_targets: int
+
+
+class PredictorBlock(nn.Module):
+    """Pre-norm transformer block whose attention takes a boolean mask (True = attend)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = max(1, int(round(dim * mlp_ratio)))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """``x`` ``[N, L, dim]``; ``attn_mask`` bool ``[L, L]`` or None (full attention)."""
+        n, length, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(n, length, dim)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class FramePredictor(nn.Module):
+    """DINO-WM-style predictor: Linear(hidden -> embedding), pre-norm blocks, final LayerNorm.
+
+    Position embeddings are learned per (frame-in-window, token) on the tower's full patch grid
+    ``[num_hist, patch_side**2, embedding_dim]`` and pooled like the tokens when the grid is pooled,
+    so one table serves every pooling stride.
+    """
+
+    def __init__(self, hidden_size: int, config: AutoregressiveConfig, patch_side: int) -> None:
+        super().__init__()
+        dim = config.embedding_dim
+        self.patch_side = patch_side
+        self.input_proj = nn.Linear(hidden_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(config.num_hist, patch_side * patch_side, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            PredictorBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def position_embedding(self, num_frames: int, pool_stride: int, pool_mode: str) -> torch.Tensor:
+        """``[num_frames, P', dim]`` for frames pooled with ``pool_stride`` / ``pool_mode``."""
+        return spatial_pool(self.pos_embed[:num_frames], pool_stride, pool_mode)
+
+    def forward(self, tokens: torch.Tensor, *, pool_stride: int = 1, pool_mode: str = "average",
+                causal: bool = True) -> torch.Tensor:
+        """Predict the next frame's embeddings for every input frame.
+
+        Args:
+            tokens: ``[N, F, P', dim]`` projected hidden states (``input_proj`` output) of ``F`` frames.
+            pool_stride, pool_mode: how the ``P'`` grid was pooled from the tower's full grid.
+            causal: frame-causal mask (True) or full attention (False).
+
+        Returns:
+            ``[N, F, P', dim]``; position ``f`` predicts frame ``f + 1``.
+        """
+        n, frames, patches, dim = tokens.shape
+        if not 1 <= frames <= self.pos_embed.shape[0]:
+            raise ValueError(f"predictor takes 1..num_hist = {self.pos_embed.shape[0]} frames, got {frames}")
+        pos = self.position_embedding(frames, pool_stride, pool_mode)
+        if pos.shape[1] != patches:
+            raise ValueError(f"predictor got {patches} tokens per frame, but pooling the tower's "
+                             f"{self.patch_side}x{self.patch_side} grid with {pool_mode} stride {pool_stride} "
+                             f"gives {pos.shape[1]}")
+        x = (tokens + pos.to(tokens.dtype)).reshape(n, frames * patches, dim)
+        mask = frame_causal_mask(frames, patches, device=x.device) if causal else None
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x).view(n, frames, patches, dim)
+
+
+def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
+    """(feature size, patch grid side) of a ViT-style tower from its config."""
+    config = getattr(vision_tower, "config", None)
+    names = ("hidden_size", "image_size", "patch_size")
+    if not isinstance(vision_tower, nn.Module) or config is None or not all(hasattr(config, n) for n in names):
+        raise TypeError(
+            "vision_tower must be a vision encoder module whose .config has hidden_size, image_size and "
+            f"patch_size (e.g. transformers' SiglipVisionModel, model.model.vision_tower); got "
+            f"{type(vision_tower).__name__}"
+        )
+    return int(config.hidden_size), int(config.image_size) // int(config.patch_size)
+
+
+class AutoregressiveReconstructionModule(nn.Module):
+    """Next-frame embedding prediction from the LLM's video-token hidden states (see module docstring).
+
+    Target encoder (``config.target_encoder``):
+        ``shared``: keeps a reference to the model's tower without registering it (no parameters, no
+        state-dict keys); uses the features the model hands over (``target_features``) with no vision
+        forward, or runs the tower under ``no_grad`` on ``video_frames``.
+        ``copy``: a frozen deep copy (``requires_grad`` False, eval mode, saved in checkpoints), so
+        targets stay fixed while the tower trains; needs ``video_frames``.
+        ``auto``: ``shared`` when every tower parameter is frozen at creation, else ``copy``.
+
+    Attributes:
+        config: the :class:`AutoregressiveConfig`.
+        loss_weight, enable_multiscale_pooling: from the config (the guide's debugging snippet reads them).
+        target_encoder_mode: ``"shared"`` or ``"copy"`` (``auto`` resolved).
+        target_encoder: the frozen copy in ``copy`` mode, else None.
+        predictor: the :class:`FramePredictor` (the only trainable parameters).
+    """
+
+    def __init__(self, vision_tower: nn.Module, hidden_size: int, config: AutoregressiveConfig) -> None:
+        super().__init__()
+        feature_size, patch_side = _tower_geometry(vision_tower)
+        if config.embedding_dim != feature_size:
+            raise ValueError(
+                f"autoregressive_config.embedding_dim ({config.embedding_dim}) must equal the vision "
+                f"tower's feature size ({feature_size}): the targets are the tower's features"
+            )
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        self.config = config
+        self.hidden_size = hidden_size
+        self.patch_side = patch_side
+        mode = config.target_encoder
+        if mode == "auto":
+            mode = "copy" if any(p.requires_grad for p in vision_tower.parameters()) else "shared"
+        self.target_encoder_mode: str = mode
+        # Not registered: the model owns the tower; in copy mode it is the source for re-syncing.
+        object.__setattr__(self, "_source_tower", vision_tower)
+        if mode == "copy":
+            self.target_encoder = copy.deepcopy(vision_tower).requires_grad_(False).eval()
+        else:
+            self.target_encoder = None
+        self.predictor = FramePredictor(hidden_size, config, patch_side)
+        self._warned: set[str] = set()
+
+    # -- public helpers ----------------------------------------------------------------------------
+
+    @property
+    def loss_weight(self) -> float:
+        return self.config.loss_weight
+
+    @property
+    def enable_multiscale_pooling(self) -> bool:
+        return self.config.enable_multiscale_pooling
+
+    @property
+    def uses_shared_features(self) -> bool:
+        """True when the model should hand over its own vision features (``target_features``)."""
+        return self.target_encoder_mode == "shared"
+
+    def dense_pooling(self) -> tuple[int, str]:
+        """(stride, mode) of the frames when no layout is given."""
+        stride = self.config.mm_spatial_pool_stride if self.config.enable_multiscale_pooling else 1
+        return stride, self.config.mm_spatial_pool_mode
+
+    def tokens_per_frame(self) -> int:
+        """``P'``: video tokens per frame expected without a layout."""
+        stride, mode = self.dense_pooling()
+        return pooled_side(self.patch_side, stride, mode) ** 2
+
+    def train(self, mode: bool = True) -> "AutoregressiveReconstructionModule":
+        super().train(mode)
+        if self.target_encoder is not None:
+            self.target_encoder.eval()  # the snapshot is a fixed function, dropout never on
+        return self
+
+    @torch.no_grad()
+    def sync_target_encoder(self) -> None:
+        """Copy mode: refresh the snapshot from the live tower (e.g. after loading pretrained tower
+        weights into a model whose checkpoint has no snapshot)."""
+        if self.target_encoder is None:
+            return
+        self.target_encoder.load_state_dict(self._source_tower.state_dict())
+
+    @torch.no_grad()
+    def encode_targets(self, video_frames: torch.Tensor, frames_used: torch.Tensor | None = None) -> torch.Tensor:
+        """Target features of ``video_frames`` ``[B, T, 3, H, W]`` -> ``[B, T, P_full, embedding_dim]``.
+
+        Runs the target encoder (the copy, or the shared tower) under ``no_grad`` on the frames marked in
+        ``frames_used`` ``[B, T]`` (all by default); the others stay zero.
+        """
+        if video_frames.dim() != 5:
+            raise ValueError(f"video_frames must be [B, T, 3, H, W], got {tuple(video_frames.shape)}")
+        encoder = self.target_encoder if self.target_encoder is not None else self._source_tower
+        self._check_encoder_frozen(stacklevel=4)
+        b, t = video_frames.shape[:2]
+        used = torch.ones(b, t, dtype=torch.bool, device=video_frames.device) if frames_used is None \
+            else frames_used.to(video_frames.device)
+        param = next(encoder.parameters(), None)
+        dtype = param.dtype if param is not None else video_frames.dtype
+        out = torch.zeros(b, t, self.patch_side ** 2, self.config.embedding_dim,
+                          dtype=dtype, device=video_frames.device)
+        if not used.any():
+            return out
+        hidden = encoder(pixel_values=video_frames[used].to(dtype), output_hidden_states=True,
+                         return_dict=True).hidden_states
+        feats = hidden[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        out[used] = self._check_features(feats, "the target encoder's features")
+        return out
+
+    def predict(self, frame_hidden: torch.Tensor, *, pool_stride: int | None = None,
+                pool_mode: str | None = None) -> torch.Tensor:
+        """Predict next-frame embeddings ``[N, F, P', embedding_dim]`` from hidden states
+        ``[N, F, P', hidden_size]`` of ``F <= num_hist`` frames (position ``f`` predicts frame ``f+1``).
+        Pooling defaults to :meth:`dense_pooling`."""
+        stride, mode = self.dense_pooling()
+        tokens = self.predictor.input_proj(frame_hidden.to(self.predictor.input_proj.weight.dtype))
+        return self.predictor(tokens, pool_stride=pool_stride or stride, pool_mode=pool_mode or mode,
+                              causal=self.config.use_frame_causal_mask)
+
+    # -- the loss ----------------------------------------------------------------------------------
+
+    def compute_autoregressive_loss(
+        self,
+        hidden_states: torch.Tensor,
+        video_frames: torch.Tensor | None = None,
+        *,
+        target_features: torch.Tensor | None = None,
+        video_token_layout: VideoTokenLayout | None = None,
+        return_output: bool = False,
+    ) -> torch.Tensor | AutoregressiveLossOutput:
+        """Weighted next-frame reconstruction loss.
+
+        Args:
+            hidden_states: ``[B, L, hidden_size]`` LLM hidden states. Without ``video_token_layout`` they
+                must be exactly the video tokens, frame-major: ``T x P'`` tokens, ``P'`` =
+                :meth:`tokens_per_frame` (the tower's full grid unless ``enable_multiscale_pooling``).
+            video_frames: ``[B, T, 3, H, W]`` normalised pixels; encoded by the target encoder when
+                ``target_features`` are not used.
+            target_features: ``[B, T, P_full, embedding_dim]`` vision features at
+                ``vision_feature_layer`` (after the select strategy), before projector and pooling: the
+                features the model already computed. Used in ``shared`` mode (no vision forward);
+                ignored in ``copy`` mode, which encodes ``video_frames`` with its snapshot.
+            video_token_layout: where each frame's tokens sit in ``hidden_states``; its strides and pool
+                mode set the target pooling.
+            return_output: return an :class:`AutoregressiveLossOutput` instead of the loss tensor.
+
+        Returns:
+            ``loss_weight * mse`` (a scalar that still reaches the predictor's parameters when nothing
+            is supervised, so distributed backward never waits), or the full output.
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be [B, L, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        num_frames = self._num_frames(video_frames, target_features, video_token_layout)
+        if video_token_layout is not None:
+            frame_hidden, valid, stride, mode = self._gather_layout(hidden_states, video_token_layout)
+        else:
+            frame_hidden, valid, stride, mode = self._dense_frames(hidden_states, num_frames)
+        streams = self._streams(num_frames, valid.device)
+        used = valid & torch.stack([torch.isin(torch.arange(num_frames, device=valid.device), idx)
+                                    for _, idx in streams]).any(0)
+        targets = spatial_pool(self._targets(video_frames, target_features, used, hidden_states.shape[0],
+                                             num_frames).float(), stride, mode)
+
+        # Project every frame once (the projection is per token), then cut windows.
+        tokens = self.predictor.input_proj(frame_hidden.to(self.predictor.input_proj.weight.dtype))
+        results = {}
+        for name, idx in streams:
+            results[name] = self._stream_sums(tokens[:, idx], targets[:, idx], valid[:, idx], stride, mode)
+        return self._combine(results, return_output)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
+        """Warn once per module; ``stacklevel`` points at the caller of the public method."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"autoregressive reconstruction: {message}", stacklevel=stacklevel)
+
+    def _check_encoder_frozen(self, stacklevel: int) -> None:
+        if self.target_encoder is not None:
+            if any(p.requires_grad for p in self.target_encoder.parameters()):
+                self.target_encoder.requires_grad_(False)
+                self._warn_once("unfrozen", "the target encoder copy had trainable parameters (requires_grad_ "
+                                "was called on the whole model); it was frozen again", stacklevel)
+        elif any(p.requires_grad for p in self._source_tower.parameters()):
+            self._warn_once("shared-trains", "target_encoder='shared' but the vision tower trains: targets "
+                            "drift with it; use target_encoder='copy' for fixed targets", stacklevel)
+
+    def _check_features(self, feats: torch.Tensor, what: str) -> torch.Tensor:
+        full = self.patch_side ** 2
+        if feats.shape[-2:] != (full, self.config.embedding_dim):
+            raise ValueError(
+                f"{what} have {feats.shape[-2]} tokens of size {feats.shape[-1]} per frame; expected the "
+                f"tower's {self.patch_side}x{self.patch_side} = {full} patches of size "
+                f"{self.config.embedding_dim} (vision_feature_select_strategy="
+                f"{self.config.vision_feature_select_strategy!r})"
+            )
+        return feats
+
+    def _num_frames(self, video_frames, target_features, layout) -> int:
+        sources = {}
+        if video_frames is not None:
+            sources["video_frames"] = video_frames.shape[1]
+        if target_features is not None:
+            if target_features.dim() != 4:
+                raise ValueError(f"target_features must be [B, T, P_full, embedding_dim], got "
+                                 f"{tuple(target_features.shape)}")
+            sources["target_features"] = target_features.shape[1]
+        if layout is not None:
+            sources["video_token_layout"] = layout.slow.positions.shape[1]
+        if "video_frames" not in sources and "target_features" not in sources:
+            raise ValueError("compute_autoregressive_loss needs video_frames or target_features")
+        if len(set(sources.values())) > 1:
+            raise ValueError(f"frame counts disagree: {sources}")
+        return next(iter(sources.values()))
+
+    def _targets(self, video_frames, target_features, used, batch, num_frames) -> torch.Tensor:
+        self._check_encoder_frozen(stacklevel=5)
+        if self.target_encoder_mode == "shared" and target_features is not None:
+            feats = self._check_features(target_features, "target_features")
+        elif video_frames is not None:
+            feats = self.encode_targets(video_frames, used)
+        else:
+            raise ValueError("target_encoder='copy' needs video_frames: target_features come from the "
+                             "training tower, the targets from the frozen snapshot")
+        if feats.shape[:2] != (batch, num_frames):
+            raise ValueError(f"targets are [B, T] = {tuple(feats.shape[:2])}, hidden states/layout give "
+                             f"[{batch}, {num_frames}]")
+        return feats.detach()
+
+    def _dense_frames(self, hidden_states: torch.Tensor, num_frames: int):
+        stride, mode = self.dense_pooling()
+        per_frame = self.tokens_per_frame()
+        if hidden_states.shape[1] != num_frames * per_frame:
+            side = pooled_side(self.patch_side, stride, mode)
+            raise ValueError(
+                f"without a video_token_layout, hidden_states must be exactly the video tokens, frame-major: "
+                f"T x P' = {num_frames} x {per_frame} = {num_frames * per_frame} tokens (P' = {side}x{side}, "
+                f"the tower's {self.patch_side}x{self.patch_side} grid pooled by {mode} stride {stride}); got "
+                f"{hidden_states.shape[1]}. Pass video_token_layout for sequences with other tokens."
+            )
+        b = hidden_states.shape[0]
+        frames = hidden_states.reshape(b, num_frames, per_frame, self.hidden_size)
+        valid = torch.ones(b, num_frames, dtype=torch.bool, device=hidden_states.device)
+        return frames, valid, stride, mode
+
+    def _gather_index(self, hidden_states: torch.Tensor, index: FrameTokenIndex):
+        positions = index.positions.to(hidden_states.device)
+        b, t, p = positions.shape
+        if p != index.grid_side ** 2:
+            raise ValueError(f"layout index has {p} positions per frame for a {index.grid_side}x"
+                             f"{index.grid_side} grid")
+        if positions.max() >= hidden_states.shape[1]:
+            raise ValueError(f"layout positions reach {int(positions.max())}, hidden_states has "
+                             f"{hidden_states.shape[1]} tokens")
+        valid = index.frame_mask.to(hidden_states.device).bool() & (positions >= 0).all(-1)
+        gathered = hidden_states.gather(
+            1, positions.clamp(min=0).reshape(b, t * p, 1).expand(-1, -1, hidden_states.shape[-1])
+        ).view(b, t, p, -1)
+        # where, not multiply: padding may hold inf/NaN and must not reach the loss or its gradient.
+        return torch.where(valid[..., None, None], gathered, torch.zeros((), dtype=gathered.dtype,
+                                                                          device=gathered.device)), valid
+
+    def _check_grid(self, index: FrameTokenIndex, mode: str) -> None:
+        expected = pooled_side(self.patch_side, index.pool_stride, mode)
+        if expected != index.grid_side:
+            raise ValueError(f"layout grid {index.grid_side}x{index.grid_side} does not match the tower's "
+                             f"{self.patch_side}x{self.patch_side} grid pooled by {mode} stride "
+                             f"{index.pool_stride} ({expected}x{expected})")
+
+    def _gather_layout(self, hidden_states: torch.Tensor, layout: VideoTokenLayout):
+        mode = layout.pool_mode
+        self._check_grid(layout.slow, mode)
+        frames, valid = self._gather_index(hidden_states, layout.slow)
+        if layout.fast is None:
+            return frames, valid, layout.slow.pool_stride, mode
+        self._check_grid(layout.fast, mode)
+        ratio, rest = divmod(layout.fast.pool_stride, layout.slow.pool_stride)
+        if rest or pooled_side(layout.slow.grid_side, ratio, mode) != layout.fast.grid_side:
+            raise ValueError(f"fast stride {layout.fast.pool_stride} is not a multiple of slow stride "
+                             f"{layout.slow.pool_stride} giving the fast grid")
+        fast_frames, fast_valid = self._gather_index(hidden_states, layout.fast)
+        # One uniform grid for the predictor: slow frames pooled down to the fast grid.
+        frames = torch.where(valid[..., None, None], spatial_pool(frames, ratio, mode), fast_frames)
+        return frames, valid | fast_valid, layout.fast.pool_stride, mode
+
+    def _streams(self, num_frames: int, device) -> list[tuple[str, torch.Tensor]]:
+        cfg = self.config
+        if not cfg.use_fast_slow_frames:
+            return [("all", torch.arange(num_frames, device=device))]
+        streams = []
+        for name, stride, wanted in (("fast", cfg.fast_stride, cfg.num_fast), ("slow", cfg.slow_stride, cfg.num_slow)):
+            count = min(wanted, (num_frames - 1) // stride + 1)
+            if count < wanted:
+                self._warn_once(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
+                                f"(a span of {(wanted - 1) * stride + 1} frames) but the video has {num_frames}; "
+                                f"using {count}", stacklevel=4)
+            streams.append((name, torch.arange(count, device=device) * stride))
+        return streams
+
+    def _windows(self, valid: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Windows to train on, grouped by length: ``{W: (sample index [n], start frame [n])}``."""
+        valid = valid.cpu()
+        b, k = valid.shape
+        full = self.config.num_hist + 1
+        found: dict[int, list[tuple[int, int]]] = {}
+        ok = valid.unfold(1, full, 1).all(-1) if k >= full else torch.zeros(b, 0, dtype=torch.bool)
+        for sample in range(b):
+            starts = ok[sample].nonzero().flatten().tolist()
+            length = full
+            if not starts:
+                lead = int(valid[sample].long().cumprod(0).sum())
+                if lead < 2:
+                    continue
+                self._warn_once("short", f"a frame sequence with {lead} usable frames is shorter than "
+                                f"num_hist + 1 = {full}: using a window of {lead} frames ({lead - 1} history)",
+                                stacklevel=5)
+                starts, length = [0], lead
+            if self.config.window == "random":
+                starts = [starts[int(torch.randint(len(starts), ()))]]
+            found.setdefault(length, []).extend((sample, s) for s in starts)
+        return {w: (torch.tensor([s for s, _ in v]), torch.tensor([i for _, i in v])) for w, v in found.items()}
+
+    def _stream_sums(self, tokens, targets, valid, stride: int, mode: str):
+        """(squared error sum, copy-last squared error sum, supervised tokens) of one frame sequence."""
+        causal = self.config.use_frame_causal_mask
+        sq = base = None
+        count = 0
+        for length, (samples, starts) in self._windows(valid).items():
+            samples, starts = samples.to(tokens.device), starts.to(tokens.device)
+            frame_idx = starts[:, None] + torch.arange(length, device=tokens.device)
+            rows = samples[:, None]
+            pred = self.predictor(tokens[rows, frame_idx[:, :-1]], pool_stride=stride, pool_mode=mode,
+                                  causal=causal)
+            target, previous = targets[rows, frame_idx[:, 1:]], targets[rows, frame_idx[:, :-1]]
+            if not causal:  # only the last position never sees its target frame
+                pred, target, previous = pred[:, -1:], target[:, -1:], previous[:, -1:]
+            err = (pred.float() - target).pow(2).sum()
+            base_err = (previous - target).pow(2).sum()
+            sq = err if sq is None else sq + err
+            base = base_err if base is None else base + base_err
+            count += pred.shape[0] * pred.shape[1] * pred.shape[2]
+        return sq, base, count
+
+    def _combine(self, results: dict, return_output: bool):
+        dim = self.config.embedding_dim
+        weight = self.config.loss_weight
+        mses, bases = {}, {}
+        for name, (sq, base, count) in results.items():
+            if count:
+                mses[name] = sq / (count * dim)
+                bases[name] = base.detach() / (count * dim)
+        num_targets = sum(count for _, _, count in results.values())
+        if mses:
+            mse = torch.stack(list(mses.values())).mean()
+            copy_last = torch.stack(list(bases.values())).mean()
+        else:
+            # Nothing supervised: a zero that still reaches every predictor parameter (DDP waits otherwise).
+            mse = sum(p.sum() for p in self.predictor.parameters()) * 0.0
+            copy_last = mse.detach().clone()
+        loss = weight * mse
+        if not return_output:
+            return loss
+        fast = slow = None
+        if self.config.use_fast_slow_frames:
+            zero = torch.zeros((), device=mse.device)
+            fast = (weight * mses["fast"]).detach() if "fast" in mses else zero
+            slow = (weight * mses["slow"]).detach() if "slow" in mses else zero
+        return AutoregressiveLossOutput(loss=loss, mse=mse.detach(), copy_last_mse=copy_last, fast_loss=fast,
+                                        slow_loss=slow, num_targets=num_targets)
+
+
+def create_autoregressive_reconstruction_module(
+    vision_tower: nn.Module,
+    hidden_size: int,
+    config: Mapping | AutoregressiveConfig | None = None,
+) -> AutoregressiveReconstructionModule:
+    """Build the module for a model whose LLM has ``hidden_size`` and whose vision tower is ``vision_tower``.
+
+    ``config``: an :class:`AutoregressiveConfig`, a plain dict of its keys (checked: unknown keys, types,
+    values) or None for the defaults. ``embedding_dim`` must equal the tower's feature size.
+    """
+    if not isinstance(config, AutoregressiveConfig):
+        config = AutoregressiveConfig.from_dict(config)
+    return AutoregressiveReconstructionModule(vision_tower, hidden_size, config)
+
+
+__all__ = [
+    "AutoregressiveConfig",
+    "AutoregressiveLossOutput",
+    "AutoregressiveReconstructionModule",
+    "FramePredictor",
+    "create_autoregressive_reconstruction_module",
+]

@@ -1,0 +1,251 @@
+"""Build the video LLM from the YAML ``model_config`` block.
+
+``build_model(model_config, tokenizer=None)`` loads a LLaVA-OneVision checkpoint (path or hub id) or
+builds the tiny offline model, sets the video-token layout, applies freezing, attaches the
+autoregressive module (after freezing, so ``target_encoder: auto`` sees the frozen tower) and turns
+on gradient checkpointing.
+
+Layout keys (``mm_spatial_pool_stride``, ``mm_spatial_pool_mode``, ``add_faster_video``) may be given in
+``model_config`` and, with ``enable_multiscale_pooling: true``, in ``model_config.autoregressive_config``
+(LLaVA-NeXT's names; that block then sets the layout, its defaults included). The layout is one fact:
+two different values for one key is a :class:`~lmms_engine.utils.config.ConfigError` naming both
+places. Keys left unset keep the checkpoint's stored layout, else HF LLaVA-OneVision's own
+(bilinear, stride 2, one newline token after the video).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+from lmms_engine.models.layout import VideoLayoutConfig
+from lmms_engine.models.tiny import TinyConfig
+from lmms_engine.utils.config import ConfigError, from_mapping
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_FIELDS: tuple[str, ...] = (
+    "mm_spatial_pool_stride", "mm_spatial_pool_mode", "mm_newline_position", "add_faster_video", "faster_token_stride",
+)
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The ``model_config`` block.
+
+    Attributes:
+        model_name_or_path: LLaVA-OneVision checkpoint in HF format (local folder or hub id, e.g.
+            ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``); None builds the tiny offline model.
+        tiny_config: overrides of the tiny model (:class:`~lmms_engine.models.tiny.TinyConfig`); only
+            without ``model_name_or_path``.
+        torch_dtype: parameter dtype; ``auto`` = the checkpoint's (float32 for the tiny model).
+        attn_implementation: LLM/tower attention kernel; None = transformers' default (sdpa).
+        mm_spatial_pool_stride, mm_spatial_pool_mode, mm_newline_position, add_faster_video,
+            faster_token_stride: the video-token layout (:class:`VideoLayoutConfig`); None = the
+            checkpoint's stored value, else the default.
+        freeze_vision_tower: default True (LLaVA-OneVision/LLaVA-Video fine-tuning mostly keeps SigLIP
+            fixed; it also lets the autoregressive targets share the tower). The tower's unused
+            ``post_layernorm``/``head`` are frozen in every case (DDP).
+        freeze_projector: freezes the projector, ``image_newline`` and ``faster_token``.
+        freeze_language_model: freezes the LLM and ``lm_head``.
+        gradient_checkpointing: activation checkpointing of the LLM and tower layers.
+        enable_autoregressive: attach the autoregressive module; None = as the checkpoint has it
+            (False for an HF checkpoint or the tiny model), or True when ``autoregressive_config`` is given.
+        autoregressive_config: the module's keys (``AutoregressiveConfig``); ``embedding_dim`` defaults to
+            the tower's feature size; ``vision_feature_layer``/``vision_feature_select_strategy`` come from
+            the model.
+    """
+
+    model_name_or_path: str | None = None
+    tiny_config: TinyConfig | None = None
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
+    mm_spatial_pool_stride: int | None = None
+    mm_spatial_pool_mode: Literal["average", "max", "bilinear"] | None = None
+    mm_newline_position: Literal["grid", "frame", "one_token", "no_token"] | None = None
+    add_faster_video: bool | None = None
+    faster_token_stride: int | None = None
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    freeze_language_model: bool = False
+    gradient_checkpointing: bool = False
+    enable_autoregressive: bool | None = None
+    autoregressive_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is not None and self.tiny_config is not None:
+            raise ValueError("tiny_config only applies without model_name_or_path (the tiny model); remove one")
+        if self.enable_autoregressive is False and self.autoregressive_config is not None:
+            logger.info("model_config.enable_autoregressive is false: autoregressive_config only sets the layout")
+
+
+def resolve_video_layout(
+    config: ModelConfig,
+    stored: Mapping[str, Any] | None = None,
+    where: str = "model_config",
+) -> VideoLayoutConfig:
+    """The layout from ``config`` (and its ``autoregressive_config``) over the checkpoint's ``stored`` one.
+
+    Raises:
+        ConfigError: a key set to different values in ``model_config`` and its ``autoregressive_config``
+            (with ``enable_multiscale_pooling: true``), or an ``autoregressive_config`` pooling key that
+            differs from the layout while ``enable_multiscale_pooling`` is off (it would have no effect).
+    """
+    from lmms_engine.models.autoregressive_config import LAYOUT_KEYS, AutoregressiveConfig
+
+    explicit = {key: getattr(config, key) for key in LAYOUT_FIELDS if getattr(config, key) is not None}
+    raw_ar = dict(config.autoregressive_config or {})
+    ar_where = f"{where}.autoregressive_config"
+    ar_overrides: dict[str, Any] = {}
+    if raw_ar:
+        ar_overrides = AutoregressiveConfig.from_dict(raw_ar, ar_where).layout_overrides()
+    for key, value in ar_overrides.items():
+        if key in explicit and explicit[key] != value:
+            origin = "" if key in raw_ar else " (its default)"
+            raise ConfigError(
+                f"{where}.{key}={explicit[key]!r} disagrees with {ar_where}.{key}={value!r}{origin}; with "
+                f"enable_multiscale_pooling: true the autoregressive_config keys set the video layout: give one "
+                f"value in one place"
+            )
+    merged = {**VideoLayoutConfig().to_dict(), **dict(stored or {}), **ar_overrides, **explicit}
+    layout = from_mapping(VideoLayoutConfig, merged, f"{where} (video layout)")
+    if not ar_overrides:
+        for key in LAYOUT_KEYS:
+            if key in raw_ar and raw_ar[key] != getattr(layout, key):
+                raise ConfigError(
+                    f"{ar_where}.{key}={raw_ar[key]!r} differs from the model's video layout "
+                    f"{key}={getattr(layout, key)!r} and has no effect while enable_multiscale_pooling is false; "
+                    f"set enable_multiscale_pooling: true to make it set the layout, or remove it"
+                )
+    return layout
+
+
+def _torch_dtype(name: str, tiny: bool) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float32 if tiny else "auto"
+    return getattr(torch, name)
+
+
+def _check_tokenizer(hf_config: Any, tokenizer: "PreTrainedTokenizerBase", where: str) -> None:
+    for token, key in (("<video>", "video_token_id"), ("<image>", "image_token_id")):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            if key == "video_token_id":
+                raise ConfigError(f"the tokenizer has no {token!r} token, which {where} uses as its video placeholder")
+            continue
+        if token_id != getattr(hf_config, key):
+            raise ConfigError(
+                f"the tokenizer's {token!r} id {token_id} differs from {where}'s {key}={getattr(hf_config, key)}; "
+                f"use the checkpoint's own tokenizer"
+            )
+
+
+def build_model(
+    model_config: ModelConfig | Mapping[str, Any] | None = None,
+    tokenizer: "PreTrainedTokenizerBase | None" = None,
+) -> "LlavaVideoForConditionalGeneration":
+    """Build (or load) the video LLM described by ``model_config``.
+
+    Args:
+        model_config: a :class:`ModelConfig` or its dict form (the YAML block).
+        tokenizer: for the tiny model, gives the vocabulary size and special ids; for a checkpoint, its
+            ``<video>``/``<image>`` ids must match the checkpoint's and the embeddings grow when it has
+            more tokens than the checkpoint's vocabulary.
+
+    Returns:
+        :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`, in train mode.
+    """
+    from transformers import AutoConfig
+
+    from lmms_engine.models.llava_video import (
+        CONFIG_AR_ENABLE_KEY,
+        CONFIG_AR_KEY,
+        CONFIG_LAYOUT_KEY,
+        LlavaVideoForConditionalGeneration,
+    )
+    from lmms_engine.models.tiny import tiny_llava_config
+
+    if isinstance(model_config, ModelConfig):
+        cfg = model_config
+    else:
+        cfg = from_mapping(ModelConfig, model_config, "model_config")
+    tiny = cfg.model_name_or_path is None
+    if tiny:
+        hf_config = tiny_llava_config(tokenizer, cfg.tiny_config)
+    else:
+        hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+        if hf_config.model_type != "llava_onevision":
+            raise ConfigError(
+                f"model_config.model_name_or_path={cfg.model_name_or_path!r} is a {hf_config.model_type!r} "
+                f"checkpoint; a LLaVA-OneVision (llava_onevision) checkpoint is needed"
+            )
+        if tokenizer is not None:
+            _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))
+
+    layout = resolve_video_layout(cfg, getattr(hf_config, CONFIG_LAYOUT_KEY, None))
+    setattr(hf_config, CONFIG_LAYOUT_KEY, layout.to_dict())
+
+    stored_enabled = bool(getattr(hf_config, CONFIG_AR_ENABLE_KEY, False))
+    stored_ar = dict(getattr(hf_config, CONFIG_AR_KEY, None) or {}) if stored_enabled else {}
+    enable = cfg.enable_autoregressive
+    if enable is None:
+        enable = stored_enabled or cfg.autoregressive_config is not None
+    ar_config = {**stored_ar, **dict(cfg.autoregressive_config or {})}
+    restore = enable and stored_enabled
+    if restore:
+        # The checkpoint holds the module's weights: build it inside __init__ with the stored target mode.
+        asked = (cfg.autoregressive_config or {}).get("target_encoder", "auto")
+        stored_mode = stored_ar.get("target_encoder")
+        if asked != "auto" and asked != stored_mode:
+            raise ConfigError(
+                f"model_config.autoregressive_config.target_encoder={asked!r} differs from the checkpoint's "
+                f"{stored_mode!r}; a checkpoint's target encoder cannot be switched"
+            )
+        if stored_mode == "shared" and not cfg.freeze_vision_tower:
+            raise ConfigError(
+                "the checkpoint's autoregressive module shares the vision tower (target_encoder: shared), "
+                "which needs model_config.freeze_vision_tower: true"
+            )
+        ar_config["target_encoder"] = stored_mode
+        setattr(hf_config, CONFIG_AR_ENABLE_KEY, True)
+        setattr(hf_config, CONFIG_AR_KEY, ar_config)
+    else:
+        setattr(hf_config, CONFIG_AR_ENABLE_KEY, False)
+        setattr(hf_config, CONFIG_AR_KEY, None)
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.torch_dtype, tiny)}
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if tiny:
+        model = LlavaVideoForConditionalGeneration._from_config(hf_config, **kwargs)
+    else:
+        model = LlavaVideoForConditionalGeneration.from_pretrained(cfg.model_name_or_path, config=hf_config, **kwargs)
+
+    if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
+        logger.warning("growing the vocabulary from %d to the tokenizer's %d tokens",
+                       model.config.text_config.vocab_size, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+
+    model.set_trainable(
+        vision_tower=not cfg.freeze_vision_tower,
+        projector=not cfg.freeze_projector,
+        language_model=not cfg.freeze_language_model,
+    )
+    if enable and not restore:
+        model.attach_autoregressive_module(ar_config)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    return model
+
+
+__all__ = ["LAYOUT_FIELDS", "ModelConfig", "build_model", "resolve_video_layout"]

@@ -1,0 +1,536 @@
+"""LLaVA-OneVision with the LLaVA-NeXT / LLaVA-Video video-token layouts and the autoregressive loss.
+
+``LlavaVideoForConditionalGeneration`` subclasses transformers' ``LlavaOnevisionForConditionalGeneration``
+(same modules, same parameter names), so it loads any LLaVA-OneVision checkpoint in HF format and writes
+checkpoints that plain transformers loads. What it adds:
+
+- the video path of :class:`~lmms_engine.models.layout.VideoLayoutConfig` (pool stride and mode,
+  newline position, the LLaVA-Video slow/fast interleave with a learned ``faster_token``);
+- a per-batch :class:`~lmms_engine.models.layout.VideoTokenLayout` telling where every frame's tokens sit;
+- the optional ``autoregressive_module`` whose weighted loss is added to the language-model loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionCausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+
+from lmms_engine.models.layout import (
+    ROLE_FASTER,
+    ROLE_NEWLINE,
+    ROLE_PATCH,
+    FrameTokenIndex,
+    VideoLayoutConfig,
+    VideoTokenLayout,
+    VideoTokenTemplate,
+    build_video_template,
+)
+from lmms_engine.utils.config import ConfigError, from_mapping
+from lmms_engine.video.pooling import pooled_side, spatial_pool
+
+# Keys our model adds to the HF config (config.json); plain transformers keeps them as inert attributes.
+CONFIG_LAYOUT_KEY = "video_layout"
+CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
+CONFIG_AR_KEY = "autoregressive_config"
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_template(num_frames: int, patch_side: int, layout: VideoLayoutConfig) -> VideoTokenTemplate:
+    return build_video_template(num_frames, patch_side, layout)
+
+
+@dataclass
+class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
+    """Outputs of :class:`LlavaVideoForConditionalGeneration`.
+
+    Attributes (beyond the HF causal-LM outputs):
+        loss: the total loss (language model + weighted autoregressive loss). With ``num_items_in_batch``
+            it is scaled like HF's loss: ``total_loss * n_label_tokens_here / num_items_in_batch``.
+        loss_components: detached scalars, each a mean over this batch: ``main_loss``, ``total_loss``
+            and, with the autoregressive module, ``autoregressive_loss`` (weighted), ``ar_mse``,
+            ``ar_copy_last_mse`` and ``ar_fast_loss``/``ar_slow_loss`` when fast/slow is on;
+            ``main_loss + autoregressive_loss == total_loss``.
+        video_token_layout: where each frame's tokens sit in the sequences.
+        vision_features: ``[B, T, P, D_vision]`` detached tower features at ``vision_feature_layer``
+            (before the projector, unpooled, zeros for absent frames); only when the autoregressive
+            module reuses them (shared target encoder), else None.
+    """
+
+    loss_components: dict[str, torch.Tensor] | None = None
+    video_token_layout: VideoTokenLayout | None = None
+    vision_features: torch.Tensor | None = None
+
+
+class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with configurable video-token layouts and an autoregressive reconstruction loss.
+
+    Video path: every real frame (``t < video_num_frames[b]``; padding frames never reach the tower)
+    goes through the vision tower; features at ``config.vision_feature_layer`` are projected, then
+    pooled per frame with :func:`~lmms_engine.video.pooling.spatial_pool` at that frame's stride, and
+    laid out by :func:`~lmms_engine.models.layout.build_video_template` with ``image_newline`` as the
+    newline token and ``faster_token`` (a learned ``[text hidden size]`` vector, only with
+    ``add_faster_video``) after each frame. With the default layout (bilinear, stride 2, one_token)
+    this is exactly transformers' own LLaVA-OneVision video path.
+
+    Configuration lives in the HF config (and so in ``config.json``): ``video_layout`` (dict of
+    :class:`VideoLayoutConfig`), ``enable_autoregressive`` and ``autoregressive_config`` (the module's
+    resolved config, ``target_encoder`` always ``shared`` or ``copy``). Build models with
+    :func:`lmms_engine.models.builder.build_model`, which also checks these settings against the YAML.
+
+    Checkpoint format: one HF checkpoint. Every learned parameter, including ``faster_token`` and the
+    autoregressive module (predictor, and the frozen target encoder in ``copy`` mode), is saved in the
+    main safetensors, so ``save_pretrained``/``from_pretrained`` and the Trainer's checkpoint resume
+    restore them with no side file. A ``shared`` target encoder is the vision tower itself and is not
+    stored twice. Plain transformers loads the checkpoint as ``LlavaOnevisionForConditionalGeneration``
+    (or ``AutoModelForImageTextToText``) and reports ``faster_token`` / ``autoregressive_module.*`` as
+    unexpected keys; with an HF-native layout it then gives the same logits.
+
+    Always frozen: the vision tower's ``post_layernorm`` and ``head`` (the LLM reads hidden states
+    before them; DDP rejects parameters that never get a gradient).
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        raw_layout = getattr(config, CONFIG_LAYOUT_KEY, None) or {}
+        self.video_layout: VideoLayoutConfig = from_mapping(VideoLayoutConfig, raw_layout, "config.video_layout")
+        setattr(config, CONFIG_LAYOUT_KEY, self.video_layout.to_dict())
+        hidden = config.text_config.hidden_size
+        if self.video_layout.add_faster_video:
+            self.faster_token = nn.Parameter(torch.randn(hidden, dtype=self.dtype) / math.sqrt(hidden))
+        else:
+            self.register_parameter("faster_token", None)
+        for param in self._unused_vision_parameters():
+            param.requires_grad_(False)
+        if getattr(config, CONFIG_AR_ENABLE_KEY, False):
+            stored = dict(getattr(config, CONFIG_AR_KEY, None) or {})
+            if stored.get("target_encoder") == "shared":
+                # A shared target encoder is only valid over a frozen tower (targets must stay fixed).
+                self.model.vision_tower.requires_grad_(False)
+            self.attach_autoregressive_module(stored)
+        else:
+            setattr(config, CONFIG_AR_ENABLE_KEY, False)
+            setattr(config, CONFIG_AR_KEY, None)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, then the frozen parts frozen again.
+
+        Loading materialises fresh parameters (``requires_grad=True``), which would unfreeze what
+        ``__init__`` froze: the tower's unused ``post_layernorm``/``head``, a copy-mode target encoder, a
+        tower shared as target encoder.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._refreeze()
+        return loaded
+
+    def _refreeze(self) -> None:
+        for param in self._unused_vision_parameters():
+            param.requires_grad_(False)
+        module = getattr(self, "autoregressive_module", None)
+        if module is None:
+            return
+        if module.target_encoder is not None:
+            module.target_encoder.requires_grad_(False)
+        if _target_is_shared(module):
+            self.model.vision_tower.requires_grad_(False)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision tower (SigLIP for LLaVA-OneVision), i.e. ``model.model.vision_tower``."""
+        return self.model.vision_tower
+
+    @property
+    def patch_side(self) -> int:
+        """Side of the tower's square patch grid (``image_size // patch_size``)."""
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LlavaVideoForConditionalGeneration) and module.faster_token is not None:
+            init.normal_(module.faster_token, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+
+    def _tokens_per_frame(self) -> int:
+        """Tower tokens per frame after ``vision_feature_select_strategy`` (``default`` drops the first)."""
+        full = self.patch_side * self.patch_side
+        return full - 1 if self.config.vision_feature_select_strategy == "default" else full
+
+    def _unused_vision_parameters(self) -> Iterator[nn.Parameter]:
+        tower = self.model.vision_tower
+        inner = getattr(tower, "vision_model", tower)
+        for name in ("post_layernorm", "head"):
+            part = getattr(inner, name, None)
+            if isinstance(part, nn.Module):
+                yield from part.parameters()
+
+    def set_trainable(self, *, vision_tower: bool, projector: bool, language_model: bool) -> None:
+        """Set ``requires_grad`` per part.
+
+        ``projector`` covers the multimodal projector, ``image_newline`` and ``faster_token``;
+        ``language_model`` covers the LLM and ``lm_head``. The autoregressive predictor always trains and
+        its target encoder never does (the module's own rule). The tower's unused ``post_layernorm`` and
+        ``head`` stay frozen.
+        """
+        module = getattr(self, "autoregressive_module", None)
+        if vision_tower and module is not None and _target_is_shared(module):
+            raise ConfigError(
+                "the autoregressive module shares the vision tower as its frozen target encoder "
+                "(target_encoder: shared); a trainable vision tower needs target_encoder: copy"
+            )
+        self.model.vision_tower.requires_grad_(vision_tower)
+        for param in self._unused_vision_parameters():
+            param.requires_grad_(False)
+        self.model.multi_modal_projector.requires_grad_(projector)
+        self.model.image_newline.requires_grad_(projector)
+        if self.faster_token is not None:
+            self.faster_token.requires_grad_(projector)
+        self.model.language_model.requires_grad_(language_model)
+        self.lm_head.requires_grad_(language_model)
+
+    def attach_autoregressive_module(self, config: Mapping[str, Any] | Any) -> nn.Module:
+        """Create ``self.autoregressive_module`` over this model's vision tower.
+
+        ``config`` is a mapping or an ``AutoregressiveConfig``. ``vision_feature_layer`` and
+        ``vision_feature_select_strategy`` are taken from the model config (a different explicit value
+        is an error); a missing ``embedding_dim`` becomes the tower's feature size. With
+        ``enable_multiscale_pooling`` its pooling keys must equal the model's layout (set the layout
+        through :func:`~lmms_engine.models.builder.build_model`). ``target_encoder: auto`` resolves by the
+        tower's current ``requires_grad``: call this after freezing. The resolved config is stored in
+        ``config.autoregressive_config`` so checkpoints restore the same module.
+        """
+        from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module
+
+        cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        where = "autoregressive_config"
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            model_value = getattr(self.config, key)
+            if key in cfg and cfg[key] != model_value:
+                raise ConfigError(
+                    f"{where}.{key}={cfg[key]!r} differs from the model's {key}={model_value!r}; the targets "
+                    f"are read where the LLM reads its features: remove the key"
+                )
+            cfg[key] = model_value
+        cfg.setdefault("embedding_dim", _vision_feature_size(self.config))
+        if cfg.get("enable_multiscale_pooling"):
+            layout = self.video_layout.to_dict()
+            for key in ("mm_spatial_pool_stride", "mm_spatial_pool_mode", "add_faster_video"):
+                if key in cfg and cfg[key] != layout[key]:
+                    raise ConfigError(
+                        f"{where}.{key}={cfg[key]!r} differs from the model's video layout {key}={layout[key]!r}; "
+                        f"the layout is set when the model is built (model_config)"
+                    )
+        module = create_autoregressive_reconstruction_module(self.vision_tower, self.config.text_config.hidden_size, cfg)
+        self.autoregressive_module = module
+        stored = module.config.to_dict()
+        stored["target_encoder"] = "shared" if _target_is_shared(module) else "copy"
+        setattr(self.config, CONFIG_AR_ENABLE_KEY, True)
+        setattr(self.config, CONFIG_AR_KEY, stored)
+        return module
+
+    # ------------------------------------------------------------------ video path
+    def encode_frames(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tower + feature selection + projector for a stack of frames.
+
+        Args:
+            frames: ``[N, 3, H, W]`` normalised pixels.
+
+        Returns:
+            ``(features [N, P, D_vision], projected [N, P, D_text])``: tower features at
+            ``vision_feature_layer`` (after ``vision_feature_select_strategy``) and their projection.
+        """
+        layer = self.config.vision_feature_layer
+        tower = self.model.vision_tower
+        frames = frames.to(dtype=tower.dtype)
+        out = tower(frames, output_hidden_states=layer, return_dict=True)
+        if isinstance(layer, int):
+            features = out.hidden_states[layer]
+        else:
+            features = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return features, self.model.multi_modal_projector(features)
+
+    def _embed_videos(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None,
+        video_num_frames: torch.Tensor | None,
+        keep_features: bool,
+    ) -> tuple[torch.Tensor, VideoTokenLayout, torch.Tensor | None]:
+        """Scatter the laid-out video tokens into ``inputs_embeds`` ``[B, L, D]``; return the layout."""
+        layout_cfg = self.video_layout
+        side = self.patch_side
+        batch, length = input_ids.shape
+        device = input_ids.device
+        video_mask = input_ids == self.config.video_token_id
+        found = video_mask.sum(dim=1).tolist()
+
+        if pixel_values_videos is None:
+            num_frames = [0] * batch
+            max_frames = 0
+        else:
+            if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[0] != batch:
+                raise ValueError(
+                    f"pixel_values_videos must be [B={batch}, T, 3, H, W], got {tuple(pixel_values_videos.shape)}"
+                )
+            max_frames = pixel_values_videos.shape[1]
+            if video_num_frames is None:
+                num_frames = [max_frames] * batch
+            else:
+                num_frames = [int(n) for n in video_num_frames.tolist()]
+                if len(num_frames) != batch or any(not 0 <= n <= max_frames for n in num_frames):
+                    raise ValueError(
+                        f"video_num_frames must hold {batch} values in [0, {max_frames}] (frames in "
+                        f"pixel_values_videos), got {num_frames}"
+                    )
+        for b in range(batch):
+            expected = layout_cfg.video_token_count(num_frames[b], side) if num_frames[b] else 0
+            if found[b] != expected:
+                reason = (f"a {num_frames[b]}-frame video under the layout {layout_cfg.to_dict()} with a "
+                          f"{side}x{side} patch grid" if num_frames[b] else "no video")
+                raise ValueError(
+                    f"sample {b} of the batch: expected {expected} video tokens (id {self.config.video_token_id}) "
+                    f"for {reason}, found {found[b]} in input_ids"
+                )
+
+        slow_side = layout_cfg.frame_grid_side(side, 0)
+        slow_stride = layout_cfg.mm_spatial_pool_stride
+        fast_stride = 2 * slow_stride
+        fast_side = pooled_side(side, fast_stride, layout_cfg.mm_spatial_pool_mode) if layout_cfg.add_faster_video else 0
+        slow_pos = torch.full((batch, max_frames, slow_side * slow_side), -1, dtype=torch.long, device=device)
+        fast_pos = (torch.full((batch, max_frames, fast_side * fast_side), -1, dtype=torch.long, device=device)
+                    if layout_cfg.add_faster_video else None)
+        separator = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        frame_ids = torch.arange(max_frames, device=device)
+        present = frame_ids[None, :] < torch.tensor(num_frames, device=device)[:, None]
+        is_slow = torch.tensor([layout_cfg.is_slow_frame(t) for t in range(max_frames)], dtype=torch.bool,
+                               device=device)
+        features_out = None
+
+        real = [(b, t) for b in range(batch) for t in range(num_frames[b])]
+        if real:
+            b_idx = torch.tensor([b for b, _ in real], device=device)
+            t_idx = torch.tensor([t for _, t in real], device=device)
+            features, projected = self.encode_frames(pixel_values_videos[b_idx, t_idx])
+            slow_rows = is_slow[t_idx]
+            pooled = [spatial_pool(projected[slow_rows], slow_stride, layout_cfg.mm_spatial_pool_mode).flatten(0, 1)]
+            # bank offset of each real frame's first pooled token
+            slow_rank = torch.cumsum(slow_rows.long(), 0) - 1
+            offset = slow_rank * slow_side * slow_side
+            if layout_cfg.add_faster_video:
+                fast_rows = ~slow_rows
+                pooled.append(spatial_pool(projected[fast_rows], fast_stride,
+                                           layout_cfg.mm_spatial_pool_mode).flatten(0, 1))
+                fast_rank = torch.cumsum(fast_rows.long(), 0) - 1
+                fast_offset = pooled[0].shape[0] + fast_rank * fast_side * fast_side
+                offset = torch.where(slow_rows, offset, fast_offset)
+            newline_index = sum(p.shape[0] for p in pooled)
+            extras = [self.model.image_newline[None].to(projected.dtype)]
+            if self.faster_token is not None:
+                extras.append(self.faster_token[None].to(projected.dtype))
+            bank = torch.cat(pooled + extras, dim=0)
+
+            gather: list[torch.Tensor] = []
+            first_real = 0
+            for b in range(batch):
+                n = num_frames[b]
+                if n == 0:
+                    continue
+                template = _cached_template(n, side, layout_cfg)
+                role = template.role.to(device)
+                frame = template.frame.to(device)
+                patch = template.patch.to(device)
+                seq = video_mask[b].nonzero().squeeze(1)
+                is_patch = role == ROLE_PATCH
+                frame_safe = frame.clamp(min=0)
+                index = torch.where(is_patch, offset[first_real + frame_safe] + patch.clamp(min=0),
+                                    torch.full_like(role, newline_index))
+                index = torch.where(role == ROLE_FASTER, newline_index + 1, index)
+                gather.append(index)
+                pf, pp, ps = frame[is_patch], patch[is_patch], seq[is_patch]
+                slow_tok = is_slow[pf]
+                slow_pos[b, pf[slow_tok], pp[slow_tok]] = ps[slow_tok]
+                if fast_pos is not None:
+                    fast_pos[b, pf[~slow_tok], pp[~slow_tok]] = ps[~slow_tok]
+                separator[b, seq[(role == ROLE_NEWLINE) | (role == ROLE_FASTER)]] = True
+                first_real += n
+            video_embeds = bank[torch.cat(gather)].to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask[..., None], video_embeds)
+            if keep_features:
+                features_out = features.new_zeros(batch, max_frames, *features.shape[1:])
+                features_out[b_idx, t_idx] = features.detach()
+        elif keep_features:
+            features_out = torch.zeros(batch, max_frames, self._tokens_per_frame(), _vision_feature_size(self.config),
+                                       dtype=inputs_embeds.dtype, device=device)
+
+        layout = VideoTokenLayout(
+            slow=FrameTokenIndex(positions=slow_pos, frame_mask=present & is_slow[None, :], grid_side=slow_side,
+                                 pool_stride=slow_stride),
+            fast=(FrameTokenIndex(positions=fast_pos, frame_mask=present & ~is_slow[None, :], grid_side=fast_side,
+                                  pool_stride=fast_stride) if fast_pos is not None else None),
+            separator_mask=separator,
+            pool_mode=layout_cfg.mm_spatial_pool_mode,
+            num_frames=torch.tensor(num_frames, dtype=torch.long, device=device),
+        )
+        return inputs_embeds, layout, features_out
+
+    # ------------------------------------------------------------------ forward
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_num_frames: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> LlavaVideoCausalLMOutput:
+        """Forward on a collated batch.
+
+        Args:
+            input_ids: ``[B, L]``; a video of ``T`` frames is ``video_token_count(T, patch_side)``
+                copies of ``config.video_token_id``.
+            attention_mask: ``[B, L]`` (1 = token, 0 = padding).
+            labels: ``[B, L]``, -100 = ignored; shifted inside (HF causal-LM loss).
+            pixel_values_videos: ``[B, T, 3, H, W]`` normalised frames, padding frames anywhere
+                past ``video_num_frames``; None when no sample has a video.
+            video_num_frames: ``[B]`` real frames per sample (0 = no video); None = all ``T``.
+            pixel_values, image_sizes: LLaVA-OneVision image inputs, handled as transformers does.
+            num_items_in_batch: label tokens of the whole (accumulated, global) batch, as the HF
+                Trainer passes it; the LM loss is then a sum over tokens divided by it and the
+                autoregressive term is scaled by this batch's share of those tokens.
+            logits_to_keep, cache, use_cache, position_ids, inputs_embeds: as in transformers.
+
+        Returns:
+            :class:`LlavaVideoCausalLMOutput`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is None and (pixel_values_videos is not None or pixel_values is not None):
+            raise ValueError("visual inputs need input_ids to find the <video>/<image> placeholder tokens")
+        if use_cache is None and labels is not None:
+            use_cache = False  # training: a KV cache is never read
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        module = getattr(self, "autoregressive_module", None)
+        shared_targets = module is not None and labels is not None and _target_is_shared(module)
+        layout = None
+        vision_features = None
+        if input_ids is not None:
+            inputs_embeds, layout, vision_features = self._embed_videos(
+                input_ids, inputs_embeds, pixel_values_videos, video_num_frames, keep_features=shared_targets
+            )
+        if pixel_values is not None:
+            image_outputs = self.model.get_image_features(pixel_values, image_sizes, return_dict=True)
+            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                            image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss = None
+        components: dict[str, torch.Tensor] | None = None
+        if labels is not None:
+            main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+            share = None
+            main_mean = main
+            if num_items_in_batch is not None:
+                # HF's loss is sum / num_items_in_batch; report the per-batch mean, scale the AR term alike.
+                local_items = (labels[..., 1:] != -100).sum().to(main.device)
+                share = local_items.to(main.dtype) / torch.as_tensor(num_items_in_batch, device=main.device,
+                                                                     dtype=main.dtype)
+                main_mean = main * torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype) \
+                    / local_items.clamp(min=1).to(main.dtype)
+            loss = main
+            components = {"main_loss": main_mean.detach()}
+            total_mean = main_mean
+            if module is not None:
+                frames = pixel_values_videos
+                if frames is None and not shared_targets:  # text-only batch: zero frames, zero targets
+                    size = self.config.vision_config.image_size
+                    frames = hidden_states.new_zeros(hidden_states.shape[0], 0, 3, size, size)
+                ar = module.compute_autoregressive_loss(
+                    hidden_states,
+                    video_frames=None if shared_targets else frames,
+                    target_features=vision_features if shared_targets else None,
+                    video_token_layout=layout,
+                    return_output=True,
+                )
+                ar_loss = ar.loss.to(main.dtype)
+                loss = loss + (ar_loss if share is None else ar_loss * share)
+                total_mean = total_mean + ar_loss
+                components["autoregressive_loss"] = ar_loss.detach()
+                components["ar_mse"] = _detached(ar.mse)
+                components["ar_copy_last_mse"] = _detached(ar.copy_last_mse)
+                if ar.fast_loss is not None:
+                    components["ar_fast_loss"] = _detached(ar.fast_loss)
+                if ar.slow_loss is not None:
+                    components["ar_slow_loss"] = _detached(ar.slow_loss)
+            components["total_loss"] = total_mean.detach()
+
+        return LlavaVideoCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache if hasattr(outputs, "cache") else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            loss_components=components,
+            video_token_layout=layout,
+            vision_features=vision_features,
+        )
+
+
+def _detached(value: torch.Tensor | float | None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    return torch.tensor(float("nan") if value is None else float(value))
+
+
+def _vision_feature_size(config: Any) -> int:
+    layer = config.vision_feature_layer
+    width = config.vision_config.hidden_size
+    return width if isinstance(layer, int) else width * len(layer)
+
+
+def _target_is_shared(module: nn.Module) -> bool:
+    """Whether the autoregressive module reuses the model's tower and its features (``shared`` mode)."""
+    return module.target_encoder_mode == "shared"
+
+
+__all__ = ["LlavaVideoCausalLMOutput", "LlavaVideoForConditionalGeneration"]

@@ -1,0 +1,128 @@
+"""Typed config blocks: build dataclasses from plain dicts (YAML/JSON) with clear errors.
+
+Every config section of the engine is a dataclass; ``from_mapping`` checks each key against the
+dataclass fields (unknown key -> error with the nearest valid name), checks value types, and returns
+the instance. Errors name the section (``where``), the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message says where and what would be valid."""
+
+
+def suggest(name: str, valid: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest valid name, or an empty string."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(data: Mapping[str, Any], valid: typing.Iterable[str], where: str) -> None:
+    """Raise ConfigError for the first key of ``data`` not in ``valid``, with a suggestion."""
+    valid = list(valid)
+    for key in data:
+        if key not in valid:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{suggest(str(key), valid)}; valid keys: {', '.join(sorted(valid))}"
+            )
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp`` (ints accepted for floats)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, "
+                          f"got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is typing.Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: invalid value {value!r}; valid: {', '.join(repr(a) for a in get_args(tp))}")
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin in (dict, typing.Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return from_mapping(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``: unknown keys and wrong types raise ConfigError.
+
+    Missing keys take the dataclass defaults; ``where`` names the section in messages
+    (e.g. ``"model_config.autoregressive_config"``).
+    """
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    check_keys(data, fields, where)
+    hints = get_type_hints(cls)
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
