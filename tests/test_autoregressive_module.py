@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from lmms_engine.models.autoregressive_reconstruction import (
-    AutoregressiveConfig,
     AutoregressiveReconstructionModule,
     create_autoregressive_reconstruction_module,
 )
@@ -27,6 +26,15 @@ from lmms_engine.video.pooling import pooled_side, spatial_pool
 
 PATCH_SIDE = 8  # 64 px / patch 8
 WIDTH = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one thread avoids thread hand-off costs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_tower(frozen: bool = False, seed: int = 0) -> SiglipVisionModel:
@@ -360,6 +368,12 @@ def test_batch_without_any_video_is_a_connected_zero():
     assert out.loss == 0 and out.mse == 0 and out.num_targets == 0 and out.loss.requires_grad
     out.loss.backward()
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in module.predictor.parameters())
+    no_frames = FrameTokenIndex(torch.zeros(2, 0, 16, dtype=torch.long), torch.zeros(2, 0, dtype=torch.bool), 4, 2)
+    empty = VideoTokenLayout(no_frames, None, torch.zeros(2, 12, dtype=torch.bool), "bilinear",
+                             torch.zeros(2, dtype=torch.long))
+    out = module.compute_autoregressive_loss(hidden, target_features=torch.zeros(2, 0, 64, WIDTH),
+                                             video_token_layout=empty, return_output=True)
+    assert out.loss == 0 and out.num_targets == 0
 
 
 def test_bad_inputs_name_what_is_expected():

@@ -180,5 +180,7 @@ def test_processor_info_from_model_config(tok):
     config.image_mean = [0.1, 0.2, 0.3]
     info = ProcessorInfo.from_model_config(config)
     assert info.layout.mm_spatial_pool_stride == 4 and info.image_mean == (0.1, 0.2, 0.3)
+    config.video_layout = {"mm_spatial_pool_stride": 2, "mm_newline_position": "frame"}  # the engine's models
+    assert ProcessorInfo.from_model_config(config).layout == VideoLayoutConfig(mm_newline_position="frame")
     with pytest.raises(ValueError, match="image_std"):
         ProcessorInfo(image_size=64, patch_size=8, image_std=(0.5, 0.0, 0.5))

@@ -73,6 +73,8 @@ class DatasetConfig:
         truncation: ``turns`` (keep whole leading exchanges that fit) or ``drop`` (drop over-long samples).
         padding_side: ``right`` or ``left``, used by the collator.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
+        decode_threads: FFmpeg threads per video decode; 0 = one per core. With several DataLoader
+            workers, 1 or 2 avoids oversubscribing the cores.
     """
 
     data_path: str
@@ -86,6 +88,7 @@ class DatasetConfig:
     truncation: Literal["turns", "drop"] = "turns"
     padding_side: Literal["right", "left"] = "right"
     on_bad_record: Literal["raise", "skip"] = "raise"
+    decode_threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.data_path:
@@ -96,6 +99,8 @@ class DatasetConfig:
             raise ValueError(f"fps must be > 0 or null, got {self.fps}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or null, got {self.max_length}")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
 
 
 @dataclass
@@ -174,7 +179,7 @@ class VideoSFTDataset(Dataset):
         if self._loader is None:
             from lmms_engine.models.video_frame_utils import MultiScaleVideoFrameLoader
 
-            self._loader = MultiScaleVideoFrameLoader()
+            self._loader = MultiScaleVideoFrameLoader(num_threads=self.config.decode_threads)
         return self._loader
 
     def __getstate__(self) -> dict:
@@ -203,10 +208,20 @@ class VideoSFTDataset(Dataset):
         raise RuntimeError(f"{self.source}: every one of the {n} records failed to load; "
                            f"see bad_record_report():\n{self.bad_record_report()}")
 
-    def _load(self, j: int) -> dict[str, Any]:
+    def generation_sample(self, index: int) -> dict[str, Any]:
+        """Record ``index`` as a generation prompt, for evaluation: the conversation without its last
+        assistant turn, ending with the assistant header; ``reference`` holds that turn's text and
+        ``metadata`` the record's metadata keys. No truncation, no replacement: a failure raises
+        :class:`BadRecordError`."""
+        try:
+            return self._load(index, generation=True)
+        except _SampleFailure as failure:
+            raise BadRecordError(failure.reason, self.records[index].where, str(failure)) from failure
+
+    def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
         record = self.records[j]
         info = self.processor_info
-        turns = list(record.turns)
+        turns = list(record.turns[:-1] if generation else record.turns)
         pixel_values = None
         count = 0
         if record.video is not None:
@@ -216,10 +231,11 @@ class VideoSFTDataset(Dataset):
             count = info.video_token_count(frames.shape[0])
             if self.config.add_time_instruction:
                 turns = self._with_time_instruction(turns, record, video)
-        encoded = encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count)
+        encoded = encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count,
+                                      add_generation_prompt=generation)
         input_ids, labels = encoded.input_ids, encoded.labels
         limit = self.config.max_length
-        if limit is not None and len(input_ids) > limit:
+        if limit is not None and len(input_ids) > limit and not generation:
             keep = max((e for e in encoded.turn_ends if e <= limit), default=0)
             if self.config.truncation == "drop" or keep == 0:
                 raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={limit} "
@@ -233,6 +249,9 @@ class VideoSFTDataset(Dataset):
         }
         if pixel_values is not None:
             sample["pixel_values_videos"] = pixel_values
+        if generation:
+            sample["reference"] = record.turns[-1].text
+            sample["metadata"] = dict(record.metadata)
         return sample
 
     def _decode(self, record: ConversationRecord) -> Any:

@@ -8,12 +8,13 @@ normalised with the vision config's mean/std (SigLIP: 0.5/0.5, i.e. [-1, 1]). Fr
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lmms_engine.models.layout import VideoLayoutConfig
+from lmms_engine.utils.config import from_mapping
 
 SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -68,7 +69,8 @@ class ProcessorInfo:
                           video_token: str = "<video>") -> "ProcessorInfo":
         """Read a LLaVA-OneVision-style config: ``config.vision_config.{image_size, patch_size}``;
         ``image_mean``/``image_std`` from the config or its vision config (default 0.5); the layout from
-        ``layout`` or else from the config's attributes named like :class:`VideoLayoutConfig` fields."""
+        ``layout``, else the config's ``video_layout`` dict (the engine's models store it there), else
+        its attributes named like :class:`VideoLayoutConfig` fields, else the defaults."""
         vision = getattr(config, "vision_config", config)
 
         def pick(name: str, default: Any) -> Any:
@@ -79,8 +81,13 @@ class ProcessorInfo:
             return default
 
         if layout is None:
-            names = [f.name for f in fields(VideoLayoutConfig)]
-            layout = VideoLayoutConfig(**{n: getattr(config, n) for n in names if getattr(config, n, None) is not None})
+            stored = getattr(config, "video_layout", None)  # where the engine's model config keeps it
+            if isinstance(stored, Mapping):
+                layout = from_mapping(VideoLayoutConfig, stored, "model config video_layout")
+            else:
+                names = [f.name for f in fields(VideoLayoutConfig)]
+                layout = VideoLayoutConfig(**{n: getattr(config, n) for n in names
+                                              if getattr(config, n, None) is not None})
         return cls(image_size=int(vision.image_size), patch_size=int(vision.patch_size),
                    image_mean=pick("image_mean", SIGLIP_MEAN), image_std=pick("image_std", SIGLIP_STD),
                    layout=layout, video_token=video_token)

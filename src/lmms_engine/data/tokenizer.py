@@ -51,6 +51,13 @@ DEFAULT_CORPUS: tuple[str, ...] = (
     "Please answer the following questions related to this video.",
     "first second third last before after then next appears disappears moves stays",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 yes no A B C D",
+    # the demo dataset's questions (lmms_engine.data.demo)
+    "In which direction does the cyan triangle move? Options: left, right, up, down. Answer with one word.",
+    "Three shapes appear one after another. Which colour appears last? Options: magenta, yellow, green. "
+    "Answer with one word.",
+    "The circle changes colour in a repeating cycle. Which colour comes next? Options: red, cyan, blue. "
+    "Answer with one word.",
+    "Which colour is the shape that moves? Options: yellow, magenta, cyan. Answer with one word.",
 )
 
 

@@ -179,8 +179,11 @@ class AutoregressiveReconstructionModule(nn.Module):
         predictor: the :class:`FramePredictor` (the only trainable parameters).
     """
 
-    def __init__(self, vision_tower: nn.Module, hidden_size: int, config: AutoregressiveConfig) -> None:
+    def __init__(self, vision_tower: nn.Module, hidden_size: int,
+                 config: Mapping | AutoregressiveConfig | None = None) -> None:
         super().__init__()
+        if not isinstance(config, AutoregressiveConfig):
+            config = AutoregressiveConfig.from_dict(config)
         feature_size, patch_side = _tower_geometry(vision_tower)
         if config.embedding_dim != feature_size:
             raise ValueError(
@@ -219,6 +222,11 @@ class AutoregressiveReconstructionModule(nn.Module):
     def uses_shared_features(self) -> bool:
         """True when the model should hand over its own vision features (``target_features``)."""
         return self.target_encoder_mode == "shared"
+
+    def extra_repr(self) -> str:
+        return (f"target_encoder={self.target_encoder_mode!r}, hidden_size={self.hidden_size}, "
+                f"embedding_dim={self.config.embedding_dim}, num_hist={self.config.num_hist}, "
+                f"loss_weight={self.config.loss_weight}")
 
     def dense_pooling(self) -> tuple[int, str]:
         """(stride, mode) of the frames when no layout is given."""
@@ -415,13 +423,13 @@ class AutoregressiveReconstructionModule(nn.Module):
         if p != index.grid_side ** 2:
             raise ValueError(f"layout index has {p} positions per frame for a {index.grid_side}x"
                              f"{index.grid_side} grid")
-        if positions.max() >= hidden_states.shape[1]:
+        if positions.numel() and positions.max() >= hidden_states.shape[1]:
             raise ValueError(f"layout positions reach {int(positions.max())}, hidden_states has "
                              f"{hidden_states.shape[1]} tokens")
         valid = index.frame_mask.to(hidden_states.device).bool() & (positions >= 0).all(-1)
         gathered = hidden_states.gather(
             1, positions.clamp(min=0).reshape(b, t * p, 1).expand(-1, -1, hidden_states.shape[-1])
-        ).view(b, t, p, -1)
+        ).view(b, t, p, hidden_states.shape[-1])
         # where, not multiply: padding may hold inf/NaN and must not reach the loss or its gradient.
         return torch.where(valid[..., None, None], gathered, torch.zeros((), dtype=gathered.dtype,
                                                                           device=gathered.device)), valid
@@ -545,8 +553,6 @@ def create_autoregressive_reconstruction_module(
     ``config``: an :class:`AutoregressiveConfig`, a plain dict of its keys (checked: unknown keys, types,
     values) or None for the defaults. ``embedding_dim`` must equal the tower's feature size.
     """
-    if not isinstance(config, AutoregressiveConfig):
-        config = AutoregressiveConfig.from_dict(config)
     return AutoregressiveReconstructionModule(vision_tower, hidden_size, config)
 
 

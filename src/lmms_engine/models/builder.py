@@ -16,7 +16,7 @@ places. Keys left unset keep the checkpoint's stored layout, else HF LLaVA-OneVi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from lmms_engine.models.layout import VideoLayoutConfig
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 LAYOUT_FIELDS: tuple[str, ...] = (
     "mm_spatial_pool_stride", "mm_spatial_pool_mode", "mm_newline_position", "add_faster_video", "faster_token_stride",
 )
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ModelConfig:
     model_name_or_path: str | None = None
     tiny_config: TinyConfig | None = None
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
+    attn_implementation: AttnImplementation | None = None
     mm_spatial_pool_stride: int | None = None
     mm_spatial_pool_mode: Literal["average", "max", "bilinear"] | None = None
     mm_newline_position: Literal["grid", "frame", "one_token", "no_token"] | None = None

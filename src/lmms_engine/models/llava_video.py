@@ -12,9 +12,9 @@ checkpoints that plain transformers loads. What it adds:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -46,12 +46,29 @@ CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
 CONFIG_AR_KEY = "autoregressive_config"
 
 
+def _register_weight_renaming() -> None:
+    """Give our class transformers' LLaVA-OneVision key renaming (legacy hub checkpoints such as
+    ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf`` store ``language_model.lm_head.weight`` etc.).
+    transformers applies renamings only to its own classes and to names registered like this."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    name = "LlavaVideoForConditionalGeneration"
+    if get_checkpoint_conversion_mapping(name) is None:
+        register_checkpoint_conversion_mapping(name, get_checkpoint_conversion_mapping("llava_onevision"))
+
+
+_register_weight_renaming()
+
+
 @functools.lru_cache(maxsize=512)
 def _cached_template(num_frames: int, patch_side: int, layout: VideoLayoutConfig) -> VideoTokenTemplate:
     return build_video_template(num_frames, patch_side, layout)
 
 
-@dataclass
+@dataclasses.dataclass
 class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
     """Outputs of :class:`LlavaVideoForConditionalGeneration`.
 
@@ -136,6 +153,16 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         model._refreeze()
         return loaded
 
+    def save_pretrained(self, save_directory: Any, *args: Any, save_original_format: bool = False,
+                        **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``, writing parameter names exactly as in ``state_dict()``.
+
+        transformers 5 by default renames keys back to the legacy LLaVA layout on save; the Trainer's
+        ``resume_from_checkpoint`` then loads the file with a plain ``load_state_dict`` and matches no
+        key. The native names load everywhere (transformers' own loader reads both forms).
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def _refreeze(self) -> None:
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
@@ -180,7 +207,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
     def set_trainable(self, *, vision_tower: bool, projector: bool, language_model: bool) -> None:
         """Set ``requires_grad`` per part.
 
-        ``projector`` covers the multimodal projector, ``image_newline`` and ``faster_token``;
+        ``projector`` covers the multimodal projector, ``image_newline`` (unless the layout has no
+        newline tokens) and ``faster_token``;
         ``language_model`` covers the LLM and ``lm_head``. The autoregressive predictor always trains and
         its target encoder never does (the module's own rule). The tower's unused ``post_layernorm`` and
         ``head`` stay frozen.
@@ -195,7 +223,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
         self.model.multi_modal_projector.requires_grad_(projector)
-        self.model.image_newline.requires_grad_(projector)
+        # With no_token videos never use image_newline: a trainable one would idle under DDP.
+        self.model.image_newline.requires_grad_(projector and self.video_layout.mm_newline_position != "no_token")
         if self.faster_token is not None:
             self.faster_token.requires_grad_(projector)
         self.model.language_model.requires_grad_(language_model)
@@ -233,7 +262,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                         f"{where}.{key}={cfg[key]!r} differs from the model's video layout {key}={layout[key]!r}; "
                         f"the layout is set when the model is built (model_config)"
                     )
-        module = create_autoregressive_reconstruction_module(self.vision_tower, self.config.text_config.hidden_size, cfg)
+        hidden_size = self.config.text_config.hidden_size
+        module = create_autoregressive_reconstruction_module(self.vision_tower, hidden_size, cfg)
         self.autoregressive_module = module
         stored = module.config.to_dict()
         stored["target_encoder"] = "shared" if _target_is_shared(module) else "copy"
@@ -311,7 +341,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         slow_side = layout_cfg.frame_grid_side(side, 0)
         slow_stride = layout_cfg.mm_spatial_pool_stride
         fast_stride = 2 * slow_stride
-        fast_side = pooled_side(side, fast_stride, layout_cfg.mm_spatial_pool_mode) if layout_cfg.add_faster_video else 0
+        fast_side = pooled_side(side, fast_stride, layout_cfg.mm_spatial_pool_mode) \
+            if layout_cfg.add_faster_video else 0
         slow_pos = torch.full((batch, max_frames, slow_side * slow_side), -1, dtype=torch.long, device=device)
         fast_pos = (torch.full((batch, max_frames, fast_side * fast_side), -1, dtype=torch.long, device=device)
                     if layout_cfg.add_faster_video else None)
@@ -374,9 +405,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             if keep_features:
                 features_out = features.new_zeros(batch, max_frames, *features.shape[1:])
                 features_out[b_idx, t_idx] = features.detach()
-        elif keep_features:
-            features_out = torch.zeros(batch, max_frames, self._tokens_per_frame(), _vision_feature_size(self.config),
-                                       dtype=inputs_embeds.dtype, device=device)
+        else:
+            if keep_features:
+                features_out = torch.zeros(batch, max_frames, self._tokens_per_frame(),
+                                           _vision_feature_size(self.config), dtype=inputs_embeds.dtype, device=device)
+            inputs_embeds = self._touch_visual_parameters(inputs_embeds)
 
         layout = VideoTokenLayout(
             slow=FrameTokenIndex(positions=slow_pos, frame_mask=present & is_slow[None, :], grid_side=slow_side,
@@ -388,6 +421,50 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             num_frames=torch.tensor(num_frames, dtype=torch.long, device=device),
         )
         return inputs_embeds, layout, features_out
+
+    def _autoregressive_output(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        layout: VideoTokenLayout,
+    ) -> Any:
+        """The module's loss output; shared mode hands over ``vision_features``, copy mode the pixels."""
+        shared = _target_is_shared(module)
+        if layout.slow.positions.shape[1] == 0:
+            # A batch without video frames: one absent frame per sample, so the module returns its zero
+            # loss that still reaches the predictor (every DDP rank backpropagates through the same graph).
+            layout = _with_one_absent_frame(layout)
+            batch = hidden_states.shape[0]
+            if shared:
+                vision_features = hidden_states.new_zeros(batch, 1, self._tokens_per_frame(),
+                                                          _vision_feature_size(self.config))
+            else:
+                size = self.config.vision_config.image_size
+                pixel_values_videos = hidden_states.new_zeros(batch, 1, 3, size, size)
+        return module.compute_autoregressive_loss(
+            hidden_states,
+            video_frames=None if shared else pixel_values_videos,
+            target_features=vision_features if shared else None,
+            video_token_layout=layout,
+            return_output=True,
+        )
+
+    def _touch_visual_parameters(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """A batch without video frames, in training: add an exact zero that depends on every trainable
+        visual parameter, so each DDP rank's backward reaches the same parameters (a text-only batch on
+        one rank would otherwise stall the gradient reduction). One blank frame goes through the tower."""
+        visual = [p for p in self.model.vision_tower.parameters()] + list(self.model.multi_modal_projector.parameters())
+        visual += [self.model.image_newline] + ([self.faster_token] if self.faster_token is not None else [])
+        if not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in visual)):
+            return inputs_embeds
+        size = self.config.vision_config.image_size
+        _, projected = self.encode_frames(inputs_embeds.new_zeros(1, 3, size, size))
+        zero = projected.sum() + self.model.image_newline.sum()
+        if self.faster_token is not None:
+            zero = zero + self.faster_token.sum()
+        return inputs_embeds + (zero * 0.0).to(inputs_embeds.dtype)
 
     # ------------------------------------------------------------------ forward
     @can_return_tuple
@@ -472,26 +549,17 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             main_mean = main
             if num_items_in_batch is not None:
                 # HF's loss is sum / num_items_in_batch; report the per-batch mean, scale the AR term alike.
-                local_items = (labels[..., 1:] != -100).sum().to(main.device)
-                share = local_items.to(main.dtype) / torch.as_tensor(num_items_in_batch, device=main.device,
-                                                                     dtype=main.dtype)
-                main_mean = main * torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype) \
-                    / local_items.clamp(min=1).to(main.dtype)
+                local_items = (labels[..., 1:] != -100).sum().to(main.device, main.dtype)
+                total_items = torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype)
+                share = local_items / total_items
+                main_mean = main * total_items / local_items.clamp(min=1)
             loss = main
             components = {"main_loss": main_mean.detach()}
             total_mean = main_mean
             if module is not None:
-                frames = pixel_values_videos
-                if frames is None and not shared_targets:  # text-only batch: zero frames, zero targets
-                    size = self.config.vision_config.image_size
-                    frames = hidden_states.new_zeros(hidden_states.shape[0], 0, 3, size, size)
-                ar = module.compute_autoregressive_loss(
-                    hidden_states,
-                    video_frames=None if shared_targets else frames,
-                    target_features=vision_features if shared_targets else None,
-                    video_token_layout=layout,
-                    return_output=True,
-                )
+                if layout is None:
+                    raise ValueError("the autoregressive loss needs input_ids to locate the video tokens")
+                ar = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout)
                 ar_loss = ar.loss.to(main.dtype)
                 loss = loss + (ar_loss if share is None else ar_loss * share)
                 total_mean = total_mean + ar_loss
@@ -514,6 +582,20 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             video_token_layout=layout,
             vision_features=vision_features,
         )
+
+
+def _with_one_absent_frame(layout: VideoTokenLayout) -> VideoTokenLayout:
+    def widen(index: FrameTokenIndex | None) -> FrameTokenIndex | None:
+        if index is None:
+            return None
+        batch, _, patches = index.positions.shape
+        return dataclasses.replace(
+            index,
+            positions=index.positions.new_full((batch, 1, patches), -1),
+            frame_mask=index.frame_mask.new_zeros(batch, 1),
+        )
+
+    return dataclasses.replace(layout, slow=widen(layout.slow), fast=widen(layout.fast))
 
 
 def _detached(value: torch.Tensor | float | None) -> torch.Tensor:

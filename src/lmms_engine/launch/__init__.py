@@ -1,0 +1,5 @@
+"""Launching training from a pipeline config: ``python -m lmms_engine.launch.cli --config X.yaml``.
+
+``lmms_engine.launch.config`` reads and checks the config (nothing is built there);
+``lmms_engine.launch.pipeline`` runs it. Submodules load on use.
+"""

@@ -1,0 +1,392 @@
+"""The pipeline config: a YAML (or JSON) list of blocks, checked completely before anything loads.
+
+Format::
+
+    - type: demo_data            # optional: generate the demo dataset if it is missing
+      config: {output_dir: output/quickstart/data, num_train: 64}
+    - type: trainer
+      config:
+        trainer_type: autoregressive_trainer    # or hf_trainer / sft (no autoregressive loss)
+        model_config: {...}                     # lmms_engine.models.builder.ModelConfig
+        dataset_config: {...}                   # lmms_engine.data.DatasetConfig
+        output_dir: ./output/run                # any transformers.TrainingArguments field,
+        per_device_train_batch_size: 2          # flattened beside the three keys above
+
+Blocks run in order. Checks (each failure is a :class:`~lmms_engine.utils.config.ConfigError` naming
+the block, the key and what would be valid): unknown block type or key (with the nearest valid name),
+wrong value types (TrainingArguments fields are typed from ``dataclasses.fields(TrainingArguments)``
+and built with transformers' own checks), missing files and folders (data, videos, local model
+folders, checkpoints to resume from; files an earlier ``demo_data`` block writes count as present),
+conflicting video-layout keys, an ``autoregressive_config.embedding_dim`` that differs from the vision
+tower's width, and a trainer type that contradicts ``enable_autoregressive``. No model, tokenizer or
+dataset is built here. Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from lmms_engine.utils.config import ConfigError, check_keys, from_mapping, suggest
+
+BLOCK_KEYS: tuple[str, ...] = ("type", "config")
+BLOCK_TYPES: tuple[str, ...] = ("demo_data", "trainer")
+#: ``trainer_type`` values: whether the autoregressive loss is trained.
+TRAINER_TYPES: dict[str, bool] = {"autoregressive_trainer": True, "hf_trainer": False, "sft": False}
+#: Keys of a trainer block's ``config`` besides the TrainingArguments fields.
+TRAINER_KEYS: tuple[str, ...] = ("trainer_type", "model_config", "dataset_config")
+#: TrainingArguments fields the pipeline reads with a wider type than transformers declares.
+RESUME_KEY = "resume_from_checkpoint"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass
+class DemoDataConfig:
+    """The ``demo_data`` block: the generated demo dataset (``lmms_engine.data.demo``).
+
+    Attributes:
+        output_dir: folder of ``train.json``, ``eval.json`` and ``videos/``.
+        num_train, num_eval: clips per split.
+        seed: everything is a function of it.
+        num_frames, size, fps: clip length (>= 12 frames), frame side in pixels (even, >= 32), rate.
+        overwrite: regenerate even when ``train.json`` and ``eval.json`` exist.
+    """
+
+    output_dir: str = "output/quickstart/data"
+    num_train: int = 64
+    num_eval: int = 16
+    seed: int = 0
+    num_frames: int = 16
+    size: int = 64
+    fps: float = 4.0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_train < 1 or self.num_eval < 0:
+            raise ValueError(f"need num_train >= 1 and num_eval >= 0, got {self.num_train}, {self.num_eval}")
+        if self.size % 2 or self.size < 32:
+            raise ValueError(f"size must be even and >= 32, got {self.size}")
+        if self.num_frames < 12:
+            raise ValueError(f"num_frames must be >= 12, got {self.num_frames}")
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+
+    @property
+    def train_path(self) -> Path:
+        return Path(self.output_dir) / "train.json"
+
+    @property
+    def eval_path(self) -> Path:
+        return Path(self.output_dir) / "eval.json"
+
+    def outputs(self) -> set[Path]:
+        """Files this block writes (absolute)."""
+        return {self.train_path.resolve(), self.eval_path.resolve(), (Path(self.output_dir) / "videos").resolve()}
+
+
+@dataclass
+class TrainerBlockConfig:
+    """A checked ``trainer`` block.
+
+    ``training_args`` holds the TrainingArguments keyword arguments exactly as given (build the object
+    with :meth:`training_arguments`); ``resume_from_checkpoint`` is a path, ``True`` (the newest
+    complete checkpoint in ``output_dir``) or None.
+    """
+
+    trainer_type: str
+    model_config: Any  # lmms_engine.models.builder.ModelConfig
+    dataset_config: Any  # lmms_engine.data.DatasetConfig
+    training_args: dict[str, Any] = field(default_factory=dict)
+    resume_from_checkpoint: str | bool | None = None
+    where: str = "trainer"
+
+    @property
+    def trains_autoregressive(self) -> bool:
+        """Whether this block trains the autoregressive loss (``autoregressive_trainer`` and a model with
+        the module)."""
+        return TRAINER_TYPES[self.trainer_type] and self.model_config.enable_autoregressive is not False
+
+    def training_arguments(self) -> Any:
+        """A fresh :class:`lmms_engine.train.TrainingArguments` from ``training_args``."""
+        from lmms_engine.train.arguments import TrainingArguments
+
+        return TrainingArguments(**self.training_args)
+
+
+@dataclass
+class Block:
+    """One block of the pipeline: ``type`` and its checked config (``DemoDataConfig`` or
+    ``TrainerBlockConfig``)."""
+
+    type: str
+    config: Any
+    where: str
+
+
+@dataclass
+class PipelineConfig:
+    """The checked pipeline: its blocks in order and the file it came from."""
+
+    blocks: list[Block]
+    source: str = "<mapping>"
+
+    def of_type(self, block_type: str) -> list[Any]:
+        return [b.config for b in self.blocks if b.type == block_type]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-5`` (no dot) as a string; configs mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or flow value (``5``, ``2e-5``, ``true``, ``null``, ``[a, b]``, ``{k: v}``)."""
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+
+
+def read_config_file(path: str | os.PathLike) -> Any:
+    """Parse a ``.yaml``/``.yml``/``.json`` file (other extensions: YAML, a superset of JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.load(text, Loader=_Loader)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``KEY=VALUE`` overrides (``--set``) to a raw block list (a deep copy is returned).
+
+    ``KEY`` is a dotted path inside the ``config`` of every ``trainer`` block (``max_steps``,
+    ``model_config.autoregressive_config.loss_weight``), or, when its first part names another block
+    type, inside that type's blocks (``demo_data.num_train``). ``VALUE`` is read as YAML.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set max_steps=10")
+        parts = key.split(".")
+        block_type = "trainer"
+        if parts[0] in BLOCK_TYPES and parts[0] != "trainer" and len(parts) > 1:
+            block_type, parts = parts[0], parts[1:]
+        value = parse_value(text)
+        targets = [b for b in (raw if isinstance(raw, list) else []) if isinstance(b, Mapping)
+                   and b.get("type") == block_type]
+        if not targets:
+            raise ConfigError(f"--set {item!r}: the config has no {block_type!r} block to apply it to")
+        for block in targets:
+            node = block.setdefault("config", {})
+            if node is None:
+                node = block["config"] = {}
+            for i, part in enumerate(parts[:-1]):
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is {child!r}, not a mapping")
+                node = child
+            node[parts[-1]] = value
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def training_argument_fields() -> dict[str, dataclasses.Field]:
+    """``{name: field}`` of every init field of transformers' ``TrainingArguments``."""
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _looks_like_local_path(value: str) -> bool:
+    """Not of the hub-id form ``name`` or ``org/name``."""
+    return _HUB_ID.match(value) is None
+
+
+def _check_model_files(model_config: Any, where: str) -> None:
+    path = model_config.model_name_or_path
+    if path is None or Path(path).expanduser().exists():
+        return
+    if _looks_like_local_path(path):
+        raise ConfigError(f"{where}.model_name_or_path: folder {path!r} does not exist (and is not a hub id "
+                          f"like 'llava-hf/llava-onevision-qwen2-0.5b-ov-hf'); omit the key for the tiny model")
+
+
+def _vision_feature_size(model_config: Any) -> int | None:
+    """The vision tower's feature width for ``model_config`` without loading weights (None: unknown)."""
+    if model_config.model_name_or_path is None:
+        from lmms_engine.models.tiny import tiny_llava_config
+
+        config = tiny_llava_config(None, model_config.tiny_config)
+    else:
+        local = Path(model_config.model_name_or_path).expanduser() / "config.json"
+        if not local.is_file():
+            return None  # a hub id: checked when the model is built
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(local.parent))
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return None
+    layer = getattr(config, "vision_feature_layer", -1)
+    return vision.hidden_size * (len(layer) if isinstance(layer, (list, tuple)) else 1)
+
+
+def _check_model(raw: Any, where: str) -> Any:
+    from lmms_engine.models.builder import ModelConfig, resolve_video_layout
+
+    model_config = from_mapping(ModelConfig, raw, where)
+    resolve_video_layout(model_config, None, where)  # layout conflicts, autoregressive_config keys/types
+    _check_model_files(model_config, where)
+    ar = model_config.autoregressive_config or {}
+    if model_config.enable_autoregressive is not False and "embedding_dim" in ar:
+        width = _vision_feature_size(model_config)
+        if width is not None and ar["embedding_dim"] != width:
+            model = "the tiny model" if model_config.model_name_or_path is None else \
+                repr(model_config.model_name_or_path)
+            raise ConfigError(
+                f"{where}.autoregressive_config.embedding_dim={ar['embedding_dim']} differs from the vision "
+                f"tower's feature size {width} of {model}: the targets are the tower's features; set "
+                f"embedding_dim: {width} or remove the key (it defaults to the tower's width)"
+            )
+    return model_config
+
+
+def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
+    from lmms_engine.data.dataset import DatasetConfig
+
+    if raw is None:
+        raise ConfigError(f"{where}: missing; give dataset_config with at least data_path (a JSON/JSONL file "
+                          f"of LLaVA records), or add a demo_data block and point data_path at its train.json")
+    dataset_config = from_mapping(DatasetConfig, raw, where)
+    for key in ("data_path", "eval_data_path"):
+        value = getattr(dataset_config, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.resolve() in generated:
+            continue
+        if not path.is_file():
+            hint = " (a demo_data block earlier in the list would generate one)" if key == "data_path" else ""
+            raise ConfigError(f"{where}.{key}: file {value!r} does not exist{hint}")
+    folder = dataset_config.video_folder
+    if folder is not None and Path(folder).resolve() not in generated and not Path(folder).is_dir():
+        raise ConfigError(f"{where}.video_folder: folder {folder!r} does not exist")
+    return dataset_config
+
+
+def _check_resume(value: Any, where: str) -> str | bool | None:
+    if value is None or value is False:
+        return None
+    if value is True or value in ("last", "latest", "true", "True"):
+        return True
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a checkpoint folder, true (the newest complete checkpoint in "
+                          f"output_dir) or null, got {value!r}")
+    from lmms_engine.train.checkpointing import is_complete_checkpoint
+
+    if not Path(value).is_dir():
+        raise ConfigError(f"{where}: checkpoint folder {value!r} does not exist")
+    if not is_complete_checkpoint(value):
+        raise ConfigError(f"{where}: {value!r} is not a complete checkpoint (a checkpoint-N folder holding "
+                          f"trainer_state.json)")
+    return value
+
+
+def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    valid = list(TRAINER_KEYS) + list(training_argument_fields())
+    for key in raw:
+        if key not in valid:  # the full list (over 100 names) would bury the message: point to the docs
+            raise ConfigError(f"{where}: unknown key {key!r}{suggest(str(key), valid)}; valid keys: "
+                              f"{', '.join(TRAINER_KEYS)} and the fields of transformers.TrainingArguments "
+                              f"(docs/config.md)")
+    trainer_type = raw.get("trainer_type", "autoregressive_trainer")
+    if trainer_type not in TRAINER_TYPES:
+        raise ConfigError(f"{where}.trainer_type: unknown {trainer_type!r}{suggest(str(trainer_type), TRAINER_TYPES)}; "
+                          f"valid: {', '.join(TRAINER_TYPES)}")
+    model_config = _check_model(raw.get("model_config"), f"{where}.model_config")
+    if not TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive:
+        raise ConfigError(
+            f"{where}: trainer_type {trainer_type!r} trains without the autoregressive loss but "
+            f"model_config.enable_autoregressive is true; use trainer_type: autoregressive_trainer, or set "
+            f"enable_autoregressive: false"
+        )
+    dataset_config = _check_dataset(raw.get("dataset_config"), f"{where}.dataset_config", generated)
+    args = {key: value for key, value in raw.items() if key not in TRAINER_KEYS}
+    resume = _check_resume(args.pop(RESUME_KEY, None), f"{where}.{RESUME_KEY}")
+    from lmms_engine.train.arguments import TrainingArguments
+
+    # Types (from the dataclass fields) and transformers' own consistency checks, before any model.
+    from_mapping(TrainingArguments, args, where)
+    return TrainerBlockConfig(trainer_type, model_config, dataset_config, args, resume, where)
+
+
+def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
+    """Check a parsed block list and return the typed :class:`PipelineConfig` (nothing is built)."""
+    if isinstance(raw, Mapping) and "type" in raw:
+        raise ConfigError(f"{source}: expected a list of blocks; write the block as a list item: '- type: ...'")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{source}: expected a non-empty list of blocks like '- type: trainer' with a 'config:' "
+                          f"mapping, got {type(raw).__name__}")
+    blocks: list[Block] = []
+    generated: set[Path] = set()
+    for i, item in enumerate(raw):
+        where = f"{source}: block {i}"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'type' and 'config', got {item!r}")
+        check_keys(item, BLOCK_KEYS, where)
+        block_type = item.get("type")
+        if block_type not in BLOCK_TYPES:
+            raise ConfigError(f"{where}: unknown block type {block_type!r}{suggest(str(block_type), BLOCK_TYPES)}; "
+                              f"valid: {', '.join(BLOCK_TYPES)}")
+        where = f"{source}: block {i} ({block_type}).config"
+        if block_type == "demo_data":
+            config = from_mapping(DemoDataConfig, item.get("config"), where)
+            generated |= config.outputs()
+        else:
+            config = _check_trainer(item.get("config"), where, generated)
+        blocks.append(Block(block_type, config, where))
+    if not any(b.type == "trainer" for b in blocks):
+        raise ConfigError(f"{source}: no 'trainer' block; nothing would be trained")
+    return PipelineConfig(blocks, source)
+
+
+def load_pipeline_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read ``path``, apply ``--set`` overrides and check everything (see the module docstring)."""
+    raw = read_config_file(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return check_pipeline(raw, str(path))
+
+
+__all__ = ["BLOCK_TYPES", "Block", "DemoDataConfig", "PipelineConfig", "TRAINER_KEYS", "TRAINER_TYPES",
+           "TrainerBlockConfig", "apply_overrides", "check_pipeline", "load_pipeline_config", "parse_value",
+           "read_config_file", "training_argument_fields"]

@@ -1,0 +1,59 @@
+"""``TrainingArguments``: transformers' own, with one change for machines without an accelerator.
+
+On a machine with no accelerator at all (no CUDA, XPU, MPS, NPU, HPU, ... device), transformers 5:
+
+- refuses ``bf16=True`` unless ``use_cpu=True`` is also given ("Your setup doesn't support bf16/gpu"),
+  while the user's guide sets ``bf16=True``;
+- under ``torchrun`` initialises the process group but stays in ``ParallelMode.NOT_PARALLEL`` unless
+  ``use_cpu=True`` (every rank then trains alone and they overwrite each other's checkpoints).
+
+So there ``use_cpu`` is set to True (multi-process runs use gloo; bf16 becomes bfloat16 autocast on the
+CPU, with a warning) and ``dataloader_pin_memory`` is turned off (pinning needs an accelerator). A
+machine with a GPU that lacks bf16 still gets transformers' error: falling back to the CPU there would
+hide a real problem.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import transformers
+
+logger = logging.getLogger(__name__)
+
+_ACCELERATOR_PROBES: tuple[str, ...] = (
+    "is_torch_cuda_available",
+    "is_torch_xpu_available",
+    "is_torch_mps_available",
+    "is_torch_npu_available",
+    "is_torch_hpu_available",
+    "is_torch_mlu_available",
+    "is_torch_musa_available",
+    "is_torch_xla_available",
+)
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees any accelerator transformers can train on (CUDA, XPU, MPS, NPU, HPU, ...)."""
+    from transformers import utils
+
+    return any(getattr(utils, probe, lambda: False)() for probe in _ACCELERATOR_PROBES)
+
+
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' ``TrainingArguments`` (every field, default and check is theirs).
+
+    Difference, only on a machine without any accelerator (module docstring): ``use_cpu`` is set to
+    True and ``dataloader_pin_memory`` to False.
+    """
+
+    def __post_init__(self) -> None:
+        if self.use_cpu or not has_accelerator():
+            if (self.bf16 or self.bf16_full_eval) and not self.use_cpu:
+                logger.warning("bf16=True but no GPU is available: training on the CPU with bfloat16 autocast")
+            self.use_cpu = True
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
+
+__all__ = ["TrainingArguments", "has_accelerator"]

@@ -1,0 +1,272 @@
+"""``AutoregressiveTrainer``: transformers' ``Trainer`` for video LLMs with the autoregressive loss.
+
+Everything the HF Trainer does (DDP / FSDP / DeepSpeed through accelerate, gradient accumulation,
+mixed precision, checkpoints and resume, ``report_to``, the progress bar) is inherited unchanged. What
+this class adds:
+
+- **Loss components.** The model's forward returns ``.loss`` (the total, what is back-propagated) and
+  ``.loss_components`` (detached per-batch means: ``main_loss``, ``autoregressive_loss``,
+  ``total_loss``, and ``ar_mse``, ``ar_copy_last_mse``, ``ar_fast_loss``, ``ar_slow_loss`` where the
+  module reports them). Every component is logged, averaged over the logging window with the weights
+  of the objective (see :mod:`lmms_engine.train.loss_window`), correct under gradient accumulation and
+  summed over ranks at logging time. Logged ``total_loss`` equals HF's ``loss``, and
+  ``main_loss + autoregressive_loss == total_loss`` per logged step (to float rounding).
+- **enable_autoregressive.** ``True`` requires the model to carry ``autoregressive_module``.
+  ``False`` trains plain SFT through the same code path: a model built with the module has it removed
+  before the optimiser and the DDP wrapper are created (warning logged), so the run has no
+  autoregressive parameters, no autoregressive compute, and its checkpoints hold none.
+- **Atomic checkpoints** (:mod:`lmms_engine.train.checkpointing`): ``checkpoint-N`` appears only once
+  complete; ``resume_from_checkpoint`` continues with HF's exact step, LR-schedule, RNG and data-order
+  restore.
+- After training, ``output_dir/loss_curve.png`` and, all along, ``output_dir/train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lmms_engine.train.callbacks import JsonlLogCallback, LossPlotCallback
+from lmms_engine.train.checkpointing import (
+    load_checkpoint_weights,
+    publish_checkpoint,
+    remove_stale_staging,
+    staging_parent,
+)
+from lmms_engine.train.loss_window import LossWindow
+
+logger = logging.getLogger(__name__)
+
+AR_MODULE_ATTR = "autoregressive_module"
+IGNORE_INDEX = -100
+#: Components in the order they are logged (any others follow, sorted).
+COMPONENT_ORDER: tuple[str, ...] = ("main_loss", "autoregressive_loss", "total_loss", "ar_mse",
+                                    "ar_copy_last_mse", "ar_fast_loss", "ar_slow_loss")
+
+
+def _ordered(values: dict[str, float]) -> dict[str, float]:
+    rank = {name: i for i, name in enumerate(COMPONENT_ORDER)}
+    return dict(sorted(values.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+class AutoregressiveTrainer(Trainer):
+    """transformers' ``Trainer`` that logs the loss components and saves checkpoints atomically.
+
+    Args:
+        model, args, and every other positional / keyword argument: as ``transformers.Trainer``.
+        enable_autoregressive: train with the model's autoregressive loss (the model must have
+            ``autoregressive_module``); ``False`` removes that module and trains plain SFT.
+        plot_loss: draw ``output_dir/loss_curve.png`` at the end of training.
+        log_file: name of the JSON-lines log in ``output_dir`` (None: no file).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *trainer_args: Any,
+        enable_autoregressive: bool = True,
+        plot_loss: bool = True,
+        log_file: str | None = "train_log.jsonl",
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(enable_autoregressive, bool):
+            raise TypeError(f"enable_autoregressive must be True or False, got {enable_autoregressive!r}")
+        self.enable_autoregressive = enable_autoregressive
+        if model is not None:
+            configure_autoregressive(model, enable_autoregressive)
+        self._train_window = LossWindow()
+        self._eval_window = LossWindow()
+        self._staging_run_dir: str | None = None
+        self._eval_prefix: str | None = None
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if log_file:
+            self.add_callback(JsonlLogCallback(log_file))
+        if plot_loss:
+            self.add_callback(LossPlotCallback())
+
+    # ------------------------------------------------------------------ loss
+    def _label_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label tokens the loss averages over (shifted labels for causal LMs, as HF counts them)."""
+        counted = labels[..., 1:] if self._loss_shifts_labels else labels
+        return (counted != IGNORE_INDEX).sum()
+
+    def _micro_batch_share(self, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor | float:
+        """This micro-batch's weight in the step's objective; shares of all ranks sum to 1 per step."""
+        world = max(self.args.world_size, 1)
+        labels = inputs.get("labels")
+        if num_items_in_batch is not None and isinstance(labels, torch.Tensor):
+            share = self._label_tokens(labels).float() / torch.as_tensor(
+                num_items_in_batch, dtype=torch.float32, device=labels.device).clamp(min=1)
+            # num_items_in_batch counts every rank's tokens only when averaging across devices.
+            if not (self.args.average_tokens_across_devices and world > 1):
+                share = share / world
+            return share
+        return 1.0 / (max(getattr(self, "current_gradient_accumulation_steps", 1), 1) * world)
+
+    def _components(self, outputs: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> dict[str, torch.Tensor]:
+        """The model's ``loss_components``; for a model without them, its loss as main = total."""
+        components = outputs.get("loss_components") if isinstance(outputs, dict) else \
+            getattr(outputs, "loss_components", None)
+        if components:
+            return dict(components)
+        raw = outputs.get("loss") if isinstance(outputs, dict) else None
+        if raw is None:
+            return {}
+        raw = raw.detach()
+        labels = inputs.get("labels")
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and isinstance(labels, torch.Tensor):
+            # HF's loss is sum / num_items_in_batch; the per-batch mean is sum / local tokens.
+            raw = raw * torch.as_tensor(num_items_in_batch, dtype=raw.dtype, device=raw.device) \
+                / self._label_tokens(labels).clamp(min=1).to(raw.dtype)
+        return {"main_loss": raw, "total_loss": raw}
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """HF's loss (``outputs.loss``, the total), plus recording of ``outputs.loss_components``."""
+        training = model.training
+        if training:
+            weight: torch.Tensor | float = self._micro_batch_share(inputs, num_items_in_batch)
+        else:
+            ids = inputs.get("input_ids")
+            weight = float(ids.shape[0]) if isinstance(ids, torch.Tensor) else 1.0  # HF weighs eval by samples
+        visible = dict(inputs)  # HF may pop labels (label smoothing); keep them for the share above
+        loss, outputs = super().compute_loss(model, visible, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        components = self._components(outputs, inputs, num_items_in_batch)
+        if components:
+            (self._train_window if training else self._eval_window).add(components, weight)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged loss components to HF's training (``loss``) and evaluation logs.
+
+        Called by HF on every rank for these logs, so the cross-rank reduction is safe here.
+        """
+        if "loss" in logs:
+            logs.update(_ordered(self._train_window.reduce(self.args.device)))
+        elif self._eval_prefix is not None and f"{self._eval_prefix}_loss" in logs:
+            averaged = _ordered(self._eval_window.reduce(self.args.device))
+            logs.update({f"{self._eval_prefix}_{k}": v for k, v in averaged.items()})
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """HF's ``evaluate``; its log also holds ``<prefix>_main_loss`` etc., averaged over samples."""
+        if isinstance(eval_dataset, dict) or (eval_dataset is None and isinstance(self.eval_dataset, dict)):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # recurses per dataset
+        self._eval_window.reset()
+        self._eval_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix = None
+
+    # ------------------------------------------------------------------ train / checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """HF's ``train``; stale staging folders of killed saves are removed first."""
+        self._train_window.reset()
+        if self.args.should_save:
+            for path in remove_stale_staging(self.args.output_dir):
+                logger.warning("removed %s: a checkpoint save that never finished", path)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _plain_weights_load(self) -> bool:
+        """Whether weights load with ``load_state_dict`` (no FSDP, DeepSpeed, SageMaker MP or PEFT)."""
+        from transformers import PreTrainedModel
+        from transformers.trainer import is_sagemaker_mp_enabled
+
+        return (isinstance(self.model, PreTrainedModel) and not self.is_fsdp_enabled
+                and not self.is_deepspeed_enabled and not is_sagemaker_mp_enabled()
+                and not getattr(self.model, "_hf_peft_config_loaded", False))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """HF's weight restore, with the model's checkpoint key renaming applied (see
+        :func:`~lmms_engine.train.checkpointing.load_checkpoint_weights`)."""
+        target = self.model if model is None else model
+        if target is self.model and self._plain_weights_load():
+            result = load_checkpoint_weights(target, resume_from_checkpoint)
+            if result is not None:
+                self._issue_warnings_after_load(result)
+                return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best and self._plain_weights_load():
+            result = load_checkpoint_weights(self.model, best)
+            if result is not None:
+                self._issue_warnings_after_load(result)
+                return
+        super()._load_best_model()
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """HF's checkpoint save, written under a staging folder and renamed when complete."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = staging_parent(run_dir, name)
+        if self.args.should_save:
+            remove_stale_staging(run_dir, name)
+        self.accelerator.wait_for_everyone()
+        # HF writes <run_dir>/<name>; with the run dir redirected that is <staging>/<name>. Its
+        # checkpoint rotation then sees only this folder (a no-op) and is redone below on run_dir.
+        self._staging_run_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        staged = staging / name
+        if self.state.best_model_checkpoint and os.path.abspath(self.state.best_model_checkpoint) == \
+                os.path.abspath(staged):
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+        self.accelerator.wait_for_everyone()
+        if staged.is_dir():  # a node without a shared filesystem publishes its own copy
+            publish_checkpoint(staged, final)
+        if self.args.should_save:
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def configure_autoregressive(model: nn.Module, enable_autoregressive: bool) -> None:
+    """Check or apply ``enable_autoregressive`` on ``model`` (see :class:`AutoregressiveTrainer`)."""
+    module = getattr(model, AR_MODULE_ATTR, None)
+    if enable_autoregressive and module is None:
+        raise ValueError(
+            f"enable_autoregressive=True but {type(model).__name__} has no {AR_MODULE_ATTR}: build the model "
+            "with model_config.enable_autoregressive: true (lmms_engine.models.builder.build_model) or call "
+            "model.attach_autoregressive_module({...}); or pass enable_autoregressive=False for plain SFT"
+        )
+    if not enable_autoregressive and module is not None:
+        count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        logger.warning("enable_autoregressive=False: removing the model's %s (%d trainable parameters); "
+                       "training plain SFT, checkpoints will not contain it", AR_MODULE_ATTR, count)
+        delattr(model, AR_MODULE_ATTR)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "enable_autoregressive"):
+            config.enable_autoregressive = False
+            config.autoregressive_config = None
+
+
+__all__ = ["AutoregressiveTrainer", "configure_autoregressive"]

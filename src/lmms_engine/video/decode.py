@@ -1,0 +1,437 @@
+"""Decoding sampled frames from a video file with PyAV, planned per keyframe interval.
+
+How a read works (``read_video``):
+
+1. Open the file and take its first video stream; FFmpeg's frame and slice threads are on.
+2. Index: one demux pass over the stream's packets (no decoding; cheap next to decoding) gives each
+   frame's pts, its packet's decode-order position and which packets are keyframes. Frame ``i`` is the
+   ``i``-th smallest pts (presentation order, the order the decoder outputs frames), so the index <->
+   pts map is exact with B-frames and with streams whose first pts is not 0. Timestamps are seconds
+   since the first frame. Packets FFmpeg marks as discarded (edit-list pre-roll) or corrupt are not
+   frames.
+3. Plan: each requested frame belongs to the last keyframe (in decode order) whose pts is <= its
+   own. Groups are read in order; the reader seeks to a group's keyframe only when that keyframe lies
+   ahead of the packets already fed, otherwise it keeps decoding forward.
+4. Decode: packets are fed to the decoder in order; packets of frames nobody asked for are decoded
+   with ``skip_frame="NONREF"`` for H.264/HEVC, so the decoder drops them when no other frame
+   references them (a reference frame is always decoded, so requested frames are bit-exact). Only the
+   requested frames are converted to RGB, resized inside FFmpeg's scaler (bilinear), once per size.
+
+Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start and frames are
+counted in output order.
+
+Broken inputs raise ``VideoReadError`` (a ``ValueError``) naming the path and the cause: a missing
+file, zero bytes, not a media file, no video stream, no decodable frame. A file cut short (truncated
+download) is read as the video it still holds: its frames are those whose packets are complete, and
+``total_frames``/``duration`` describe that part. A requested frame that is indexed but does not decode
+is left out of the result, with a warning: ``frame_indices`` names exactly the frames returned, and a
+frame is never repeated in place of one that failed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+
+from lmms_engine.video.sampling import SamplingSpec, sample_indices
+
+logger = logging.getLogger(__name__)
+
+# Codecs whose decoders honour skip_frame=NONREF by dropping only frames no other frame references.
+_NONREF_SKIP_CODECS = frozenset({"h264", "hevc"})
+# FFmpeg renders text files (.txt, .nfo, ...) as ANSI-art "video"; a text file is not a video.
+_TEXT_ART_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
+# After a seek the reader checks where the demuxer landed; this many earlier keyframes are tried when
+# it lands past the wanted one before falling back to the stream's start.
+_SEEK_RETRIES = 3
+
+
+class VideoReadError(ValueError):
+    """A video file cannot be read. ``.path`` is the file, ``.cause`` says why (also in the message)."""
+
+    def __init__(self, path: str | Path, cause: str) -> None:
+        self.path = str(path)
+        self.cause = str(cause)
+        super().__init__(f"cannot read video {self.path}: {self.cause}")
+
+    def __reduce__(self):  # DataLoader workers pickle exceptions; rebuild from (path, cause)
+        return type(self), (self.path, self.cause)
+
+
+@dataclass
+class DecodedVideo:
+    """Frames sampled from a video and where they came from.
+
+    Attributes:
+        frames: uint8 RGB ``[T, 3, H, W]``, or a list with one such tensor per scale factor.
+        frame_indices: ``T`` indices into the video's frames (0-based, presentation order, i.e. the
+            order the decoder outputs them); repeats only where the sampling asked for repeats.
+        timestamps: ``T`` seconds since the video's first frame, one per returned frame.
+        video_fps: the stream's average frame rate.
+        duration: seconds from the first frame to the end of the last one.
+        total_frames: frames in the video (decodable ones, for a file cut short).
+    """
+
+    frames: torch.Tensor | list[torch.Tensor]
+    frame_indices: list[int]
+    timestamps: list[float]
+    video_fps: float
+    duration: float
+    total_frames: int
+
+
+@dataclass
+class _Packet:
+    """One video packet of the index pass (frame packets only: not empty, corrupt or discarded)."""
+
+    pts: int | None
+    dts: int | None
+    decode_pos: int
+    is_keyframe: bool
+    duration: int
+
+
+@dataclass
+class FrameTable:
+    """The stream's frames from one demux pass (see the module docstring).
+
+    ``pts`` is None when the stream has no usable pts (missing or duplicated); frames are then counted
+    in output order and ``keyframe_of`` is empty.
+    """
+
+    pts: list[int] | None
+    timestamps: list[float]
+    fps: float
+    duration: float
+    decode_pos: dict[int, int]  # pts -> position of its packet in decode order (every packet with pts)
+    keyframe_of: list[int]  # per frame: decode position of the keyframe its decoding starts from
+    seek_ts: dict[int, tuple[int, int | None]]  # keyframe decode position -> (pts, dts)
+    keyframes: list[int]  # keyframe decode positions, ascending
+
+    @property
+    def total_frames(self) -> int:
+        return len(self.timestamps)
+
+
+def open_video(path: str | Path, num_threads: int = 0) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Open ``path`` and return ``(container, first video stream)`` with decoder threads set up.
+
+    ``num_threads``: decoder threads, 0 = FFmpeg's choice (one per core). Raises ``VideoReadError``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VideoReadError(path, "no such file")
+    if p.is_dir():
+        raise VideoReadError(path, "is a directory, not a video file")
+    if p.stat().st_size == 0:
+        raise VideoReadError(path, "the file is empty (0 bytes)")
+    try:
+        container = av.open(str(p), mode="r")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise VideoReadError(path, f"not a readable media file, or cut short before its index "
+                                    f"({type(err).__name__}: {err})") from err
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise VideoReadError(path, f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    if stream.codec_context.name in _TEXT_ART_CODECS:
+        container.close()
+        raise VideoReadError(path, f"not a video: FFmpeg reads it as text art (codec {stream.codec_context.name!r})")
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = num_threads
+    return container, stream
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    return None
+
+
+def build_frame_table(path: str | Path, container: av.container.InputContainer,
+                      stream: av.video.stream.VideoStream) -> FrameTable:
+    """Demux every packet of ``stream`` once (no decoding) and index its frames."""
+    packets: list[_Packet] = []
+    decode_pos: dict[int, int] = {}
+    position = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            if packet.pts is not None:
+                decode_pos.setdefault(packet.pts, position)
+            if not (packet.is_corrupt or packet.is_discard):
+                packets.append(_Packet(packet.pts, packet.dts, position, packet.is_keyframe, packet.duration or 0))
+            position += 1
+    except (av.error.FFmpegError, OSError) as err:
+        # A damaged tail: the packets read so far are the video this file still holds.
+        logger.warning("%s: demuxing stopped after %d packets (%s); using the frames before it",
+                       path, len(packets), err)
+    if not packets:
+        raise VideoReadError(path, "the video stream holds no frames (empty or truncated before the first frame)")
+    if not any(p.is_keyframe for p in packets):
+        raise VideoReadError(path, "the video stream holds no keyframe, so no frame can be decoded")
+
+    fps = _stream_fps(stream)
+    pts_list = [p.pts for p in packets]
+    if any(pts is None for pts in pts_list) or len(set(pts_list)) != len(pts_list):
+        if fps is None:
+            raise VideoReadError(path, "the video stream has neither timestamps nor a frame rate")
+        n = len(packets)
+        return FrameTable(None, [i / fps for i in range(n)], fps, n / fps, {}, [], {}, [])
+
+    order = sorted(range(len(packets)), key=lambda i: packets[i].pts)
+    frames = [packets[i] for i in order]
+    tb = stream.time_base or Fraction(1, 1)
+    first = frames[0].pts
+    timestamps = [float((f.pts - first) * tb) for f in frames]
+    if fps is None:
+        fps = (len(frames) - 1) / timestamps[-1] if len(frames) > 1 and timestamps[-1] > 0 else 1.0
+    last_duration = float(frames[-1].duration * tb) if frames[-1].duration > 0 else 1.0 / fps
+    duration = timestamps[-1] + last_duration
+
+    # Keyframes in decode order; a frame starts decoding at the last keyframe with pts <= its own
+    # (B-frames of an open GOP that precede their keyframe in time go with the keyframe before).
+    keys = [p for p in packets if p.is_keyframe]
+    seek_ts = {k.decode_pos: (k.pts, k.dts) for k in keys}
+    keyframe_of = []
+    # Walk frames in pts order, keeping the keyframes whose pts is <= the frame's pts (latest in decode
+    # order wins). Keyframe pts grow with decode order in practice; bisect over them in that order.
+    key_pts = [k.pts for k in keys]
+    monotonic = all(a < b for a, b in zip(key_pts, key_pts[1:]))
+    for f in frames:
+        if monotonic:
+            j = bisect.bisect_right(key_pts, f.pts) - 1
+        else:
+            j = max((i for i, kp in enumerate(key_pts) if kp <= f.pts), default=-1)
+        keyframe_of.append(keys[max(j, 0)].decode_pos)
+    return FrameTable([f.pts for f in frames], timestamps, fps, duration, decode_pos, keyframe_of,
+                      seek_ts, [k.decode_pos for k in keys])
+
+
+def output_sizes(native: tuple[int, int], target_size: tuple[int, int] | None,
+                 scale_factors: Sequence[float] | None) -> list[tuple[int, int]]:
+    """Output ``(H, W)`` per scale: ``round(s * base)`` per side (halves up, at least 1 pixel).
+
+    ``base`` is ``target_size`` when given, else the video's native size; no scale factors = one
+    output at ``base``.
+    """
+    base = native if target_size is None else target_size
+    if scale_factors is None:
+        return [tuple(base)]
+    return [(max(1, math.floor(s * base[0] + 0.5)), max(1, math.floor(s * base[1] + 0.5))) for s in scale_factors]
+
+
+class _Converter:
+    """Converts kept frames to RGB at each output size into preallocated ``[N, H, W, 3]`` arrays."""
+
+    def __init__(self, sizes: list[tuple[int, int]], count: int) -> None:
+        self.sizes = sizes
+        self.arrays = [np.empty((count, h, w, 3), dtype=np.uint8) for h, w in sizes]
+        # One reformatter per size keeps FFmpeg's scaler set up between frames.
+        self.reformatters = [av.video.reformatter.VideoReformatter() for _ in sizes]
+
+    def __call__(self, frame: av.VideoFrame, slot: int) -> None:
+        for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
+            rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24")
+            array[slot] = rgb.to_ndarray()
+
+
+class _Reader:
+    """Decodes the requested frames of one open stream (steps 3 and 4 of the module docstring)."""
+
+    def __init__(self, path: str | Path, container: av.container.InputContainer,
+                 stream: av.video.stream.VideoStream, table: FrameTable) -> None:
+        self.path, self.container, self.stream, self.table = path, container, stream, table
+        self.codec = stream.codec_context
+        self.can_skip = self.codec.name in _NONREF_SKIP_CODECS
+
+    def read(self, wanted: list[int], convert: _Converter) -> list[int]:
+        """Decode the sorted unique frame indices ``wanted`` into ``convert`` slots; return those done."""
+        if self.table.pts is None:
+            return self._read_sequential(wanted, convert)
+        table = self.table
+        self._slot_of = {table.pts[i]: slot for slot, i in enumerate(wanted)}
+        self._remaining = set(self._slot_of)
+        self._convert = convert
+        self._done: list[int] = []
+        groups: dict[int, list[int]] = {}
+        for i in wanted:
+            groups.setdefault(table.keyframe_of[i], []).append(table.pts[i])
+
+        packets: Iterator[av.Packet] | None = None
+        read_pos = -1  # decode position of the last packet fed
+        for key in sorted(groups):
+            group = [p for p in groups[key] if p in self._remaining]
+            if not group:
+                continue
+            # The decoder is flushed between groups, so it may only go on without a seek when the next
+            # packet is this group's keyframe; any other gap is skipped by seeking.
+            if packets is None or key != read_pos + 1:
+                packets = self._seek(key)
+            last = max(table.decode_pos[p] for p in group)
+            while read_pos < last:
+                packet = next(packets, None)
+                if packet is None:  # end of stream (a file cut short)
+                    break
+                if packet.size == 0:
+                    continue
+                if packet.pts is not None:
+                    read_pos = table.decode_pos.get(packet.pts, read_pos)
+                self._feed(packet)
+            # Every packet of the group's frames is in: drain the decoder rather than feeding packets
+            # nobody asked for just to push the last frames through its reordering and thread delay.
+            self._feed(None)
+            self.codec.flush_buffers()
+            if packet is None:
+                break
+        if self._remaining:
+            missing = sorted(table.pts.index(p) for p in self._remaining)
+            logger.warning("%s: frames %s are indexed but did not decode; they are left out", self.path, missing)
+        return self._done
+
+    def _feed(self, packet: av.Packet | None) -> None:
+        """Decode one packet (None = drain) and convert the requested frames that come out."""
+        if self.can_skip and packet is not None:
+            skip = "DEFAULT" if packet.pts in self._remaining else "NONREF"
+            if self.codec.skip_frame != skip:
+                self.codec.skip_frame = skip
+        try:
+            frames = self.codec.decode(packet)
+        except av.error.FFmpegError as err:  # one damaged packet: the frames it holds are missing
+            logger.debug("%s: decoding error %s", self.path, err)
+            return
+        for frame in frames:
+            if frame.pts in self._remaining:
+                self._remaining.discard(frame.pts)
+                slot = self._slot_of[frame.pts]
+                self._convert(frame, slot)
+                self._done.append(slot)
+
+    def _seek(self, key: int) -> Iterator[av.Packet]:
+        """Seek so that demuxing resumes at keyframe ``key`` (or earlier); return the packet iterator.
+
+        Demuxers differ in whether a seek timestamp is compared with pts or dts, so the keyframe's pts
+        is tried first and the packet it lands on is checked; landing past the keyframe retries with
+        its dts, then with earlier keyframes, then decodes from the start.
+        """
+        table = self.table
+        earlier = [k for k in table.keyframes if k < key][::-1][:_SEEK_RETRIES]
+        tries = [ts for ts in table.seek_ts[key] if ts is not None]
+        tries += [table.seek_ts[k][0] for k in earlier]
+        for ts in tries:
+            self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
+            packets = self.container.demux(self.stream)
+            first = next(packets, None)
+            while first is not None and first.size == 0:
+                first = next(packets, None)
+            if first is None:
+                continue
+            landed = table.decode_pos.get(first.pts) if first.pts is not None else None
+            if landed is None or landed <= key:
+                logger.debug("%s: seek to keyframe %d landed at packet %s", self.path, key, landed)
+                return _chain(first, packets)
+        logger.warning("%s: seeking to keyframe %d failed; decoding from the start", self.path, key)
+        self.container.seek(table.seek_ts[table.keyframes[0]][0] - 1, stream=self.stream, backward=True)
+        return self.container.demux(self.stream)
+
+    def _read_sequential(self, wanted: list[int], convert: _Converter) -> list[int]:
+        """No usable pts: decode from the start (a freshly opened container), counting output frames."""
+        slot_of = {i: slot for slot, i in enumerate(wanted)}
+        done: list[int] = []
+        last = wanted[-1]
+        count = 0
+        for packet in self.container.demux(self.stream):
+            try:
+                frames = self.codec.decode(packet if packet.size else None)
+            except av.error.FFmpegError as err:
+                logger.debug("%s: decoding error %s", self.path, err)
+                continue
+            for frame in frames:
+                if count in slot_of:
+                    convert(frame, slot_of[count])
+                    done.append(slot_of[count])
+                count += 1
+            if count > last:
+                break
+        if len(done) < len(wanted):
+            got = {wanted[s] for s in done}
+            logger.warning("%s: frames %s did not decode; they are left out", self.path,
+                           [i for i in wanted if i not in got])
+        return done
+
+
+def _chain(first: av.Packet, rest: Iterator[av.Packet]) -> Iterator[av.Packet]:
+    yield first
+    yield from rest
+
+
+def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
+               target_size: tuple[int, int] | None = None, scale_factors: Sequence[float] | None = None,
+               num_threads: int = 0) -> DecodedVideo:
+    """Decode the frames of ``path`` chosen by ``select`` (see the module docstring).
+
+    Args:
+        path: a video file.
+        select: a ``SamplingSpec`` (rules in ``lmms_engine.video.sampling``), or explicit frame indices
+            (0-based, presentation order, any order, repeats allowed; each must be < the frame count).
+        target_size: ``(H, W)`` to resize to inside FFmpeg (aspect ratio not kept); None = the stream's
+            coded size.
+        scale_factors: None = one ``[T, 3, H, W]`` tensor; else a list with one tensor per factor, at
+            ``output_sizes(native, target_size, scale_factors)``, all from one decode pass.
+        num_threads: decoder threads, 0 = FFmpeg's choice.
+
+    Returns:
+        ``DecodedVideo``; ``frames`` uint8 RGB ``[T, 3, H, W]`` (or a list of them).
+    """
+    container, stream = open_video(path, num_threads)
+    try:
+        table = build_frame_table(path, container, stream)
+        if table.pts is None:  # no timestamps to seek by (raw streams often cannot seek): read afresh
+            container.close()
+            container, stream = open_video(path, num_threads)
+        if isinstance(select, SamplingSpec):
+            indices = sample_indices(table.timestamps, select)
+        else:
+            indices = [int(i) for i in select]
+            bad = [i for i in indices if not 0 <= i < table.total_frames]
+            if bad or not indices:
+                raise ValueError(f"{path}: frame indices must be in [0, {table.total_frames}), got "
+                                 f"{bad[:5] if bad else 'none'}")
+        wanted = sorted(set(indices))
+        codec = stream.codec_context
+        sizes = output_sizes((codec.height, codec.width), target_size, scale_factors)
+        convert = _Converter(sizes, len(wanted))
+        try:
+            done = _Reader(path, container, stream, table).read(wanted, convert)
+        except (av.error.FFmpegError, OSError) as err:
+            raise VideoReadError(path, f"decoding failed ({type(err).__name__}: {err})") from err
+    finally:
+        container.close()
+    if not done:
+        raise VideoReadError(path, f"none of the {len(wanted)} requested frames could be decoded")
+    good = set(done)
+    slot_of = {i: slot for slot, i in enumerate(wanted)}
+    kept = [i for i in indices if slot_of[i] in good]
+    rows = np.array([slot_of[i] for i in kept], dtype=np.int64)
+    # numpy for the gather + channels-first copy: small copies through torch's thread pool cost more.
+    tensors = [torch.from_numpy(np.ascontiguousarray(array[rows].transpose(0, 3, 1, 2))) for array in convert.arrays]
+    return DecodedVideo(
+        frames=tensors if scale_factors is not None else tensors[0],
+        frame_indices=kept,
+        timestamps=[table.timestamps[i] for i in kept],
+        video_fps=table.fps,
+        duration=table.duration,
+        total_frames=table.total_frames,
+    )
