@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,8 @@ def tiny_comparison(repeats: int) -> dict:
     config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**TINY_VISION).to_dict(),
                                   text_config=Qwen2Config(**TINY_TEXT).to_dict(),
                                   vision_feature_select_strategy="full", video_token_index=299, image_token_index=298)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: thread hand-offs would dominate, more so on a shared machine
     model = LlavaOnevisionForConditionalGeneration(config)
     frames, per_frame = 8, 16  # 8x8 patches, bilinear stride 2 -> 4x4
     video = frames * per_frame + 1
@@ -185,12 +188,14 @@ def tiny_comparison(repeats: int) -> dict:
     module = create_autoregressive_reconstruction_module(tower, 64, {**LLAVA_POOLING, "embedding_dim": 64})
     hidden = torch.randn(2, frames * per_frame, 64, requires_grad=True)
     features = torch.randn(2, frames, 64, 64)
-    return {
+    result = {
         "model_s": statistics.median(timed(model_step, repeats=max(20, 5 * repeats), warmup=3)),
         "module_s": statistics.median(timed(lambda: step(module, hidden, features), repeats=max(20, 5 * repeats),
                                             warmup=3)),
         "module_flops": count_flops(lambda: step(module, hidden, features)),
     }
+    torch.set_num_threads(threads)
+    return result
 
 
 def state_bytes(module) -> tuple[int, int, int]:
@@ -211,6 +216,7 @@ def main() -> None:
         print(json.dumps(probe(args.probe)))
         return
 
+    load_start = os.getloadavg()[0]
     rows = []
     for window in ("all", "random"):
         module, hidden, features = realistic(window)
@@ -235,11 +241,14 @@ def main() -> None:
         module = create_autoregressive_reconstruction_module(tower, HIDDEN, {**LLAVA_POOLING, "target_encoder": mode})
         encoders[mode] = (*state_bytes(module), run_probe(f"create-{mode}"))
     tower_params = sum(p.numel() for p in so400m().parameters())
+    load_end = os.getloadavg()[0]
 
     lines = [
         "## Autoregressive reconstruction overhead (`benchmarks/autoregressive_overhead.py`)",
         "",
-        machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}.",
+        machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}; 1-minute load "
+        f"average {load_start:.1f} at the start, {load_end:.1f} at the end (other work on the machine slows "
+        "every timing here alike; the peer ratios hold better than absolute times).",
         "",
         f"Module at LLM hidden {HIDDEN}, {FRAMES} frames x {TOKENS} tokens (SigLIP-so400m 27x27 grid, bilinear "
         "stride 2), embedding 1152, batch 1, default predictor (3 layers, 8 heads, num_hist 3), frame-causal mask, "
@@ -270,7 +279,7 @@ def main() -> None:
         f"{all_row[4] / vision:.1%} | {random_row[4] / vision:.1%} |",
         "",
         f"Tiny model (LLaVA-OneVision from the tiny test config: SigLIP 64/2 layers, Qwen2 64/2 layers), 2 videos x "
-        f"8 frames x 16 tokens: a full forward+backward step takes {tiny['model_s'] * 1e3:.1f} ms (median); the "
+        f"8 frames x 16 tokens, one thread: a full forward+backward step takes {tiny['model_s'] * 1e3:.1f} ms (median); the "
         f"module at that shape (hidden 64, embedding 64, default predictor, `all`) takes "
         f"{tiny['module_s'] * 1e3:.1f} ms "
         f"({tiny['module_flops'] / 1e6:.0f} MFLOP), {tiny['module_s'] / tiny['model_s']:.0%} of the model step.",

@@ -71,6 +71,23 @@ def make_clip(path: str | Path, num_frames: int, fps: float = 25.0, keyframe_int
                        keyframe_interval=keyframe_interval, crf=crf)
 
 
+def make_open_gop_clip(path: str | Path, num_frames: int, keyframe_interval: int = 12, fps: int = 25) -> Path:
+    """A coded 64x48 clip with open GOPs: B-frames after each (non-IDR) keyframe show before it and
+    reference the previous interval. ``write_video`` has no x264 parameters, hence this encoder."""
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "23", "g": str(keyframe_interval), "keyint_min": str(keyframe_interval),
+                          "sc_threshold": "0", "x264-params": "open-gop=1:bframes=3"}
+        for frame in coded_frames(num_frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def remux_with_offset(src: str | Path, dst: str | Path, offset_seconds: float) -> Path:
     """Copy the video stream of ``src`` into ``dst`` with every timestamp shifted by ``offset_seconds``."""
     dst = Path(dst)

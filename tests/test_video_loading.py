@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from clips import make_clip, packet_timeline, read_indices, remux_with_offset, write_audio_only
+from clips import (make_clip, make_open_gop_clip, packet_timeline, read_indices, remux_with_offset,
+                   write_audio_only)
 from lmms_engine.models.video_frame_utils import MultiScaleVideoFrameLoader, VideoReadError
 from lmms_engine.video.decode import DecodedVideo, read_video
 
@@ -34,6 +35,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         "short": make_clip(d / "short.mp4", 5, fps=5),
         "mkv": make_clip(d / "gop12.mkv", 120, fps=24, keyframe_interval=12, size=(64, 96)),
         "raw": make_clip(d / "raw.h264", 50, fps=25, keyframe_interval=20),
+        "open_gop": make_open_gop_clip(d / "open_gop.mkv", 60, keyframe_interval=12),
     }
     c["offset_mkv"] = remux_with_offset(c["gop12"], d / "offset.mkv", 1.5)
     c["offset_mp4"] = remux_with_offset(c["gop12"], d / "offset.mp4", 2.25)
@@ -76,7 +78,7 @@ def test_clips_exercise_b_frames_and_shifted_timestamps(clips):
     assert min(shifted) > 0
 
 
-@pytest.mark.parametrize("name", ["sparse", "mkv", "offset_mp4", "raw", "odd"])
+@pytest.mark.parametrize("name", ["sparse", "mkv", "offset_mp4", "raw", "odd", "open_gop"])
 def test_every_frame_comes_back_in_order(clips, loader, name):
     video = loader.load_video(clips[name], max_frames=1000)
     assert_frames(video, list(range(video.total_frames)))
@@ -167,16 +169,28 @@ def test_argument_errors(clips, loader):
 
 # --- decoding plan: seeks, keyframe intervals, containers -------------------------------------------------
 
-@pytest.mark.parametrize("name", ["sparse", "gop12", "intra", "mkv", "offset_mp4"])
+@pytest.mark.parametrize("name", ["sparse", "gop12", "intra", "mkv", "offset_mp4", "open_gop"])
 def test_arbitrary_index_sets_decode_exactly(clips, name):
-    """Random targets (any order, repeats) across sparse, dense and all-intra keyframe layouts."""
+    """Random targets (any order, repeats) across sparse, dense, all-intra and open-GOP layouts."""
     rng = random.Random(name)
-    n = {"sparse": 150, "intra": 60}.get(name, 120)
+    n = {"sparse": 150, "intra": 60, "open_gop": 60}.get(name, 120)
     for _ in range(6):
         indices = [rng.randrange(n) for _ in range(rng.randint(1, 12))]
         video = read_video(clips[name], indices)
         assert video.frame_indices == indices
         assert read_indices(video.frames) == indices
+
+
+def test_open_gop_leading_frames(clips):
+    """Keyframe 12 of an open GOP is decoded before frames 9-11, which reference the interval before."""
+    decode_order, _ = packet_timeline(clips["open_gop"])
+    first_pts = decode_order[0]
+    step = sorted(decode_order)[1] - first_pts
+    position_of_12 = decode_order.index(first_pts + 12 * step)
+    assert any(p < first_pts + 12 * step for p in decode_order[position_of_12 + 1:])  # leading B-frames
+    for indices in ([10], [9, 10, 11], [11, 12], [12, 13, 10]):
+        video = read_video(clips["open_gop"], indices)
+        assert video.frame_indices == indices and read_indices(video.frames) == indices
 
 
 @pytest.mark.parametrize("num_threads", [1, 3])

@@ -339,13 +339,23 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
             f"model_config.enable_autoregressive is true; use trainer_type: autoregressive_trainer, or set "
             f"enable_autoregressive: false"
         )
+    if TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive is None \
+            and model_config.autoregressive_config is None and model_config.model_name_or_path is None:
+        raise ConfigError(
+            f"{where}: trainer_type autoregressive_trainer but model_config neither enables the autoregressive "
+            f"module nor configures it; set model_config.enable_autoregressive: true (and an "
+            f"autoregressive_config), or use trainer_type: sft"
+        )
     dataset_config = _check_dataset(raw.get("dataset_config"), f"{where}.dataset_config", generated)
     args = {key: value for key, value in raw.items() if key not in TRAINER_KEYS}
     resume = _check_resume(args.pop(RESUME_KEY, None), f"{where}.{RESUME_KEY}")
-    from lmms_engine.train.arguments import TrainingArguments
+    from lmms_engine.train.arguments import TrainingArguments, has_accelerator
 
     # Types (from the dataclass fields) and transformers' own consistency checks, before any model.
     from_mapping(TrainingArguments, args, where)
+    if args.get("fsdp") and not has_accelerator():
+        raise ConfigError(f"{where}.fsdp: FSDP through the Trainer needs GPUs (accelerate does not enable it for "
+                          f"CPU processes, which would silently train with DDP); remove fsdp/fsdp_config here")
     return TrainerBlockConfig(trainer_type, model_config, dataset_config, args, resume, where)
 
 

@@ -15,6 +15,8 @@ this class adds:
   ``False`` trains plain SFT through the same code path: a model built with the module has it removed
   before the optimiser and the DDP wrapper are created (warning logged), so the run has no
   autoregressive parameters, no autoregressive compute, and its checkpoints hold none.
+- **FSDP** comes from transformers/accelerate (``fsdp`` / ``fsdp_config``); accelerate enables it only
+  on accelerators, so on CPU processes a requested ``fsdp`` is an error instead of a silent DDP run.
 - **Atomic checkpoints** (:mod:`lmms_engine.train.checkpointing`): ``checkpoint-N`` appears only once
   complete; ``resume_from_checkpoint`` continues with HF's exact step, LR-schedule, RNG and data-order
   restore.
@@ -59,7 +61,9 @@ class AutoregressiveTrainer(Trainer):
     """transformers' ``Trainer`` that logs the loss components and saves checkpoints atomically.
 
     Args:
-        model, args, and every other positional / keyword argument: as ``transformers.Trainer``.
+        model, args, and every other positional / keyword argument: as ``transformers.Trainer``. With a
+            :class:`~lmms_engine.data.dataset.VideoSFTDataset` as ``train_dataset`` (by keyword), the
+            ``data_collator`` and ``processing_class`` default to its collator and tokenizer.
         enable_autoregressive: train with the model's autoregressive loss (the model must have
             ``autoregressive_module``); ``False`` removes that module and trains plain SFT.
         plot_loss: draw ``output_dir/loss_curve.png`` at the end of training.
@@ -85,7 +89,17 @@ class AutoregressiveTrainer(Trainer):
         self._eval_window = LossWindow()
         self._staging_run_dir: str | None = None
         self._eval_prefix: str | None = None
+        if not trainer_args:  # everything after args passed by keyword (as the guide does)
+            _default_data_arguments(trainer_kwargs)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.args.fsdp and not (self.is_fsdp_enabled or self.is_fsdp_xla_enabled):
+            # accelerate enables FSDP only for accelerator backends (multi-GPU/XPU/NPU/...); on CPU
+            # processes it would silently train plain DDP instead.
+            raise ValueError(
+                f"fsdp={self.args.fsdp!r} was requested but accelerate did not enable FSDP on "
+                f"{self.args.device.type!r} ({self.accelerator.distributed_type}); FSDP through the Trainer "
+                "needs GPUs (or another accelerator): remove fsdp/fsdp_config to train with DDP"
+            )
         if log_file:
             self.add_callback(JsonlLogCallback(log_file))
         if plot_loss:
@@ -247,6 +261,23 @@ class AutoregressiveTrainer(Trainer):
 
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _default_data_arguments(kwargs: dict[str, Any]) -> None:
+    """For a :class:`~lmms_engine.data.dataset.VideoSFTDataset` without an explicit collator or
+    tokenizer: its collator (HF's default one cannot pad) and its tokenizer (saved with the model)."""
+    dataset = kwargs.get("train_dataset")
+    if dataset is None or not hasattr(dataset, "bad_record_report"):
+        return
+    from lmms_engine.data.collator import build_collator
+    from lmms_engine.data.dataset import VideoSFTDataset
+
+    if not isinstance(dataset, VideoSFTDataset):
+        return
+    if kwargs.get("data_collator") is None:
+        kwargs["data_collator"] = build_collator(dataset.config, dataset.tokenizer)
+    if kwargs.get("processing_class") is None:
+        kwargs["processing_class"] = dataset.tokenizer
 
 
 def configure_autoregressive(model: nn.Module, enable_autoregressive: bool) -> None:

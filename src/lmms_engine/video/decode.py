@@ -10,15 +10,17 @@ How a read works (``read_video``):
    since the first frame. Packets FFmpeg marks as discarded (edit-list pre-roll) or corrupt are not
    frames.
 3. Plan: each requested frame belongs to the last keyframe (in decode order) whose pts is <= its
-   own. Groups are read in order; the reader seeks to a group's keyframe only when that keyframe lies
-   ahead of the packets already fed, otherwise it keeps decoding forward.
-4. Decode: packets are fed to the decoder in order; packets of frames nobody asked for are decoded
-   with ``skip_frame="NONREF"`` for H.264/HEVC, so the decoder drops them when no other frame
-   references them (a reference frame is always decoded, so requested frames are bit-exact). Only the
-   requested frames are converted to RGB, resized inside FFmpeg's scaler (bilinear), once per size.
+   own (its keyframe interval, or GOP). Groups are read in order: one seek to the group's keyframe
+   (none when it is the very next packet), packets fed up to the group's last requested frame, then
+   the decoder is drained and flushed, so no packet past it is decoded just to push frames through
+   the decoder's reordering and thread delay.
+4. Decode: packets of frames nobody asked for are decoded with ``skip_frame="NONREF"`` for
+   H.264/HEVC, so the decoder drops them when no other frame references them (reference frames are
+   always decoded, so requested frames are bit-exact). Only the requested frames are converted to
+   RGB, resized inside FFmpeg's scaler (bilinear), once per output size.
 
-Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start and frames are
-counted in output order.
+Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
+in output order; a decoding error there ends the read (later frames could not be told apart).
 
 Broken inputs raise ``VideoReadError`` (a ``ValueError``) naming the path and the cause: a missing
 file, zero bytes, not a media file, no video stream, no decodable frame. A file cut short (truncated
@@ -139,11 +141,13 @@ def open_video(path: str | Path, num_threads: int = 0) -> tuple[av.container.Inp
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoReadError(path, f"not a readable media file, or cut short before its index "
                                     f"({type(err).__name__}: {err})") from err
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
+    # Cover art of an audio file is a one-picture "video" stream flagged attached_pic: not a video.
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        kinds = sorted({s.type + (" (cover art)" if s.type == "video" else "") for s in container.streams})
         container.close()
-        raise VideoReadError(path, f"no video stream (streams: {', '.join(kinds)})")
-    stream = container.streams.video[0]
+        raise VideoReadError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    stream = videos[0]
     if stream.codec_context.name in _TEXT_ART_CODECS:
         container.close()
         raise VideoReadError(path, f"not a video: FFmpeg reads it as text art (codec {stream.codec_context.name!r})")
@@ -280,29 +284,56 @@ class _Reader:
             # packet is this group's keyframe; any other gap is skipped by seeking.
             if packets is None or key != read_pos + 1:
                 packets = self._seek(key)
-            last = max(table.decode_pos[p] for p in group)
-            while read_pos < last:
-                packet = next(packets, None)
-                if packet is None:  # end of stream (a file cut short)
-                    break
-                if packet.size == 0:
-                    continue
-                if packet.pts is not None:
-                    read_pos = table.decode_pos.get(packet.pts, read_pos)
-                self._feed(packet)
-            # Every packet of the group's frames is in: drain the decoder rather than feeding packets
-            # nobody asked for just to push the last frames through its reordering and thread delay.
-            self._feed(None)
-            self.codec.flush_buffers()
-            if packet is None:
+            read_pos, at_end = self._decode_group(packets, max(table.decode_pos[p] for p in group), read_pos)
+            if any(p in self._remaining for p in group):
+                # A damaged packet's error, reported late by a frame thread, cuts the drain short (PyAV
+                # returns the frames before it without raising) and strands decodable frames in the
+                # decoder: decode the group again, pushing frames out with the packets that follow.
+                self._push_group(self._seek(key), group)
+                read_pos = -2  # the next group seeks
+            if at_end:
                 break
         if self._remaining:
             missing = sorted(table.pts.index(p) for p in self._remaining)
             logger.warning("%s: frames %s are indexed but did not decode; they are left out", self.path, missing)
         return self._done
 
-    def _feed(self, packet: av.Packet | None) -> None:
-        """Decode one packet (None = drain) and convert the requested frames that come out."""
+    def _decode_group(self, packets: Iterator[av.Packet], last: int, read_pos: int) -> tuple[int, bool]:
+        """Feed packets up to decode position ``last``, then drain and flush the decoder.
+
+        Draining (rather than feeding packets nobody asked for until the decoder's reordering and
+        thread delay release the last requested frames) decodes nothing beyond the group's last frame.
+        Returns ``(decode position of the last packet fed, whether the stream ended)``.
+        """
+        at_end = False
+        while read_pos < last:
+            packet = next(packets, None)
+            if packet is None:  # end of stream (a file cut short)
+                at_end = True
+                break
+            if packet.size == 0:
+                continue
+            if packet.pts is not None:
+                read_pos = self.table.decode_pos.get(packet.pts, read_pos)
+            self._feed(packet)
+        self._feed(None)
+        self.codec.flush_buffers()
+        return read_pos, at_end
+
+    def _push_group(self, packets: Iterator[av.Packet], group: list[int]) -> None:
+        """Feed packets until each of ``group``'s pts came out or a later frame did (no drain)."""
+        latest = -math.inf
+        while any(p in self._remaining and p > latest for p in group):
+            packet = next(packets, None)
+            if packet is None:
+                self._feed(None)
+                break
+            if packet.size:
+                latest = max(latest, self._feed(packet))
+        self.codec.flush_buffers()
+
+    def _feed(self, packet: av.Packet | None) -> float:
+        """Decode one packet (None = drain), convert the requested frames out; return the max pts out."""
         if self.can_skip and packet is not None:
             skip = "DEFAULT" if packet.pts in self._remaining else "NONREF"
             if self.codec.skip_frame != skip:
@@ -311,13 +342,18 @@ class _Reader:
             frames = self.codec.decode(packet)
         except av.error.FFmpegError as err:  # one damaged packet: the frames it holds are missing
             logger.debug("%s: decoding error %s", self.path, err)
-            return
+            return -math.inf
+        latest = -math.inf
         for frame in frames:
+            if frame.pts is None:
+                continue
+            latest = max(latest, frame.pts)
             if frame.pts in self._remaining:
                 self._remaining.discard(frame.pts)
                 slot = self._slot_of[frame.pts]
                 self._convert(frame, slot)
                 self._done.append(slot)
+        return latest
 
     def _seek(self, key: int) -> Iterator[av.Packet]:
         """Seek so that demuxing resumes at keyframe ``key`` (or earlier); return the packet iterator.
@@ -355,9 +391,9 @@ class _Reader:
         for packet in self.container.demux(self.stream):
             try:
                 frames = self.codec.decode(packet if packet.size else None)
-            except av.error.FFmpegError as err:
-                logger.debug("%s: decoding error %s", self.path, err)
-                continue
+            except av.error.FFmpegError as err:  # a lost frame would shift every later count
+                logger.warning("%s: decoding error %s; frames after frame %d are not read", self.path, err, count)
+                break
             for frame in frames:
                 if count in slot_of:
                     convert(frame, slot_of[count])
@@ -401,6 +437,8 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
         if table.pts is None:  # no timestamps to seek by (raw streams often cannot seek): read afresh
             container.close()
             container, stream = open_video(path, num_threads)
+            # Frames are identified by counting: slice threads only, so an error shows at its packet.
+            stream.thread_type = "SLICE"
         if isinstance(select, SamplingSpec):
             indices = sample_indices(table.timestamps, select)
         else:

@@ -97,7 +97,11 @@ def fps_candidates(timestamps: Sequence[float], frames: range, fps: float) -> li
         index = bisect.bisect_right(timestamps, t + _EPS, frames.start, frames.stop) - 1
         if not chosen or index != chosen[-1]:
             chosen.append(index)
-        j += 1
+        if index + 1 >= frames.stop:
+            break
+        # Skip the sample times that still fall on this frame (fps far above the video's rate would
+        # otherwise loop once per sample); one step short of the estimate absorbs float rounding.
+        j = max(j + 1, math.ceil((timestamps[index + 1] - _EPS - t0) * fps) - 1)
     return chosen
 
 

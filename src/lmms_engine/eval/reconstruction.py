@@ -1,0 +1,238 @@
+"""Reconstruction quality of the autoregressive predictor on held-out videos, per frame offset.
+
+What is measured (the training loss's quantities, split by how much history the prediction had):
+for a video whose frames the LLM saw, the predictor reads the LLM's final hidden states at the video
+tokens of frames ``s .. s+k-1`` and predicts the frozen vision encoder's embeddings of frame ``s+k``,
+pooled like that frame's video tokens. The **frame offset** ``k`` (1 .. ``num_hist``) is the number
+of history frames. For every ``k`` and every start ``s`` whose ``k + 1`` frames are all present, the
+prediction of the last window position is compared with the target:
+
+- ``mse``: mean squared error over the target elements (tokens x embedding_dim) of all such windows;
+- ``copy_last_mse``: the same for the copy-last-frame baseline (predict frame ``s+k`` = frame
+  ``s+k-1``'s target);
+- ``ratio`` = ``mse / copy_last_mse`` (< 1: the predictor beats copying the last frame).
+
+Feeding exactly ``k`` frames and reading the last position is valid with the frame-causal mask on or
+off: with the mask that position equals position ``k-1`` of any longer window (it sees the same
+frames and position embeddings); without it, longer windows would let early positions see their own
+target. Note that a predictor trained without the mask is supervised only at offset ``num_hist``.
+With ``use_fast_slow_frames`` each stream (fast, slow) is measured on its own frame sequence and the
+offsets are pooled over streams (``by_stream`` keeps them apart).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from lmms_engine.video.pooling import spatial_pool
+
+PredictFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class OffsetSums:
+    """Running sums for one frame offset: squared errors of the predictor and of copy-last, the
+    number of target elements and of windows."""
+
+    sq_error: float = 0.0
+    copy_last_sq_error: float = 0.0
+    elements: int = 0
+    windows: int = 0
+
+    def add(self, other: "OffsetSums") -> None:
+        self.sq_error += other.sq_error
+        self.copy_last_sq_error += other.copy_last_sq_error
+        self.elements += other.elements
+        self.windows += other.windows
+
+    def to_dict(self) -> dict[str, Any]:
+        mse = self.sq_error / self.elements if self.elements else None
+        base = self.copy_last_sq_error / self.elements if self.elements else None
+        ratio = mse / base if mse is not None and base else None
+        return {"mse": mse, "copy_last_mse": base, "ratio": ratio, "windows": self.windows,
+                "elements": self.elements}
+
+
+def next_frame_errors(
+    predict: PredictFn,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    max_offset: int,
+) -> dict[int, OffsetSums]:
+    """Per-offset error sums of one batch of frame sequences.
+
+    Args:
+        predict: maps ``[N, k, P, D]`` predictor inputs of ``k`` frames to ``[N, k, P, E]`` predictions
+            (position ``f`` predicts frame ``f + 1``); only the last position is read.
+        tokens: ``[B, K, P, D]`` predictor inputs per frame.
+        targets: ``[B, K, P, E]`` target embeddings per frame.
+        valid: bool ``[B, K]``: frames present (a window needs all its frames).
+        max_offset: largest offset ``k`` (``num_hist``).
+
+    Returns:
+        ``{k: OffsetSums}`` for ``k = 1 .. max_offset`` (zero sums where no window fits).
+    """
+    if tokens.shape[:3] != targets.shape[:3] or valid.shape != tokens.shape[:2]:
+        raise ValueError(f"tokens {tuple(tokens.shape)}, targets {tuple(targets.shape)} and valid "
+                         f"{tuple(valid.shape)} must agree on [B, K, P] / [B, K]")
+    num_frames = tokens.shape[1]
+    out: dict[int, OffsetSums] = {}
+    for k in range(1, max_offset + 1):
+        sums = OffsetSums()
+        out[k] = sums
+        if num_frames < k + 1:
+            continue
+        ok = valid.bool().unfold(1, k + 1, 1).all(-1)  # [B, K - k]: window s..s+k complete
+        rows, starts = ok.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        frame_idx = starts[:, None] + torch.arange(k, device=starts.device)
+        pred = predict(tokens[rows[:, None], frame_idx])[:, -1].float()
+        target = targets[rows, starts + k].float()
+        previous = targets[rows, starts + k - 1].float()
+        sums.sq_error = float((pred - target).pow(2).sum())
+        sums.copy_last_sq_error = float((previous - target).pow(2).sum())
+        sums.elements = target.numel()
+        sums.windows = int(rows.numel())
+    return out
+
+
+class ReconstructionAccumulator:
+    """Sums per (stream, offset) over batches; :meth:`summary` gives the report dict."""
+
+    def __init__(self, module: nn.Module) -> None:
+        cfg = module.config
+        self.num_hist = int(cfg.num_hist)
+        self.info = {
+            "num_hist": self.num_hist,
+            "use_frame_causal_mask": bool(cfg.use_frame_causal_mask),
+            "loss_weight": float(cfg.loss_weight),
+            "target_encoder": getattr(module, "target_encoder_mode", None),
+            "use_fast_slow_frames": bool(cfg.use_fast_slow_frames),
+        }
+        self.sums: dict[str, dict[int, OffsetSums]] = {}
+        self.videos = 0
+
+    def add_batch(self, results: Mapping[str, Mapping[int, OffsetSums]], num_videos: int) -> None:
+        """Add one batch's :func:`batch_reconstruction_errors` output covering ``num_videos`` videos."""
+        self.videos += num_videos
+        for stream, per_offset in results.items():
+            table = self.sums.setdefault(stream, {k: OffsetSums() for k in range(1, self.num_hist + 1)})
+            for k, sums in per_offset.items():
+                table[k].add(sums)
+
+    def summary(self) -> dict[str, Any]:
+        """``by_offset`` (pooled over streams), ``full_history`` (offset ``num_hist``), ``all_offsets``
+        (every window of every offset pooled) and, with several streams, ``by_stream``."""
+        pooled = {k: OffsetSums() for k in range(1, self.num_hist + 1)}
+        for table in self.sums.values():
+            for k, sums in table.items():
+                pooled[k].add(sums)
+        total = OffsetSums()
+        for sums in pooled.values():
+            total.add(sums)
+        by_offset = [{"offset": k, **pooled[k].to_dict()} for k in sorted(pooled)]
+        result: dict[str, Any] = {
+            **self.info,
+            "num_videos": self.videos,
+            "by_offset": by_offset,
+            "full_history": by_offset[-1],
+            "all_offsets": total.to_dict(),
+        }
+        if len(self.sums) > 1:
+            result["by_stream"] = {name: [{"offset": k, **t[k].to_dict()} for k in sorted(t)]
+                                   for name, t in self.sums.items()}
+        return result
+
+
+@contextmanager
+def _capture_last_hidden(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the language model's final (normed) hidden states ``[B, L, hidden]`` during a forward:
+    the tensor the autoregressive loss reads, without keeping every layer's states."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        store["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = model.model.language_model.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def batch_reconstruction_errors(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    module: nn.Module | None = None,
+) -> dict[str, dict[int, OffsetSums]]:
+    """Per-stream, per-offset error sums of one collated batch (on the model's device).
+
+    Args:
+        model: a :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`.
+        batch: ``input_ids``, ``attention_mask``, ``pixel_values_videos`` ``[B, T, 3, H, W]``,
+            ``video_num_frames``; labels are not needed (the video comes before the text, and the LLM
+            is causal, so the video tokens' hidden states do not depend on the rest).
+        module: the predictor to measure; default ``model.autoregressive_module``. Another module built
+            over the same tower (e.g. a probe fitted on a frozen model) works too.
+
+    Returns:
+        ``{stream: {offset: OffsetSums}}`` (stream ``all`` without fast/slow frames).
+    """
+    module = module if module is not None else getattr(model, "autoregressive_module", None)
+    if module is None:
+        raise ValueError("the model has no autoregressive_module and no module was given")
+    pixels = batch.get("pixel_values_videos")
+    if pixels is None:
+        return {}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos", "video_num_frames")
+              if batch.get(k) is not None}
+    with _capture_last_hidden(model) as store:
+        # logits_to_keep=1: the full-vocabulary logits of every position are never needed here.
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
+    # The module's own gather (patch tokens per frame, newline/faster tokens skipped, absent frames
+    # masked, slow frames pooled to the fast grid), so the inputs are exactly what training saw.
+    frame_hidden, valid, stride, mode = module._gather_layout(store["hidden"], out.video_token_layout)
+    targets = spatial_pool(module.encode_targets(pixels, valid).float(), stride, mode)
+    tokens = module.predictor.input_proj(frame_hidden.to(module.predictor.input_proj.weight.dtype))
+    causal = bool(module.config.use_frame_causal_mask)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return module.predictor(x, pool_stride=stride, pool_mode=mode, causal=causal)
+
+    results = {}
+    for name, idx in module._streams(tokens.shape[1], tokens.device):
+        results[name] = next_frame_errors(predict, tokens[:, idx], targets[:, idx], valid[:, idx],
+                                          int(module.config.num_hist))
+    return results
+
+
+def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
+    """A markdown table, one row per frame offset, then all offsets pooled."""
+    def cell(value: float | None, fmt: str = ".5f") -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [
+        f"Predictor: num_hist={summary['num_hist']}, frame-causal mask "
+        f"{'on' if summary['use_frame_causal_mask'] else 'off'}, loss_weight={summary['loss_weight']}; "
+        f"{summary['num_videos']} videos.",
+        "",
+        "| frame offset (history frames) | predictor MSE | copy-last MSE | ratio | windows |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    rows = [(str(r["offset"]), r) for r in summary["by_offset"]] + [("**all**", summary["all_offsets"])]
+    for name, r in rows:
+        lines.append(f"| {name} | {cell(r['mse'])} | {cell(r['copy_last_mse'])} | {cell(r['ratio'], '.3f')} | "
+                     f"{r['windows']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["OffsetSums", "ReconstructionAccumulator", "batch_reconstruction_errors", "next_frame_errors",
+           "reconstruction_markdown"]

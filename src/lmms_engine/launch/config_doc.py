@@ -1,0 +1,306 @@
+"""Generate ``docs/config.md``, the reference of every pipeline config key, from the code itself.
+
+Keys, types and defaults come from the dataclasses (``dataclasses.fields`` and their type hints);
+meanings from each dataclass's docstring (``name: text`` entries, as in ``Attributes:`` sections),
+from transformers' ``metadata["help"]`` for TrainingArguments, and from :data:`EXTRA_MEANINGS` for the
+keys a docstring only describes in prose. A test regenerates the file and compares, so the reference
+cannot drift from the code::
+
+    python -m lmms_engine.launch.config_doc --write docs/config.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, get_args, get_origin, get_type_hints
+
+#: Meanings of keys that their dataclass documents in prose only (the guide's own table wording).
+EXTRA_MEANINGS: dict[str, dict[str, str]] = {
+    "AutoregressiveConfig": {
+        "use_fast_slow_frames": "enable the fast/slow frame mechanism: the predictor runs on a fast and a "
+                                "slow temporal stream of the frames the LLM saw; the loss is their mean",
+        "fast_stride": "sampling stride of fast frames",
+        "slow_stride": "sampling stride of slow frames",
+        "num_fast": "number of fast frames (clipped, with a warning, to the frames available)",
+        "num_slow": "number of slow frames (clipped, with a warning, to the frames available)",
+        "enable_multiscale_pooling": "enable multi-scale pooling: the three keys below pool the targets and "
+                                     "set the model's video-token layout",
+        "mm_spatial_pool_stride": "spatial pooling stride (with enable_multiscale_pooling)",
+        "mm_spatial_pool_mode": "pooling mode: average / max / bilinear (with enable_multiscale_pooling)",
+        "add_faster_video": "add LLaVA-Video's faster video stream (with enable_multiscale_pooling)",
+    },
+    "TinyConfig": {
+        "vision_config": "keys of SiglipVisionConfig overriding the tiny tower (64 px, patch 8, width 64, "
+                         "2 layers)",
+        "text_config": "keys of Qwen2Config overriding the tiny LLM (width 64, 2 layers)",
+        "vocab_size": "vocabulary size; None = the tokenizer's length",
+        "video_token_id": "id of <video>; None = the tokenizer's",
+        "image_token_id": "id of <image>; None = the tokenizer's",
+        "pad_token_id": "padding id; None = the tokenizer's",
+        "eos_token_id": "end-of-sequence id; None = the tokenizer's",
+        "bos_token_id": "beginning-of-sequence id; None = the tokenizer's",
+    },
+}
+
+_ENTRY = re.compile(r"^(\s+)([A-Za-z_][\w]*(?:,\s*[A-Za-z_][\w]*)*):\s*(.*)$")
+
+
+def docstring_meanings(cls: type) -> dict[str, str]:
+    """``{field: text}`` from ``name: text`` / ``a, b: text`` lines of ``cls.__doc__`` (continuation
+    lines, indented deeper, are joined)."""
+    doc = textwrap.dedent(cls.__doc__ or "")
+    names = {f.name for f in dataclasses.fields(cls)}
+    found: dict[str, str] = {}
+    current: list[str] | None = None
+    indent = 0
+    lines: list[str] = []
+    for line in doc.splitlines():
+        # "a, b," on one line and "c: text" on the next: one entry naming a, b and c
+        if lines and re.fullmatch(r"\s+([A-Za-z_]\w*,\s*)+", lines[-1]) and \
+                all(n.strip() in names for n in lines[-1].split(",") if n.strip()):
+            lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+        else:
+            lines.append(line)
+    for line in lines:
+        match = _ENTRY.match(line)
+        if match and all(n.strip() in names for n in match.group(2).split(",")):
+            current = [n.strip() for n in match.group(2).split(",")]
+            indent = len(match.group(1))
+            for name in current:
+                found[name] = match.group(3).strip()
+            continue
+        stripped = line.strip()
+        if current and stripped and len(line) - len(line.lstrip()) > indent:
+            for name in current:
+                found[name] = f"{found[name]} {stripped}".strip()
+        else:
+            current = None
+    # "a: text. b: more" on one line: two entries
+    for name in list(found):
+        pieces = re.split(r"(?<=\.)\s+([A-Za-z_]\w*):\s+", found[name])
+        if len(pieces) > 1 and all(p in names for p in pieces[1::2]):
+            found[name] = pieces[0]
+            for other, text in zip(pieces[1::2], pieces[2::2]):
+                found.setdefault(other, text)
+    return {name: re.sub(r"``([^`]*)``", r"`\1`", text) for name, text in found.items()}
+
+
+def type_name(tp: Any) -> str:
+    """A short, readable rendering of a type hint (``int | None``, ``'a' | 'b'``, ``list[str]``)."""
+    origin = get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(dict.fromkeys(type_name(a) for a in get_args(tp)))
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in get_args(tp))
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{args}]" if args else name
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    if isinstance(tp, type) and issubclass(tp, str) and tp is not str:  # transformers' str enums
+        return "str"
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "**required**"
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):  # enum members
+        value = value.value
+    return f"`{value!r}`" if not isinstance(value, bool) and value is not None else f"`{str(value).lower() if isinstance(value, bool) else 'null'}`"
+
+
+def _cell(text: str) -> str:
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)  # Sphinx roles
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _first_sentences(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > 40 else text[:limit].rstrip() + " ..."
+
+
+def field_table(cls: type, meanings: dict[str, str], skip: Iterable[str] = ()) -> str:
+    hints = get_type_hints(cls)
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        rows.append(f"| `{f.name}` | {type_name(hints[f.name])} | {default_text(f)} | {_cell(meanings[f.name])} |")
+    return "\n".join(rows)
+
+
+def meanings_for(cls: type) -> dict[str, str]:
+    """Docstring meanings plus :data:`EXTRA_MEANINGS`; raises KeyError naming undocumented fields."""
+    meanings = {**EXTRA_MEANINGS.get(cls.__name__, {}), **docstring_meanings(cls)}
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in meanings]
+    if missing:
+        raise KeyError(f"{cls.__module__}.{cls.__name__}: no meaning documented for {', '.join(missing)}: "
+                       f"describe them in its docstring ('name: meaning') or in EXTRA_MEANINGS")
+    return meanings
+
+
+HEADER = """\
+# Config reference
+
+<!-- Generated by `python -m lmms_engine.launch.config_doc --write docs/config.md` from the code; a test
+keeps it current. Edit the dataclass docstrings, not this file. -->
+
+`python -m lmms_engine.launch.cli --config FILE.yaml [--set KEY=VALUE ...] [--dry-run]` (also under
+`torchrun --nproc_per_node=N -m lmms_engine.launch.cli ...`, and as the `lmms-video` command).
+
+## The file
+
+A YAML (or JSON) **list of blocks**, run in order. Each block has exactly two keys: `type`
+(`demo_data` or `trainer`) and `config` (a mapping).
+
+```yaml
+- type: demo_data                 # optional: generate the demo dataset if it is missing
+  config: {output_dir: output/quickstart/data}
+- type: trainer
+  config:
+    trainer_type: autoregressive_trainer
+    model_config: {...}           # the model (section below)
+    dataset_config: {...}         # the data (section below)
+    output_dir: ./output/run      # ...and any transformers.TrainingArguments field, flattened here
+    per_device_train_batch_size: 2
+```
+
+Everything is checked before anything is built (no model or data is loaded by a bad config): unknown
+keys at any level are errors naming the nearest valid key; values are type-checked (`2e-5` reads as a
+number); data files, video folders, local model folders and checkpoints must exist (files that an
+earlier `demo_data` block writes count as present); the video-layout keys may not disagree between
+`model_config` and `model_config.autoregressive_config`; `autoregressive_config.embedding_dim` must
+equal the vision tower's width (64 for the tiny model, 1152 for SigLIP-so400m); `fsdp` needs an
+accelerator. The process exits with status 2 and the message on stderr. Relative paths are relative
+to the current directory.
+
+`--set KEY=VALUE` (repeatable) changes a key of every trainer block before the checks: a dotted path
+inside `config` (`--set max_steps=10`, `--set model_config.autoregressive_config.loss_weight=0.05`),
+or `demo_data.KEY` for the demo_data block. VALUE is read as YAML (`true`, `null`, `[a, b]`).
+`--dry-run` checks and prints the resolved blocks without training.
+
+Files of the guide and their runnable versions (all run here on the tiny model and the demo data;
+`examples/real/` holds the same setups on LLaVA-OneVision-0.5B for GPUs):
+
+| file | what |
+|---|---|
+| `examples/quickstart.yaml` | `make quickstart`: tiny model, demo data, autoregressive loss, ~1 min on 2 CPU cores |
+| `examples/config_basic_autoregressive.yaml` | the guide's basic config |
+| `examples/config_llava_next_autoregressive.yaml` | the guide's full LLaVA-NeXT feature config (average pooling, faster video) |
+| `configs/llava_ov_fast_slow_autoregressive.yaml` | fast/slow frame streams for the autoregressive loss |
+| `examples/real/*.yaml` | the three above on `llava-hf/llava-onevision-qwen2-0.5b-ov-hf` (bf16, gradient checkpointing) |
+| `examples/train_with_autoregressive.py` | the guide's Python route (section 3) |
+
+What a trainer block writes into `output_dir`: `checkpoint-N/` folders (complete or absent: they are
+written under `.incomplete-checkpoint-N/` and renamed when every file is there), the final model
+(`config.json`, safetensors weights, tokenizer), `trainer_state.json`, `train_log.jsonl` (one JSON line
+per log: `loss`, `main_loss`, `autoregressive_loss`, `total_loss`, `ar_mse`, `ar_copy_last_mse`,
+`ar_fast_loss`/`ar_slow_loss` where on, learning rate, ...) and `loss_curve.png`.
+"""
+
+TRAINER_SECTION = """\
+## `trainer` block
+
+Besides the keys below, `config` takes every field of `transformers.TrainingArguments`
+([table at the end](#trainingarguments-fields)).
+
+| key | type | default | meaning |
+|---|---|---|---|
+| `trainer_type` | 'autoregressive_trainer' \\| 'hf_trainer' \\| 'sft' | `'autoregressive_trainer'` | `autoregressive_trainer` trains with the autoregressive loss (the model must have the module: `model_config.enable_autoregressive: true` or an `autoregressive_config`); with `enable_autoregressive: false` it is the plain-SFT baseline through the same trainer. `hf_trainer` / `sft`: no autoregressive loss (a module the model carries is removed before training); `enable_autoregressive: true` with them is an error. All use `AutoregressiveTrainer` (transformers' Trainer), so logs, checkpoints and the loss plot are the same. |
+| `model_config` | mapping | `{}` (the tiny model) | [below](#model_config) |
+| `dataset_config` | mapping | **required** | [below](#dataset_config) |
+| `resume_from_checkpoint` | str \\| bool \\| null | `null` | a `checkpoint-N` folder, or `true`: the newest complete checkpoint in `output_dir` (start fresh if there is none). Resuming restores weights (the autoregressive module included), optimizer, LR schedule, RNG and data position: the resumed run logs the same losses as an uninterrupted one. |
+
+Changes to transformers' TrainingArguments (`lmms_engine.train.TrainingArguments`): on a machine
+without any accelerator, `use_cpu` is set to true (so `bf16: true` trains with bfloat16 autocast on the
+CPU instead of failing, and `torchrun` on CPU runs real DDP over gloo) and `dataloader_pin_memory` to
+false. On CPU the launcher also uses one intra-op thread per process unless `OMP_NUM_THREADS` is set.
+
+Distributed: `torchrun --nproc_per_node=N -m lmms_engine.launch.cli --config X.yaml` trains with DDP
+(gloo on CPU, NCCL on GPUs); the SigLIP parts LLaVA-OneVision never uses (`post_layernorm`, `head`) are
+frozen, so DDP needs no `find_unused_parameters`. FSDP: `fsdp: "full_shard auto_wrap"` with
+`fsdp_config: {transformer_layer_cls_to_wrap: [Qwen2DecoderLayer, SiglipEncoderLayer]}` (accelerate
+enables FSDP on GPUs only; on CPU the run stops with an error instead of silently using DDP).
+DeepSpeed: `deepspeed: path/to/ds_config.json` where DeepSpeed is installed.
+"""
+
+
+def render_config_reference() -> str:
+    """The full text of docs/config.md."""
+    from transformers import TrainingArguments
+
+    from lmms_engine.data.dataset import DatasetConfig
+    from lmms_engine.launch.config import DemoDataConfig
+    from lmms_engine.models.autoregressive_config import AutoregressiveConfig
+    from lmms_engine.models.builder import ModelConfig
+    from lmms_engine.models.tiny import TinyConfig
+
+    ta_meanings = {f.name: _first_sentences(f.metadata.get("help", "")) for f in dataclasses.fields(TrainingArguments)}
+    parts = [
+        HEADER,
+        "## `demo_data` block\n\nGenerates the demo dataset (moving coloured shapes; questions about motion, order and "
+        "colour) unless `output_dir` already holds one made with the same settings. Writes `train.json`, "
+        "`eval.json` and `videos/`.\n",
+        field_table(DemoDataConfig, meanings_for(DemoDataConfig)),
+        "",
+        TRAINER_SECTION,
+        "## `model_config`\n\n`lmms_engine.models.builder.ModelConfig`. Without `model_name_or_path` the tiny offline "
+        "model is built (random weights, the engine's byte-level BPE tokenizer); with it, the checkpoint and its "
+        "own tokenizer are loaded.\n",
+        field_table(ModelConfig, meanings_for(ModelConfig)),
+        "",
+        "### `model_config.autoregressive_config`\n\n`lmms_engine.models.autoregressive_config.AutoregressiveConfig`; "
+        "the guide's three parameter tables plus the design's keys.\n",
+        field_table(AutoregressiveConfig, meanings_for(AutoregressiveConfig)),
+        "",
+        "### `model_config.tiny_config`\n\n`lmms_engine.models.tiny.TinyConfig` (only without "
+        "`model_name_or_path`).\n",
+        field_table(TinyConfig, meanings_for(TinyConfig)),
+        "",
+        "## `dataset_config`\n\n`lmms_engine.data.DatasetConfig`. Records: LLaVA `conversations` (with `video`) or "
+        "OpenAI-style `messages`, as a JSON list or JSONL.\n",
+        field_table(DatasetConfig, meanings_for(DatasetConfig)),
+        "",
+        "## TrainingArguments fields\n\nEvery field of `transformers.TrainingArguments` "
+        f"(transformers {__import__('transformers').__version__}), flattened into the trainer block's `config`. "
+        "Meanings are transformers' own (first sentences); `resume_from_checkpoint` is read by the launcher as "
+        "described above.\n",
+        field_table(TrainingArguments, ta_meanings),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmms_engine.launch.config_doc",
+                                     description="Print (or write) the config reference, docs/config.md.")
+    parser.add_argument("--write", metavar="PATH", help="write to PATH instead of stdout")
+    args = parser.parse_args(argv)
+    text = render_config_reference()
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
