@@ -20,7 +20,7 @@ import torch
 from lmms_engine.data import DatasetConfig, build_dataset
 from lmms_engine.data.preprocess import ProcessorInfo
 from lmms_engine.launch.config import DemoDataConfig
-from lmms_engine.launch.pipeline import build_tokenizer, ensure_demo_data
+from lmms_engine.launch.pipeline import build_tokenizer, ensure_demo_data, limit_cpu_threads
 from lmms_engine.models.builder import ModelConfig, build_model
 from lmms_engine.train import AutoregressiveTrainer, TrainingArguments
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> AutoregressiveTrainer:
         save_steps=500,
         report_to="none",
     )
+    limit_cpu_threads(training_args)  # on a CPU: one intra-op thread unless OMP_NUM_THREADS says otherwise
     trainer = AutoregressiveTrainer(
         model=model,
         args=training_args,

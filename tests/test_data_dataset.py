@@ -191,8 +191,9 @@ def test_broken_video_is_skipped_in_dataloader_workers(tok, data_dir, num_worker
                qa(None, "C?", "c"), qa("videos/broken.mp4", "D?", "d")]
     path = write(data_dir, f"skip{num_workers}.json", records)
     ds = build_dataset({"data_path": path, "on_bad_record": "skip"}, tok, INFO)
+    collate = build_collator(ds.config, tok)
     loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=num_workers,
-                        collate_fn=lambda samples: ([s["index"] for s in samples], build_collator(ds.config, tok)(samples)))
+                        collate_fn=lambda samples: ([s["index"] for s in samples], collate(samples)))
     served = []
     for indices, batch in loader:
         served += indices

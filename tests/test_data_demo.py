@@ -38,6 +38,13 @@ def test_cli_writes_the_dataset(tmp_path, capsys):
     reference = json.loads(Path(generate_demo_dataset(tmp_path / "ref", 4, 0, seed=5, progress=False)
                                 .train_path).read_text())
     assert records == reference and json.loads((tmp_path / "eval.json").read_text()) == []
+    assert main(["--out", str(tmp_path / "dir"), "--num-train", "8", "--num-eval", "0", "--quiet",
+                 "--question-types", "direction"]) == 0
+    records = json.loads((tmp_path / "dir" / "train.json").read_text())
+    assert [r["question_type"] for r in records] == ["direction"] * 8
+    assert Counter(r["answer"] for r in records) == {"left": 2, "right": 2, "up": 2, "down": 2}
+    with pytest.raises(ValueError, match="question_types must be distinct names among direction"):
+        generate_demo_dataset(tmp_path / "bad", 1, 0, question_types=["spin"])
 
 
 def test_records_are_valid_balanced_and_held_out(demo):

@@ -123,6 +123,17 @@ def test_example_configs_run(relative, data_dir, tmp_path, capsys):
             (entries[-1]["ar_fast_loss"] + entries[-1]["ar_slow_loss"]) / 2, rel=1e-5)
 
 
+def test_sft_trainer_type_trains_without_the_autoregressive_loss(data_dir, tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {{}}\n"
+                      f"    dataset_config: {{data_path: {data_dir / 'train.json'}}}\n")
+    out = tmp_path / "run"
+    code, stdout = run_cli(config, [f"output_dir={out}", *SHORT], capsys)
+    assert code == 0 and "autoregressive loss off" in stdout
+    for entry in logged(out):
+        assert "autoregressive_loss" not in entry and entry["main_loss"] == pytest.approx(entry["total_loss"])
+
+
 def test_quickstart_shortened_summary_outputs_and_resume(data_dir, tmp_path, capsys):
     out = tmp_path / "quickstart"
     sets = [f"demo_data.output_dir={data_dir}", "demo_data.num_train=64", "demo_data.num_eval=16",

@@ -6,8 +6,9 @@
     DIR/eval.json    the held-out split (clips drawn from a different random stream)
     DIR/videos/{train,eval}_00000.mp4 ...   H.264, 64x64, 16 frames at 4 fps by default
 
-Question types (``question_type``), cycled in turn so each is a quarter of a split, and each with a
-balanced answer distribution (every answer equally often, up to one):
+Question types (``question_type``), cycled in turn so each has an equal share of a split
+(``--question-types`` picks a subset), each with a balanced answer distribution (every answer equally
+often, up to one):
 
 - ``direction``: "In which direction does the red circle move?" (left/right/up/down, chance 1/4). A
   second shape of another colour moves another way or stays still, so the colour must be bound to the
@@ -105,7 +106,7 @@ class _Scene:
         self.tracks: list[tuple[np.ndarray, float]] = []  # ([num_frames, 2] centres, radius)
 
     def radius(self) -> float:
-        return float(self.rng.uniform(0.08, 0.11) * self.size)
+        return float(self.rng.uniform(0.10, 0.13) * self.size)
 
     def place(self, r: float, direction: str | None = None) -> tuple[tuple[float, float], tuple[float, float]]:
         """A start centre and a per-frame velocity (zero without ``direction``) whose path stays inside."""
@@ -228,15 +229,26 @@ _GENERATORS: dict[str, Callable] = {
 }
 
 
-def make_sample(split: str, index: int, seed: int, num_frames: int = 16, size: int = 64):
+def _check_question_types(question_types: Sequence[str]) -> tuple[str, ...]:
+    types = tuple(question_types)
+    unknown = [t for t in types if t not in QUESTION_TYPES]
+    if not types or unknown or len(set(types)) != len(types):
+        raise ValueError(f"question_types must be distinct names among {', '.join(QUESTION_TYPES)}; got {list(types)}")
+    return types
+
+
+def make_sample(split: str, index: int, seed: int, num_frames: int = 16, size: int = 64,
+                question_types: Sequence[str] = QUESTION_TYPES):
     """Frames, question, answer, options and question type of sample ``index`` of ``split``.
 
-    Sample ``i`` is question type ``i % 4``; its answer is the ``(i // 4)``-th of that type's answers
-    in turn, so answers are balanced. The randomness comes from ``(seed, split, index)`` alone.
+    Sample ``i`` is question type ``question_types[i % k]`` (``k`` types); its answer is the
+    ``(i // k)``-th of that type's answers in turn, so answers are balanced. The randomness comes from
+    ``(seed, split, index)`` alone.
     """
-    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    types = _check_question_types(question_types)
+    qtype = types[index % len(types)]
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-    shapes, question, answer, options = _GENERATORS[qtype](rng, index // len(QUESTION_TYPES), size, num_frames)
+    shapes, question, answer, options = _GENERATORS[qtype](rng, index // len(types), size, num_frames)
     return render_clip(shapes, num_frames, size), question, answer, list(options), qtype
 
 
@@ -260,13 +272,16 @@ def generate_demo_dataset(
     num_frames: int = 16,
     size: int = 64,
     fps: float = 4.0,
+    question_types: Sequence[str] = QUESTION_TYPES,
     progress: bool = True,
 ) -> DemoDataset:
     """Write the demo dataset (module docstring) to ``out_dir`` and return its paths.
 
     ``size`` must be even (H.264 with 4:2:0 chroma) and >= 32; ``num_frames`` >= 12 (three appearances
-    at least 3 frames apart, and a full colour cycle). Progress goes to stderr every 10%.
+    at least 3 frames apart, and a full colour cycle). ``question_types``: a subset of
+    :data:`QUESTION_TYPES` (e.g. only ``direction`` for an easier task). Progress goes to stderr every 10%.
     """
+    question_types = _check_question_types(question_types)
     if size % 2 or size < 32:
         raise ValueError(f"size must be even and >= 32, got {size}")
     if num_frames < 12:
@@ -282,7 +297,7 @@ def generate_demo_dataset(
     for split, count in (("train", num_train), ("eval", num_eval)):
         records = []
         for i in range(count):
-            frames, question, answer, options, qtype = make_sample(split, i, seed, num_frames, size)
+            frames, question, answer, options, qtype = make_sample(split, i, seed, num_frames, size, question_types)
             name = f"{split}_{i:05d}.mp4"
             write_video(videos / name, frames, fps=fps, crf=12)
             records.append({
@@ -315,11 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int, default=16, help="frames per clip (default 16)")
     parser.add_argument("--size", type=int, default=64, help="frame width and height in pixels (default 64)")
     parser.add_argument("--fps", type=float, default=4.0, help="clip frame rate (default 4)")
+    parser.add_argument("--question-types", default=",".join(QUESTION_TYPES),
+                        help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     try:
         result = generate_demo_dataset(args.out, args.num_train, args.num_eval, args.seed,
                                        num_frames=args.num_frames, size=args.size, fps=args.fps,
+                                       question_types=[t.strip() for t in args.question_types.split(",")],
                                        progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))

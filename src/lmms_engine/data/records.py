@@ -160,8 +160,8 @@ def _llava_turns(conversations: Any, where: str) -> list[Turn]:
             raise _bad("bad_turn", where, f"turn {i} is not an object: {turn!r}")
         for key in turn:
             if key not in ("from", "value"):
-                raise _bad("bad_turn", where, f"turn {i} has unknown key {key!r}{suggest(str(key), ('from', 'value'))};"
-                                              " a LLaVA turn has 'from' and 'value'")
+                hint = suggest(str(key), ("from", "value"))
+                raise _bad("bad_turn", where, f"turn {i} has unknown key {key!r}{hint}; a LLaVA turn has 'from' and 'value'")
         role, value = turn.get("from"), turn.get("value")
         if role not in _LLAVA_ROLES:
             raise _bad("bad_turn", where, f"turn {i} has 'from' {role!r}; valid: {', '.join(_LLAVA_ROLES)}")

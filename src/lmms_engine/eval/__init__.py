@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "batch_reconstruction_errors": "reconstruction",
     "next_frame_errors": "reconstruction",
     "reconstruction_markdown": "reconstruction",
+    "video_hidden_states": "reconstruction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -168,6 +168,22 @@ def _capture_last_hidden(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
+def video_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """The LLM's final (normed) hidden states ``[B, L, hidden]`` of a collated batch and its
+    :class:`~lmms_engine.models.layout.VideoTokenLayout`: what the autoregressive loss reads.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``pixel_values_videos``, ``video_num_frames`` (other
+    keys are ignored; no labels needed: the video comes before the text and the LLM is causal).
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos", "video_num_frames")
+              if batch.get(k) is not None}
+    with _capture_last_hidden(model) as store:
+        # logits_to_keep=1: the full-vocabulary logits of every position are never needed here.
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
+    return store["hidden"], out.video_token_layout
+
+
+@torch.no_grad()
 def batch_reconstruction_errors(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -192,14 +208,10 @@ def batch_reconstruction_errors(
     pixels = batch.get("pixel_values_videos")
     if pixels is None:
         return {}
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos", "video_num_frames")
-              if batch.get(k) is not None}
-    with _capture_last_hidden(model) as store:
-        # logits_to_keep=1: the full-vocabulary logits of every position are never needed here.
-        out = model(**inputs, logits_to_keep=1, use_cache=False)
+    hidden, layout = video_hidden_states(model, batch)
     # The module's own gather (patch tokens per frame, newline/faster tokens skipped, absent frames
     # masked, slow frames pooled to the fast grid), so the inputs are exactly what training saw.
-    frame_hidden, valid, stride, mode = module._gather_layout(store["hidden"], out.video_token_layout)
+    frame_hidden, valid, stride, mode = module._gather_layout(hidden, layout)
     targets = spatial_pool(module.encode_targets(pixels, valid).float(), stride, mode)
     tokens = module.predictor.input_proj(frame_hidden.to(module.predictor.input_proj.weight.dtype))
     causal = bool(module.config.use_frame_causal_mask)
@@ -235,4 +247,4 @@ def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
 
 
 __all__ = ["OffsetSums", "ReconstructionAccumulator", "batch_reconstruction_errors", "next_frame_errors",
-           "reconstruction_markdown"]
+           "reconstruction_markdown", "video_hidden_states"]

@@ -43,7 +43,9 @@ BLOCK_TYPES: tuple[str, ...] = ("demo_data", "trainer")
 TRAINER_TYPES: dict[str, bool] = {"autoregressive_trainer": True, "hf_trainer": False, "sft": False}
 #: Keys of a trainer block's ``config`` besides the TrainingArguments fields.
 TRAINER_KEYS: tuple[str, ...] = ("trainer_type", "model_config", "dataset_config")
-#: TrainingArguments fields the pipeline reads with a wider type than transformers declares.
+#: TrainingArguments fields whose declared type is narrower than what transformers accepts.
+WIDER_TYPES: dict[str, tuple[type, ...]] = {"fsdp": (bool, str, type(None))}
+#: Read by the launcher (a path, or true for the newest complete checkpoint), not by transformers.
 RESUME_KEY = "resume_from_checkpoint"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -54,10 +56,13 @@ class DemoDataConfig:
 
     Attributes:
         output_dir: folder of ``train.json``, ``eval.json`` and ``videos/``.
-        num_train, num_eval: clips per split.
-        seed: everything is a function of it.
-        num_frames, size, fps: clip length (>= 12 frames), frame side in pixels (even, >= 32), rate.
-        overwrite: regenerate even when ``train.json`` and ``eval.json`` exist.
+        num_train: training clips (``train.json``).
+        num_eval: held-out clips (``eval.json``), drawn from a different random stream.
+        seed: every clip, question and answer is a function of it.
+        num_frames: frames per clip (>= 12).
+        size: frame width and height in pixels (even, >= 32).
+        fps: frame rate of the clips.
+        overwrite: regenerate even when the folder holds a dataset made with the same settings.
     """
 
     output_dir: str = "output/quickstart/data"
@@ -352,7 +357,17 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
     from lmms_engine.train.arguments import TrainingArguments, has_accelerator
 
     # Types (from the dataclass fields) and transformers' own consistency checks, before any model.
-    from_mapping(TrainingArguments, args, where)
+    wide = {key: args[key] for key in WIDER_TYPES if key in args}
+    for key, value in wide.items():
+        if not isinstance(value, WIDER_TYPES[key]):
+            raise ConfigError(f"{where}.{key}: expected {' or '.join(t.__name__ for t in WIDER_TYPES[key])}, "
+                              f"got {value!r} ({type(value).__name__})")
+    from_mapping(TrainingArguments, {k: v for k, v in args.items() if k not in wide}, where)
+    if wide:
+        try:
+            TrainingArguments(**args)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where}: {err}") from err
     if args.get("fsdp") and not has_accelerator():
         raise ConfigError(f"{where}.fsdp: FSDP through the Trainer needs GPUs (accelerate does not enable it for "
                           f"CPU processes, which would silently train with DDP); remove fsdp/fsdp_config here")

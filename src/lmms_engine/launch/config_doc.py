@@ -236,10 +236,31 @@ false. On CPU the launcher also uses one intra-op thread per process unless `OMP
 
 Distributed: `torchrun --nproc_per_node=N -m lmms_engine.launch.cli --config X.yaml` trains with DDP
 (gloo on CPU, NCCL on GPUs); the SigLIP parts LLaVA-OneVision never uses (`post_layernorm`, `head`) are
-frozen, so DDP needs no `find_unused_parameters`. FSDP: `fsdp: "full_shard auto_wrap"` with
-`fsdp_config: {transformer_layer_cls_to_wrap: [Qwen2DecoderLayer, SiglipEncoderLayer]}` (accelerate
-enables FSDP on GPUs only; on CPU the run stops with an error instead of silently using DDP).
+frozen. transformers sets DDP's `find_unused_parameters` to true unless activation checkpointing is
+on; with checkpointing on (`model_config.gradient_checkpointing`), data where some rank's batch leaves
+a part unused (text-only samples: no tower or projector; `mm_newline_position: no_token`: no
+`image_newline`) needs `ddp_find_unused_parameters: true`. FSDP (transformers 5: FSDP2 by default):
+`fsdp: true` with e.g. `fsdp_config: {version: 2, activation_checkpointing: true}` (layers are wrapped
+by the model's `_no_split_modules`); accelerate enables FSDP on GPUs only, so on CPU the config is
+rejected instead of silently training with DDP.
 DeepSpeed: `deepspeed: path/to/ds_config.json` where DeepSpeed is installed.
+
+How the trainer treats the losses and checkpoints (`lmms_engine.train.AutoregressiveTrainer`):
+
+- The model returns the total loss (what is back-propagated) and its detached components. The
+  language-model loss is normalised over the label tokens of the whole optimisation step (all
+  accumulation micro-batches, all ranks), as transformers does; each micro-batch's autoregressive
+  term is weighted by the same share of those tokens, so `main_loss + autoregressive_loss =
+  total_loss` holds for the objective and for every logged value. Each logged component is the mean
+  over the logging window's steps of that step's value (logged `total_loss` equals transformers'
+  `loss`); evaluation logs `eval_main_loss` etc. averaged over samples.
+- With the autoregressive loss off (`sft`, `hf_trainer`, or `enable_autoregressive: false`) a model
+  that carries the module has it removed before training: no autoregressive parameters in the
+  optimiser, no extra compute, none in the checkpoints.
+- Resuming restores the weights through the model's own checkpoint key mapping (transformers 5 saves
+  LLaVA-OneVision under its legacy key names and its Trainer restores them without renaming, which
+  silently leaves the language model at its initial weights), so a resumed run is bit-identical to
+  an uninterrupted one on the same machine.
 """
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class RunSummary:
     """Where a trainer block's outputs are, and how it went (``describe()`` renders it)."""
 
     output_dir: Path
-    final_model_dir: Path
     last_checkpoint: Path | None
     loss_plot: Path | None
     log_file: Path
@@ -48,12 +47,13 @@ class RunSummary:
 
         lines = [
             "=" * 72,
-            f"Training finished: {self.global_step} optimisation steps in {self.seconds:.1f} s"
+            f"Training finished: {self.global_step} optimisation steps in {self.seconds:.1f} s, autoregressive "
+            f"loss {'on' if self.trained_autoregressive else 'off'}"
             + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
             f"  loss         first logged {losses(self.first_losses)}",
             f"               last logged  {losses(self.last_losses)}",
             f"  output dir   {self.output_dir}",
-            f"  final model  {self.final_model_dir} (config.json, weights, tokenizer; "
+            f"  final model  {self.output_dir} (config.json, weights, tokenizer; "
             f"load with LlavaVideoForConditionalGeneration.from_pretrained)",
             f"  checkpoint   {self.last_checkpoint or 'none saved'}",
             f"  loss plot    {self.loss_plot or 'none (nothing logged)'}",
@@ -209,7 +209,6 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
     plot = output_dir / LOSS_PLOT_NAME
     return RunSummary(
         output_dir=output_dir,
-        final_model_dir=output_dir,
         last_checkpoint=last_complete_checkpoint(output_dir),
         loss_plot=plot if plot.is_file() else None,
         log_file=output_dir / LOG_FILE_NAME,
@@ -225,19 +224,21 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
 
 def run_pipeline(pipeline: PipelineConfig) -> list[RunSummary]:
     """Run every block in order; return one :class:`RunSummary` per trainer block."""
-    trainer_blocks = pipeline.of_type("trainer")
-    # TrainingArguments set up the process group (under torchrun) that orders the demo data writes.
-    args_by_block = {id(b): b.training_arguments() for b in trainer_blocks[:1]}
-    coordinator = args_by_block[id(trainer_blocks[0])]
+    first = pipeline.of_type("trainer")[0]
+    # The first block's TrainingArguments set up the process group (under torchrun) that orders the
+    # demo data writes; that block reuses them.
+    coordinator = first.training_arguments()
     summaries = []
     for block in pipeline.blocks:
         if block.type == "demo_data":
             with coordinator.main_process_first(local=False, desc="demo data"):
-                ensure_demo_data(block.config)
+                # Other ranks find the main process's data (overwrite applies once, on the main process).
+                main = coordinator.process_index == 0
+                ensure_demo_data(block.config if main else replace(block.config, overwrite=False))
         else:
-            summaries.append(run_trainer_block(block.config, args_by_block.pop(id(block.config), None)))
+            summaries.append(run_trainer_block(block.config, coordinator if block.config is first else None))
     return summaries
 
 
-__all__ = ["PreparedRun", "RunSummary", "build_tokenizer", "prepare_trainer", "ensure_demo_data", "limit_cpu_threads", "run_pipeline",
-           "run_trainer_block"]
+__all__ = ["PreparedRun", "RunSummary", "build_tokenizer", "ensure_demo_data", "limit_cpu_threads", "prepare_trainer",
+           "run_pipeline", "run_trainer_block"]

@@ -88,6 +88,7 @@ class AutoregressiveTrainer(Trainer):
         self._train_window = LossWindow()
         self._eval_window = LossWindow()
         self._staging_run_dir: str | None = None
+        self._pending_push = False
         self._eval_prefix: str | None = None
         if not trainer_args:  # everything after args passed by keyword (as the guide does)
             _default_data_arguments(trainer_kwargs)
@@ -228,6 +229,12 @@ class AutoregressiveTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_run_dir is not None:  # pushed from the published folder once it exists
+            self._pending_push = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """HF's checkpoint save, written under a staging folder and renamed when complete."""
         run_dir = super()._get_output_dir(trial)
@@ -238,8 +245,10 @@ class AutoregressiveTrainer(Trainer):
             remove_stale_staging(run_dir, name)
         self.accelerator.wait_for_everyone()
         # HF writes <run_dir>/<name>; with the run dir redirected that is <staging>/<name>. Its
-        # checkpoint rotation then sees only this folder (a no-op) and is redone below on run_dir.
+        # checkpoint rotation then sees only this folder (a no-op) and is redone below on run_dir; a hub
+        # push waits for the published folder.
         self._staging_run_dir = str(staging)
+        self._pending_push = False
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -254,8 +263,10 @@ class AutoregressiveTrainer(Trainer):
         if self.args.should_save:
             publish_checkpoint(staged, final)
         self.accelerator.wait_for_everyone()
-        if staged.is_dir():  # a node without a shared filesystem publishes its own copy
-            publish_checkpoint(staged, final)
+        if self.accelerator.is_local_main_process and staged.is_dir():
+            publish_checkpoint(staged, final)  # a node without a shared filesystem publishes its own copy
+        if self._pending_push:
+            self._push_from_checkpoint(final)
         if self.args.should_save:
             from transformers.trainer_utils import rotate_checkpoints
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -55,6 +57,8 @@ _TEXT_ART_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 # After a seek the reader checks where the demuxer landed; this many earlier keyframes are tried when
 # it lands past the wanted one before falling back to the stream's start.
 _SEEK_RETRIES = 3
+# At most this many decoders work on one video at once (see _decode_parallel).
+_MAX_DECODERS = 8
 
 
 class VideoReadError(ValueError):
@@ -246,6 +250,13 @@ class _Converter:
         # One reformatter per size keeps FFmpeg's scaler set up between frames.
         self.reformatters = [av.video.reformatter.VideoReformatter() for _ in sizes]
 
+    def clone(self) -> "_Converter":
+        """A converter writing into the same arrays with its own scalers (one per decoding thread)."""
+        twin = object.__new__(_Converter)
+        twin.sizes, twin.arrays = self.sizes, self.arrays
+        twin.reformatters = [av.video.reformatter.VideoReformatter() for _ in self.sizes]
+        return twin
+
     def __call__(self, frame: av.VideoFrame, slot: int) -> None:
         for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
             rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24")
@@ -261,17 +272,17 @@ class _Reader:
         self.codec = stream.codec_context
         self.can_skip = self.codec.name in _NONREF_SKIP_CODECS
 
-    def read(self, wanted: list[int], convert: _Converter) -> list[int]:
-        """Decode the sorted unique frame indices ``wanted`` into ``convert`` slots; return those done."""
+    def read(self, slots: dict[int, int], convert: _Converter) -> list[int]:
+        """Decode frames ``{frame index: output slot}`` into ``convert``; return the slots filled."""
         if self.table.pts is None:
-            return self._read_sequential(wanted, convert)
+            return self._read_sequential(slots, convert)
         table = self.table
-        self._slot_of = {table.pts[i]: slot for slot, i in enumerate(wanted)}
+        self._slot_of = {table.pts[i]: slot for i, slot in slots.items()}
         self._remaining = set(self._slot_of)
         self._convert = convert
         self._done: list[int] = []
         groups: dict[int, list[int]] = {}
-        for i in wanted:
+        for i in sorted(slots):
             groups.setdefault(table.keyframe_of[i], []).append(table.pts[i])
 
         packets: Iterator[av.Packet] | None = None
@@ -382,11 +393,10 @@ class _Reader:
         self.container.seek(table.seek_ts[table.keyframes[0]][0] - 1, stream=self.stream, backward=True)
         return self.container.demux(self.stream)
 
-    def _read_sequential(self, wanted: list[int], convert: _Converter) -> list[int]:
+    def _read_sequential(self, slot_of: dict[int, int], convert: _Converter) -> list[int]:
         """No usable pts: decode from the start (a freshly opened container), counting output frames."""
-        slot_of = {i: slot for slot, i in enumerate(wanted)}
         done: list[int] = []
-        last = wanted[-1]
+        last = max(slot_of)
         count = 0
         for packet in self.container.demux(self.stream):
             try:
@@ -401,16 +411,81 @@ class _Reader:
                 count += 1
             if count > last:
                 break
-        if len(done) < len(wanted):
-            got = {wanted[s] for s in done}
+        if len(done) < len(slot_of):
+            got = set(done)
             logger.warning("%s: frames %s did not decode; they are left out", self.path,
-                           [i for i in wanted if i not in got])
+                           sorted(i for i, slot in slot_of.items() if slot not in got))
         return done
 
 
 def _chain(first: av.Packet, rest: Iterator[av.Packet]) -> Iterator[av.Packet]:
     yield first
     yield from rest
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def split_groups(table: FrameTable, wanted: list[int], workers: int) -> list[list[int]]:
+    """Split sorted frame indices into ``<= workers`` runs of whole keyframe groups of similar cost.
+
+    A group's cost is the packets decoded for it: from its keyframe to its last requested frame.
+    """
+    if table.pts is None or workers <= 1:
+        return [wanted]
+    groups: dict[int, list[int]] = {}
+    for i in wanted:
+        groups.setdefault(table.keyframe_of[i], []).append(i)
+    keys = sorted(groups)
+    cost = [max(table.decode_pos[table.pts[i]] for i in groups[k]) - k + 1 for k in keys]
+    total, chunks, current, acc = sum(cost), [], [], 0
+    for key, c in zip(keys, cost):
+        current += groups[key]
+        acc += c
+        if acc >= total * (len(chunks) + 1) / workers and len(chunks) < workers - 1:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _decode_parallel(path: str | Path, container: av.container.InputContainer,
+                     stream: av.video.stream.VideoStream, table: FrameTable, wanted: list[int],
+                     convert: _Converter, num_threads: int) -> list[int]:
+    """Decode ``wanted`` (sorted, unique) into slots ``0..len-1``, keyframe groups spread over threads.
+
+    Keyframe intervals decode independently, so runs of them go to separate decoders (one container
+    each, in Python threads; PyAV releases the GIL while FFmpeg works): this keeps every core busy even
+    where FFmpeg's frame threads cannot (few frames per interval, or the skipped non-reference frames
+    that would otherwise fill the thread pipeline). ``num_threads`` is the thread budget: 0 = one per
+    core (with a single run, FFmpeg's own choice), 1 = everything on the calling thread.
+    """
+    budget = num_threads or _cpu_count()
+    chunks = split_groups(table, wanted, min(budget, _MAX_DECODERS))
+    slot_of = {i: slot for slot, i in enumerate(wanted)}
+    if len(chunks) == 1:
+        return _Reader(path, container, stream, table).read(slot_of, convert)
+    threads = max(1, budget // len(chunks))
+    stream.codec_context.thread_count = threads  # the decoder opens on first use, after this
+    opened = []
+    try:
+        for _ in chunks[1:]:
+            opened.append(open_video(path, threads))
+        with ThreadPoolExecutor(max_workers=len(chunks) - 1) as pool:
+            futures = [pool.submit(_Reader(path, c, s, table).read, {i: slot_of[i] for i in chunk}, convert.clone())
+                       for (c, s), chunk in zip(opened, chunks[1:])]
+            done = _Reader(path, container, stream, table).read({i: slot_of[i] for i in chunks[0]}, convert)
+            for future in futures:
+                done += future.result()
+    finally:
+        for c, _ in opened:
+            c.close()
+    return done
 
 
 def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
@@ -452,7 +527,7 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
         sizes = output_sizes((codec.height, codec.width), target_size, scale_factors)
         convert = _Converter(sizes, len(wanted))
         try:
-            done = _Reader(path, container, stream, table).read(wanted, convert)
+            done = _decode_parallel(path, container, stream, table, wanted, convert, num_threads)
         except (av.error.FFmpegError, OSError) as err:
             raise VideoReadError(path, f"decoding failed ({type(err).__name__}: {err})") from err
     finally:

@@ -1,0 +1,341 @@
+"""Does the autoregressive loss help? The controlled ablation on the generated demo task.
+
+Arms (tiny model, identical data, steps, schedule and hyper-parameters; only the loss changes):
+
+- ``baseline``: ``loss_weight: 0`` (the module is attached but its loss has weight 0, so neither the LLM
+  nor the predictor gets any gradient from it; the frame-causal mask then has no effect on training,
+  which is why there is no separate "weight 0, mask off" arm: it would train the same model);
+- ``ar_causal``: ``loss_weight: 0.1`` (the guide's default), frame-causal mask on;
+- ``ar_nomask``: ``loss_weight: 0.1``, mask off (only the last window position is supervised).
+
+Each arm trains once per seed (the seed sets initialisation and data order) with the engine's own
+launcher (``python -m lmms_engine.launch.cli``, one subprocess per run, one intra-op thread), then:
+
+1. ``run_evaluate`` on the held-out split: greedy answers -> accuracy (overall and per question type),
+   and the run's own predictor's next-frame MSE vs copy-last per frame offset;
+2. a **probe**: a fresh predictor (same architecture, loss weight 1, mask on) fitted for
+   ``--probe-steps`` steps on the frozen LLM hidden states of ``--probe-train`` training clips, then
+   measured on the held-out clips. The baseline's own predictor never trained, so the probe is the
+   like-for-like comparison: how well the next frame can be read from the LLM's hidden states.
+
+Outputs: per run ``OUT/runs/<arm>_s<seed>/`` (config, log, checkpoint, eval/, probe.json); overall
+``OUT/summary.json``, the plot (``--plot``, default docs/ablation.png) and the ``ablation`` section of
+benchmarks/RESULTS.md. Finished runs are skipped when the script is run again (resumable).
+
+Run: ``python benchmarks/ablation.py`` (defaults = the documented budget; see docs/ablation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine_line, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS: dict[str, dict[str, Any]] = {
+    "baseline": {"loss_weight": 0.0, "use_frame_causal_mask": True},
+    "ar_causal": {"loss_weight": 0.1, "use_frame_causal_mask": True},
+    "ar_nomask": {"loss_weight": 0.1, "use_frame_causal_mask": False},
+}
+PREDICTOR = {"embedding_dim": 64, "num_hist": 3, "num_heads": 4, "num_layers": 2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="output/ablation", help="work folder (data, runs, summary)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--data-seed", type=int, default=0, help="demo dataset seed (same data for every run)")
+    p.add_argument("--num-train", type=int, default=1200)
+    p.add_argument("--num-eval", type=int, default=200)
+    p.add_argument("--max-frames", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--probe-train", type=int, default=256, help="training clips whose hidden states fit the probe")
+    p.add_argument("--probe-steps", type=int, default=300)
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "ablation.png"))
+    p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ training
+def run_config(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, seed: int) -> list[dict]:
+    return [{
+        "type": "trainer",
+        "config": {
+            "trainer_type": "autoregressive_trainer",
+            "model_config": {"enable_autoregressive": True,
+                             "autoregressive_config": {**PREDICTOR, **ARMS[arm]}},
+            "dataset_config": {"data_path": str(data / "train.json"), "max_frames": args.max_frames},
+            "output_dir": str(run_dir),
+            "max_steps": args.max_steps,
+            "per_device_train_batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": max(1, args.max_steps // 20),
+            "logging_steps": max(1, args.max_steps // 10),
+            "save_strategy": "no",
+            "dataloader_num_workers": 1,
+            "disable_tqdm": True,
+            "report_to": "none",
+            "seed": seed,
+        },
+    }]
+
+
+def start_training(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, seed: int) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.json"
+    config.write_text(json.dumps(run_config(args, data, run_dir, arm, seed), indent=1) + "\n")
+    log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed when the process is reaped
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmms_engine.launch.cli", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------ probe
+def probe_reconstruction(args: argparse.Namespace, data: Path, run_dir: Path, seed: int) -> dict[str, Any]:
+    """Fit a fresh predictor on the frozen model's hidden states; its held-out per-offset summary."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lmms_engine.data.dataset import build_dataset
+    from lmms_engine.data.preprocess import ProcessorInfo
+    from lmms_engine.eval.config import EvaluateConfig, load_model
+    from lmms_engine.eval.generation import prompt_loader
+    from lmms_engine.eval.reconstruction import (
+        ReconstructionAccumulator,
+        batch_reconstruction_errors,
+        video_hidden_states,
+    )
+    from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = load_model(EvaluateConfig(checkpoint=str(run_dir), data_path=str(data / "eval.json"), device="cpu"),
+                       tokenizer)
+    info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
+    dataset_config = {"data_path": str(data / "train.json"), "eval_data_path": str(data / "eval.json"),
+                      "max_frames": args.max_frames}
+    config = {**dict(model.config.autoregressive_config), "loss_weight": 1.0, "use_frame_causal_mask": True}
+    torch.manual_seed(seed)
+    probe = create_autoregressive_reconstruction_module(model.vision_tower, model.config.text_config.hidden_size,
+                                                        config)
+    cache = []
+    with torch.no_grad():
+        for batch in prompt_loader(build_dataset(dataset_config, tokenizer, info, "train"), tokenizer, 32,
+                                   limit=args.probe_train):
+            hidden, layout = video_hidden_states(model, batch.inputs)
+            features = probe.encode_targets(batch.inputs["pixel_values_videos"])
+            cache.append((hidden, layout, features))
+    optimizer = torch.optim.AdamW(probe.predictor.parameters(), lr=1e-3)
+    probe.train()
+    for step in range(args.probe_steps):
+        hidden, layout, features = cache[step % len(cache)]
+        loss = probe.compute_autoregressive_loss(hidden, target_features=features, video_token_layout=layout)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    probe.eval()
+    accumulator = ReconstructionAccumulator(probe)
+    with torch.no_grad():
+        for batch in prompt_loader(build_dataset(dataset_config, tokenizer, info, "eval"), tokenizer, 50):
+            videos = int((batch.inputs["video_num_frames"] > 0).sum())
+            accumulator.add_batch(batch_reconstruction_errors(model, batch.inputs, probe), videos)
+    return accumulator.summary()
+
+
+# ------------------------------------------------------------------------------------------ one run
+def finish_run(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, seed: int) -> dict[str, Any]:
+    """Evaluate a trained run and fit its probe; the run's record (also written to result.json)."""
+    import torch
+
+    from lmms_engine.eval.config import run_evaluate
+
+    torch.set_num_threads(1)
+    tick = time.time()
+    results = run_evaluate({
+        "checkpoint": str(run_dir), "data_path": str(data / "eval.json"),
+        "dataset_config": {"max_frames": args.max_frames}, "output_dir": str(run_dir / "eval"),
+        "batch_size": 50, "max_new_tokens": 6, "device": "cpu", "progress": False,
+    })
+    probe = probe_reconstruction(args, data, run_dir, seed)
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    record = {
+        "arm": arm, "seed": seed, **ARMS[arm],
+        "accuracy": results["accuracy"]["overall"]["accuracy"],
+        "chance_accuracy": results["accuracy"]["overall"]["chance_accuracy"],
+        "by_question_type": {k: v["accuracy"] for k, v in results["accuracy"]["by_question_type"].items()},
+        "own_predictor": results["reconstruction"],
+        "probe": probe,
+        "train_seconds": state["log_history"][-1].get("train_runtime"),
+        "final_main_loss": next((e["main_loss"] for e in reversed(state["log_history"]) if "main_loss" in e), None),
+        "eval_seconds": round(time.time() - tick, 1),
+    }
+    (run_dir / "result.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ report
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    arms: dict[str, Any] = {}
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        rs = [r for r in records if r["arm"] == arm]
+        types = sorted(rs[0]["by_question_type"])
+        arms[arm] = {
+            "seeds": [r["seed"] for r in rs],
+            "accuracy": spread([r["accuracy"] for r in rs]),
+            "by_question_type": {t: spread([r["by_question_type"][t] for r in rs]) for t in types},
+            "probe_mse": spread([r["probe"]["full_history"]["mse"] for r in rs]),
+            "probe_ratio": spread([r["probe"]["full_history"]["ratio"] for r in rs]),
+            "own_mse": spread([r["own_predictor"]["full_history"]["mse"] for r in rs]),
+            "own_ratio": spread([r["own_predictor"]["full_history"]["ratio"] for r in rs]),
+            "copy_last_mse": spread([r["probe"]["full_history"]["copy_last_mse"] for r in rs]),
+            "final_main_loss": spread([r["final_main_loss"] for r in rs]),
+        }
+    return {"chance_accuracy": records[0]["chance_accuracy"], "arms": arms}
+
+
+def fmt(s: dict[str, float], digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def markdown(args: argparse.Namespace, summary: dict, records: list[dict], wall: float) -> str:
+    arms = summary["arms"]
+    types = sorted(next(iter(arms.values()))["by_question_type"])
+    lines = [
+        "## Ablation: autoregressive loss on the demo task (tiny model)",
+        "",
+        machine_line(),
+        f"Command: `python benchmarks/ablation.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"{args.num_train} training / {args.num_eval} held-out clips (data seed {args.data_seed}), "
+        f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate} cosine, {args.max_frames} "
+        f"frames; probe: {args.probe_steps} steps on {args.probe_train} clips; wall {wall / 60:.1f} min. "
+        "Values: mean ± sample std (min–max) over seeds.",
+        "",
+        f"| arm | seeds | held-out accuracy (chance {summary['chance_accuracy']:.3f}) | "
+        + " | ".join(types) + " | probe MSE (k=3) | probe / copy-last | own predictor / copy-last | final main loss |",
+        "|---|---|" + "---|" * (len(types) + 5),
+    ]
+    for arm, a in arms.items():
+        lines.append(
+            f"| {arm} | {len(a['seeds'])} | {fmt(a['accuracy'])} | "
+            + " | ".join(fmt(a["by_question_type"][t], 2) for t in types)
+            + f" | {fmt(a['probe_mse'], 4)} | {fmt(a['probe_ratio'], 2)} | {fmt(a['own_ratio'], 2)} | "
+              f"{fmt(a['final_main_loss'])} |")
+    lines += ["", "Per run:", "", "| arm | seed | accuracy | probe MSE (k=3) | own predictor MSE (k=3) | "
+              "copy-last MSE | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['accuracy']:.3f} | {r['probe']['full_history']['mse']:.5f} | "
+                     f"{r['own_predictor']['full_history']['mse']:.5f} | "
+                     f"{r['probe']['full_history']['copy_last_mse']:.5f} | {r['train_seconds'] or 0:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(summary["arms"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, arm in enumerate(arms):
+        rs = [r for r in records if r["arm"] == arm]
+        a = summary["arms"][arm]
+        ax1.errorbar(i, a["accuracy"]["mean"], yerr=a["accuracy"]["std"], fmt="o", capsize=6, color="C0")
+        ax1.scatter([i + 0.12] * len(rs), [r["accuracy"] for r in rs], s=12, color="C0", alpha=0.5)
+        ax2.errorbar(i - 0.1, a["probe_ratio"]["mean"], yerr=a["probe_ratio"]["std"], fmt="o", capsize=6,
+                     color="C1", label="probe (fresh predictor)" if i == 0 else None)
+        if arm != "baseline":
+            ax2.errorbar(i + 0.1, a["own_ratio"]["mean"], yerr=a["own_ratio"]["std"], fmt="s", capsize=6,
+                         color="C2", label="the run's own predictor" if i == 1 else None)
+    ax1.axhline(summary["chance_accuracy"], color="grey", ls="--", label="chance (guessing an option)")
+    ax1.set_xticks(range(len(arms)), arms)
+    ax1.set_ylabel("held-out accuracy")
+    ax1.set_title("Answer accuracy (mean ± std over seeds)")
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.axhline(1.0, color="grey", ls="--", label="copy-last-frame baseline")
+    ax2.set_xticks(range(len(arms)), arms)
+    ax2.set_ylabel("next-frame MSE / copy-last MSE (offset 3)")
+    ax2.set_title("Reconstruction (lower is better)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    data = out / "data"
+    if not (data / "eval.json").is_file():
+        from lmms_engine.data.demo import generate_demo_dataset
+
+        print(f"generating {args.num_train} + {args.num_eval} demo clips in {data}", flush=True)
+        generate_demo_dataset(data, args.num_train, args.num_eval, args.data_seed, progress=False)
+    runs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: balanced partials
+    todo = [(arm, seed) for arm, seed in runs if not (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
+    running: list[tuple[subprocess.Popen, str, int]] = []
+    pending = list(todo)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            arm, seed = pending.pop(0)
+            running.append((start_training(args, data, out / "runs" / f"{arm}_s{seed}", arm, seed), arm, seed))
+            print(f"[{(time.time() - start) / 60:5.1f} min] training {arm} seed {seed}", flush=True)
+        finished = [r for r in running if r[0].poll() is not None]
+        if not finished:
+            time.sleep(2)
+            continue
+        for proc, arm, seed in finished:
+            running.remove((proc, arm, seed))
+            proc.log.close()  # type: ignore[attr-defined]
+            run_dir = out / "runs" / f"{arm}_s{seed}"
+            if not (run_dir / "model.safetensors").is_file():
+                print(f"training {arm} seed {seed} failed (exit {proc.returncode}); see {run_dir / 'train.log'}",
+                      flush=True)
+                continue
+            record = finish_run(args, data, run_dir, arm, seed)
+            print(f"[{(time.time() - start) / 60:5.1f} min] {arm} seed {seed}: accuracy {record['accuracy']:.3f}, "
+                  f"probe ratio {record['probe']['full_history']['ratio']:.3f}, own ratio "
+                  f"{record['own_predictor']['full_history']['ratio']:.3f}", flush=True)
+    records = [json.loads((out / "runs" / f"{arm}_s{seed}" / "result.json").read_text()) for arm, seed in runs
+               if (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
+    if not records:
+        print("no finished runs", flush=True)
+        return 1
+    summary = summarize(records)
+    wall = time.time() - start
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
+    plot(summary, records, Path(args.plot))
+    report = markdown(args, summary, records, wall)
+    print(report, flush=True)
+    if not args.no_write:
+        print(f"wrote {write_section('ablation', report)}", flush=True)
+    print(f"plot: {args.plot}; summary: {out / 'summary.json'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
