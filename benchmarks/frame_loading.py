@@ -9,7 +9,10 @@ afresh, as a data loader does per sample):
 - ``pyav all``: naive PyAV, decode every frame, keep the targets.
 
 Every loader gets the same frame indices (ours' uniform plan) and the result is checked against
-ours, so a fast wrong answer cannot win. Clips are generated once into ``benchmarks/_cache/``:
+ours, so a fast wrong answer cannot win. Process CPU time (all threads) is reported beside wall time:
+on a shared machine it is the steadier figure, and a probe (one thread of numpy work, timed before
+and after) says what share of a core a single thread got during the run. Clips are generated once
+into ``benchmarks/_cache/``:
 
 - ``long``: 60 s, 1280x720, 30 fps, x264's default keyframe interval (250 frames);
 - ``dense``: 10 s, 1280x720, 30 fps, a keyframe every 10 frames.
@@ -156,11 +159,32 @@ def same_frames(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((diff < 4.0).all())
 
 
+FOOTER = (
+    "Where ours saves: one seek per keyframe interval holding targets (none when the next interval "
+    "follows directly); packets of frames nobody asked for decoded with `skip_frame=\"NONREF\"`, so the "
+    "decoder drops those no other frame references (x264's non-reference B-frames, about half of all "
+    "frames) while every reference frame is decoded and the returned frames stay bit-exact; the decoder "
+    "drained after an interval's last target instead of fed further packets; only the kept frames "
+    "converted. \"wrong frames\" would mark a loader whose frames differ from ours by more than the "
+    "scalers' rounding (mean absolute difference >= 4 levels). Run: `python benchmarks/frame_loading.py`."
+)
+
+
 def _cpu_seconds() -> float:
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, FFmpeg's included
     return usage.ru_utime + usage.ru_stime
+
+
+def core_share() -> float:
+    """Fraction of one core a single busy thread gets right now (1.0 on an idle machine)."""
+    rng = np.random.default_rng(0)
+    a = rng.random((600, 600))
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(40):
+        a = np.tanh(a * 1.0001)  # single-threaded numpy work (no BLAS threads involved)
+    return (_cpu_seconds() - c0) / (time.perf_counter() - t0)
 
 
 def run(repeats: int) -> str:
@@ -171,7 +195,7 @@ def run(repeats: int) -> str:
     from lmms_engine.video.decode import read_video
     from lmms_engine.video.sampling import SamplingSpec
 
-    load_before = os.getloadavg()
+    load_before, share_before = os.getloadavg(), core_share()
     rows = []
     for name in CLIPS:
         path = clip_path(name)
@@ -194,7 +218,7 @@ def run(repeats: int) -> str:
             print(name, count, {k: round(v, 3) for k, v in med.items()},
                   {k: round(v, 3) for k, v in med_cpu.items()}, match, flush=True)
             rows.append((name, count, med, med_cpu, match))
-    load_after = os.getloadavg()
+    load_after, share_after = os.getloadavg(), core_share()
 
     def cell(key: str, med: dict, match: dict) -> str:
         return f"{med[key]:.3f}" + ("" if match[key] else " (wrong frames)")
@@ -202,8 +226,9 @@ def run(repeats: int) -> str:
     lines = [
         "## Frame loading",
         "",
-        f"{machine_line(('torch', 'av', 'decord'))}. Load average (1 min) before / after the run: "
-        f"{load_before[0]:.1f} / {load_after[0]:.1f}.",
+        f"{machine_line(('torch', 'av', 'decord'))}. Shared machine: load average (1 min) before / after "
+        f"the run {load_before[0]:.1f} / {load_after[0]:.1f}; one busy thread got {share_before:.0%} / "
+        f"{share_after:.0%} of a core.",
         "",
         f"Sampling N uniformly spread frames (the same indices for every loader) resized to {SIZE[0]}x{SIZE[1]} "
         f"in the decoder; median wall seconds of {repeats} runs, loaders interleaved in one run, each run "
@@ -222,8 +247,7 @@ def run(repeats: int) -> str:
                      f"{med['ours'] / med['decord']:.2f}x | {med_cpu['ours'] / med_cpu['decord']:.2f}x |")
     lines += [
         "",
-        "\"wrong frames\" marks a loader whose frames differ from ours by more than the scalers' rounding "
-        "(mean absolute difference >= 4 levels). Run: `python benchmarks/frame_loading.py`.",
+        FOOTER,
     ]
     return "\n".join(lines)
 

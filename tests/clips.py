@@ -106,7 +106,7 @@ def remux_with_offset(src: str | Path, dst: str | Path, offset_seconds: float) -
 
 
 def packet_timeline(path: str | Path) -> tuple[list[int], list[int]]:
-    """``(pts in decode order, first-pts-relative)``: used to check a clip really has B-frames."""
+    """``(pts in decode order, the same sorted)``: they differ when a clip really has B-frames."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         pts = [p.pts for p in container.demux(stream) if p.size and p.pts is not None]

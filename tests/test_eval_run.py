@@ -99,8 +99,11 @@ def test_answers_do_not_depend_on_the_batch_size(workspace):
     single = run_evaluate(evaluate_block(root, data, "with_ar", metrics=["accuracy"], batch_size=1,
                                          output_dir=str(root / "b1")))
     assert "reconstruction" not in batched
-    read = lambda d: [json.loads(line)["prediction"] for line in (root / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
-    assert read("b6") == read("b1")
+    def answers(folder: str) -> list[str]:
+        lines = (root / folder / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(line)["prediction"] for line in lines]
+
+    assert answers("b6") == answers("b1")
     assert batched["accuracy"] == single["accuracy"]
 
 
@@ -109,7 +112,8 @@ def test_checkpoint_without_autoregressive_module_skips_reconstruction(workspace
     results = run_evaluate(evaluate_block(root, data, "plain", metrics=["reconstruction"]))
     assert "accuracy" not in results
     assert "no autoregressive module" in results["reconstruction"]["skipped"]
-    assert "Skipped: the checkpoint has no autoregressive module" in (root / "plain" / "eval" / "eval_results.md").read_text()
+    markdown = (root / "plain" / "eval" / "eval_results.md").read_text()
+    assert "Skipped: the checkpoint has no autoregressive module" in markdown
 
 
 @pytest.mark.parametrize("change, message", [

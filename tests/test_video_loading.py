@@ -39,6 +39,8 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
     c["offset_mkv"] = remux_with_offset(c["gop12"], d / "offset.mkv", 1.5)
     c["offset_mp4"] = remux_with_offset(c["gop12"], d / "offset.mp4", 2.25)
+    # Negative timestamps for the first 0.5 s: the mp4 edit list hides those 12 frames (pre-roll).
+    c["preroll"] = remux_with_offset(c["gop12"], d / "preroll.mp4", -0.5)
     return c
 
 
@@ -191,6 +193,15 @@ def test_open_gop_leading_frames(clips):
     for indices in ([10], [9, 10, 11], [11, 12], [12, 13, 10]):
         video = read_video(clips["open_gop"], indices)
         assert video.frame_indices == indices and read_indices(video.frames) == indices
+
+
+def test_edit_list_preroll_frames_are_not_frames(clips, loader):
+    """Frames an edit list cuts from the start are decoded as references but never returned."""
+    video = loader.load_video(clips["preroll"], max_frames=1000)
+    assert video.total_frames == 108 and video.timestamps[0] == 0.0
+    assert read_indices(video.frames) == list(range(12, 120))
+    some = read_video(clips["preroll"], [0, 1, 50, 107])
+    assert read_indices(some.frames) == [12, 13, 62, 119]
 
 
 @pytest.mark.parametrize("num_threads", [1, 3])
@@ -346,8 +357,8 @@ def test_undecodable_frame_is_left_out_never_repeated(clips, loader, tmp_path):
         for packet in inp.demux(s_in):
             if packet.size == 0:
                 continue
-            slices = [h for h in _nal_units(bytes(packet)) if h & 31 in (1, 5)]
-            if victim_pts is None and packet.pts > 20 * 512 and all(h >> 5 == 0 for h in slices):
+            slices = [h for h in _nal_units(bytes(packet)) if (h & 31) in (1, 5)]
+            if victim_pts is None and packet.pts > 20 * 512 and slices and all(h >> 5 == 0 for h in slices):
                 victim_pts = packet.pts  # a non-reference slice: no other frame depends on it
                 body = bytes([0x01]) + np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
                 garbage = av.Packet(len(body).to_bytes(4, "big") + body)

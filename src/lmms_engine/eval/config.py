@@ -175,11 +175,12 @@ def load_model(config: EvaluateConfig, tokenizer: Any) -> Any:
     in eval mode on the configured device (its autoregressive module restored when it has one)."""
     from lmms_engine.models.builder import ModelConfig, build_model
 
+    device = _resolve_device(config.device)  # before loading: a missing GPU fails fast
     model_config = ModelConfig(model_name_or_path=config.checkpoint, torch_dtype=config.torch_dtype,
                                attn_implementation=config.attn_implementation)  # type: ignore[arg-type]
     model = build_model(model_config, tokenizer)
     model.requires_grad_(False)
-    return model.eval().to(_resolve_device(config.device))
+    return model.eval().to(device)
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
@@ -264,7 +265,8 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
     predictions = []
     timing = {"load": time.time() - start, "generation": 0.0, "reconstruction": 0.0}
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not cfg.progress):
+        batches = loader if (want_accuracy or accumulator is not None) else []  # nothing left to measure
+        for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not cfg.progress):
             batch = batch.to(device)
             if want_accuracy:
                 tick = time.time()

@@ -35,8 +35,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -57,8 +55,6 @@ _TEXT_ART_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 # After a seek the reader checks where the demuxer landed; this many earlier keyframes are tried when
 # it lands past the wanted one before falling back to the stream's start.
 _SEEK_RETRIES = 3
-# At most this many decoders work on one video at once (see _decode_parallel).
-_MAX_DECODERS = 8
 
 
 class VideoReadError(ValueError):
@@ -97,13 +93,14 @@ class DecodedVideo:
 
 @dataclass
 class _Packet:
-    """One video packet of the index pass (frame packets only: not empty, corrupt or discarded)."""
+    """One video packet of the index pass (not empty, not corrupt)."""
 
     pts: int | None
     dts: int | None
     decode_pos: int
     is_keyframe: bool
     duration: int
+    is_frame: bool  # False for edit-list pre-roll: decoded (others may reference it), never shown
 
 
 @dataclass
@@ -170,7 +167,7 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float | None:
 def build_frame_table(path: str | Path, container: av.container.InputContainer,
                       stream: av.video.stream.VideoStream) -> FrameTable:
     """Demux every packet of ``stream`` once (no decoding) and index its frames."""
-    packets: list[_Packet] = []
+    read: list[_Packet] = []
     decode_pos: dict[int, int] = {}
     position = 0
     try:
@@ -179,16 +176,19 @@ def build_frame_table(path: str | Path, container: av.container.InputContainer,
                 continue
             if packet.pts is not None:
                 decode_pos.setdefault(packet.pts, position)
-            if not (packet.is_corrupt or packet.is_discard):
-                packets.append(_Packet(packet.pts, packet.dts, position, packet.is_keyframe, packet.duration or 0))
+            if not packet.is_corrupt:
+                read.append(_Packet(packet.pts, packet.dts, position, packet.is_keyframe, packet.duration or 0,
+                                    not packet.is_discard))
             position += 1
     except (av.error.FFmpegError, OSError) as err:
         # A damaged tail: the packets read so far are the video this file still holds.
         logger.warning("%s: demuxing stopped after %d packets (%s); using the frames before it",
-                       path, len(packets), err)
+                       path, len(read), err)
+    packets = [p for p in read if p.is_frame]
     if not packets:
         raise VideoReadError(path, "the video stream holds no frames (empty or truncated before the first frame)")
-    if not any(p.is_keyframe for p in packets):
+    keys = [p for p in read if p.is_keyframe]
+    if not keys:
         raise VideoReadError(path, "the video stream holds no keyframe, so no frame can be decoded")
 
     fps = _stream_fps(stream)
@@ -209,9 +209,11 @@ def build_frame_table(path: str | Path, container: av.container.InputContainer,
     last_duration = float(frames[-1].duration * tb) if frames[-1].duration > 0 else 1.0 / fps
     duration = timestamps[-1] + last_duration
 
-    # Keyframes in decode order; a frame starts decoding at the last keyframe with pts <= its own
-    # (B-frames of an open GOP that precede their keyframe in time go with the keyframe before).
-    keys = [p for p in packets if p.is_keyframe]
+    # Keyframes in decode order (pre-roll ones included); a frame starts decoding at the last keyframe
+    # with pts <= its own (B-frames of an open GOP that precede their keyframe in time go with the
+    # keyframe before).
+    if any(k.pts is None for k in keys):
+        keys = [k for k in keys if k.pts is not None] or [packets[0]]
     seek_ts = {k.decode_pos: (k.pts, k.dts) for k in keys}
     keyframe_of = []
     # Walk frames in pts order, keeping the keyframes whose pts is <= the frame's pts (latest in decode
@@ -249,13 +251,6 @@ class _Converter:
         self.arrays = [np.empty((count, h, w, 3), dtype=np.uint8) for h, w in sizes]
         # One reformatter per size keeps FFmpeg's scaler set up between frames.
         self.reformatters = [av.video.reformatter.VideoReformatter() for _ in sizes]
-
-    def clone(self) -> "_Converter":
-        """A converter writing into the same arrays with its own scalers (one per decoding thread)."""
-        twin = object.__new__(_Converter)
-        twin.sizes, twin.arrays = self.sizes, self.arrays
-        twin.reformatters = [av.video.reformatter.VideoReformatter() for _ in self.sizes]
-        return twin
 
     def __call__(self, frame: av.VideoFrame, slot: int) -> None:
         for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
@@ -423,71 +418,6 @@ def _chain(first: av.Packet, rest: Iterator[av.Packet]) -> Iterator[av.Packet]:
     yield from rest
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def split_groups(table: FrameTable, wanted: list[int], workers: int) -> list[list[int]]:
-    """Split sorted frame indices into ``<= workers`` runs of whole keyframe groups of similar cost.
-
-    A group's cost is the packets decoded for it: from its keyframe to its last requested frame.
-    """
-    if table.pts is None or workers <= 1:
-        return [wanted]
-    groups: dict[int, list[int]] = {}
-    for i in wanted:
-        groups.setdefault(table.keyframe_of[i], []).append(i)
-    keys = sorted(groups)
-    cost = [max(table.decode_pos[table.pts[i]] for i in groups[k]) - k + 1 for k in keys]
-    total, chunks, current, acc = sum(cost), [], [], 0
-    for key, c in zip(keys, cost):
-        current += groups[key]
-        acc += c
-        if acc >= total * (len(chunks) + 1) / workers and len(chunks) < workers - 1:
-            chunks.append(current)
-            current = []
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _decode_parallel(path: str | Path, container: av.container.InputContainer,
-                     stream: av.video.stream.VideoStream, table: FrameTable, wanted: list[int],
-                     convert: _Converter, num_threads: int) -> list[int]:
-    """Decode ``wanted`` (sorted, unique) into slots ``0..len-1``, keyframe groups spread over threads.
-
-    Keyframe intervals decode independently, so runs of them go to separate decoders (one container
-    each, in Python threads; PyAV releases the GIL while FFmpeg works): this keeps every core busy even
-    where FFmpeg's frame threads cannot (few frames per interval, or the skipped non-reference frames
-    that would otherwise fill the thread pipeline). ``num_threads`` is the thread budget: 0 = one per
-    core (with a single run, FFmpeg's own choice), 1 = everything on the calling thread.
-    """
-    budget = num_threads or _cpu_count()
-    chunks = split_groups(table, wanted, min(budget, _MAX_DECODERS))
-    slot_of = {i: slot for slot, i in enumerate(wanted)}
-    if len(chunks) == 1:
-        return _Reader(path, container, stream, table).read(slot_of, convert)
-    threads = max(1, budget // len(chunks))
-    stream.codec_context.thread_count = threads  # the decoder opens on first use, after this
-    opened = []
-    try:
-        for _ in chunks[1:]:
-            opened.append(open_video(path, threads))
-        with ThreadPoolExecutor(max_workers=len(chunks) - 1) as pool:
-            futures = [pool.submit(_Reader(path, c, s, table).read, {i: slot_of[i] for i in chunk}, convert.clone())
-                       for (c, s), chunk in zip(opened, chunks[1:])]
-            done = _Reader(path, container, stream, table).read({i: slot_of[i] for i in chunks[0]}, convert)
-            for future in futures:
-                done += future.result()
-    finally:
-        for c, _ in opened:
-            c.close()
-    return done
-
-
 def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
                target_size: tuple[int, int] | None = None, scale_factors: Sequence[float] | None = None,
                num_threads: int = 0) -> DecodedVideo:
@@ -527,7 +457,7 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
         sizes = output_sizes((codec.height, codec.width), target_size, scale_factors)
         convert = _Converter(sizes, len(wanted))
         try:
-            done = _decode_parallel(path, container, stream, table, wanted, convert, num_threads)
+            done = _Reader(path, container, stream, table).read({i: slot for slot, i in enumerate(wanted)}, convert)
         except (av.error.FFmpegError, OSError) as err:
             raise VideoReadError(path, f"decoding failed ({type(err).__name__}: {err})") from err
     finally:

@@ -9,7 +9,8 @@ from the first frame). The rules, in order:
    (``sample_rate=n``: range frames 0, n, 2n, ...), or with ``fps`` the frame on screen at each of the
    times ``t0, t0 + 1/fps, t0 + 2/fps, ...`` (``t0`` = the range's first frame; "on screen" = the last
    frame whose timestamp is ``<= t``; a frame is never taken twice, so ``fps`` above the video's rate
-   gives every frame). Fractional ``fps`` (e.g. 0.5) works.
+   gives every frame). Fractional ``fps`` (e.g. 0.5) works. LLaVA-NeXT instead takes every
+   ``round(video_fps / fps)``-th frame; both agree when that ratio is an integer (30 fps video, 1 fps).
 3. Cap (``linspace``): if there are more than ``max_frames`` candidates, keep ``max_frames`` of them at
    positions ``floor(i * (n - 1) / (k - 1))``, ``i = 0..k-1`` (numpy's ``linspace(0, n - 1, k)`` cast to
    int, as LLaVA-NeXT does, in exact integer arithmetic; first and last candidates included; ``k = 1``
