@@ -37,7 +37,10 @@ def test_hand_computed_offsets():
     # offset 2: window (0,1 -> 2): last position predicts 2 + 1 = 3, target 4, copy 2
     assert (out[2].sq_error, out[2].copy_last_sq_error, out[2].elements, out[2].windows) == (1.0, 4.0, 1, 1)
     assert out[3].elements == 0 and out[3].to_dict()["mse"] is None  # no 4-frame window
-    assert out[1].to_dict() == {"mse": 0.5, "copy_last_mse": 2.5, "ratio": 0.2, "windows": 2, "elements": 2}
+    # best constant: offset 1's targets are 2 and 4 -> mean 3, variance 1; offset 2 has one target
+    assert out[1].to_dict() == {"mse": 0.5, "copy_last_mse": 2.5, "ratio": 0.2, "mean_target_mse": 1.0,
+                                "windows": 2, "elements": 2}
+    assert out[2].mean_target_mse() == 0.0 and out[3].mean_target_mse() is None
 
 
 def test_absent_frames_break_windows_and_tokens_average():
@@ -51,6 +54,8 @@ def test_absent_frames_break_windows_and_tokens_average():
     # video 1 only 0->1 (err 0; copy 1); each window has 2 tokens x 2 dims = 4 elements
     assert (out[1].sq_error, out[1].copy_last_sq_error, out[1].elements, out[1].windows) == (4.0, 24.0, 12, 3)
     assert (out[2].sq_error, out[2].copy_last_sq_error, out[2].elements, out[2].windows) == (4.0, 16.0, 4, 1)
+    # offset 1's three target frames hold 1, 3, 1 at every position: mean 5/3, variance 8/9
+    assert out[1].mean_target_mse() == pytest.approx(8 / 9)
 
 
 def test_accumulator_pools_batches_and_streams():
@@ -68,12 +73,12 @@ def test_accumulator_pools_batches_and_streams():
     summary = acc.summary()
     assert summary["num_videos"] == 3
     assert summary["by_offset"][0] == {"offset": 1, "mse": 8.0 / 12, "copy_last_mse": 1.0, "ratio": 8.0 / 12,
-                                       "windows": 6, "elements": 12}
+                                       "mean_target_mse": None, "windows": 6, "elements": 12}
     assert summary["full_history"]["mse"] == 0.5 and summary["full_history"]["windows"] == 1
     assert summary["all_offsets"]["mse"] == pytest.approx(9.0 / 14)
     assert summary["by_stream"]["fast"][0]["mse"] == pytest.approx(2.0 / 8)
     table = reconstruction_markdown(summary).splitlines()
-    assert table[-1].startswith("| **all** | 0.64286 | 0.92857 | 0.692 | 7 |")
+    assert table[-1].startswith("| **all** | 0.64286 | 0.92857 | 0.692 | n/a | 7 |")
 
 
 def video_batch(model, num_frames: list[int], seed: int = 0) -> dict:

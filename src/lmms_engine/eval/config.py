@@ -208,8 +208,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"Skipped: {recon['skipped']}.")
         else:
             lines += ["MSE of the predicted vision embeddings of frame s+k from the LLM's hidden states of "
-                      "frames s..s+k-1 (k = frame offset), against copying frame s+k-1; ratio < 1 beats "
-                      "copying.", "", reconstruction_markdown(recon)]
+                      "frames s..s+k-1 (k = frame offset), against copying frame s+k-1 (ratio < 1 beats "
+                      "copying) and against the best constant prediction (mean-target MSE: the mean target "
+                      "at each grid position).", "", reconstruction_markdown(recon)]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,10 @@ prediction of the last window position is compared with the target:
 - ``mse``: mean squared error over the target elements (tokens x embedding_dim) of all such windows;
 - ``copy_last_mse``: the same for the copy-last-frame baseline (predict frame ``s+k`` = frame
   ``s+k-1``'s target);
-- ``ratio`` = ``mse / copy_last_mse`` (< 1: the predictor beats copying the last frame).
+- ``ratio`` = ``mse / copy_last_mse`` (< 1: the predictor beats copying the last frame);
+- ``mean_target_mse``: the best constant predictor (each target predicted by the mean target at its
+  grid position over the same windows, i.e. the targets' variance); a predictor above it has not
+  learned to use its input at all.
 
 Feeding exactly ``k`` frames and reading the last position is valid with the frame-causal mask on or
 off: with the mask that position equals position ``k-1`` of any longer window (it sees the same
@@ -37,25 +40,42 @@ PredictFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class OffsetSums:
     """Running sums for one frame offset: squared errors of the predictor and of copy-last, the
-    number of target elements and of windows."""
+    number of target elements and of windows, and the per-(grid position, dimension) sum and sum of
+    squares of the targets (``[P, E]``, float64), from which the constant mean-target baseline follows."""
 
     sq_error: float = 0.0
     copy_last_sq_error: float = 0.0
     elements: int = 0
     windows: int = 0
+    target_sum: torch.Tensor | None = None
+    target_sq_sum: torch.Tensor | None = None
 
     def add(self, other: "OffsetSums") -> None:
         self.sq_error += other.sq_error
         self.copy_last_sq_error += other.copy_last_sq_error
         self.elements += other.elements
         self.windows += other.windows
+        if other.target_sum is not None:
+            if self.target_sum is None:
+                self.target_sum, self.target_sq_sum = other.target_sum.clone(), other.target_sq_sum.clone()
+            else:
+                self.target_sum += other.target_sum
+                self.target_sq_sum += other.target_sq_sum
+
+    def mean_target_mse(self) -> float | None:
+        """MSE of predicting every target by the mean target at its grid position (over these windows):
+        the best constant predictor, i.e. the targets' variance. A predictor above it ignores its input."""
+        if self.target_sum is None or not self.windows:
+            return None
+        mean = self.target_sum / self.windows
+        return float((self.target_sq_sum / self.windows - mean * mean).clamp(min=0).mean())
 
     def to_dict(self) -> dict[str, Any]:
         mse = self.sq_error / self.elements if self.elements else None
         base = self.copy_last_sq_error / self.elements if self.elements else None
         ratio = mse / base if mse is not None and base else None
-        return {"mse": mse, "copy_last_mse": base, "ratio": ratio, "windows": self.windows,
-                "elements": self.elements}
+        return {"mse": mse, "copy_last_mse": base, "ratio": ratio, "mean_target_mse": self.mean_target_mse(),
+                "windows": self.windows, "elements": self.elements}
 
 
 def next_frame_errors(
@@ -100,6 +120,8 @@ def next_frame_errors(
         sums.copy_last_sq_error = float((previous - target).pow(2).sum())
         sums.elements = target.numel()
         sums.windows = int(rows.numel())
+        sums.target_sum = target.sum(0).double().cpu()
+        sums.target_sq_sum = target.double().pow(2).sum(0).cpu()
     return out
 
 
@@ -236,13 +258,13 @@ def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
         f"{'on' if summary['use_frame_causal_mask'] else 'off'}, loss_weight={summary['loss_weight']}; "
         f"{summary['num_videos']} videos.",
         "",
-        "| frame offset (history frames) | predictor MSE | copy-last MSE | ratio | windows |",
-        "|---:|---:|---:|---:|---:|",
+        "| frame offset (history frames) | predictor MSE | copy-last MSE | ratio | mean-target MSE | windows |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [(str(r["offset"]), r) for r in summary["by_offset"]] + [("**all**", summary["all_offsets"])]
     for name, r in rows:
         lines.append(f"| {name} | {cell(r['mse'])} | {cell(r['copy_last_mse'])} | {cell(r['ratio'], '.3f')} | "
-                     f"{r['windows']} |")
+                     f"{cell(r['mean_target_mse'])} | {r['windows']} |")
     return "\n".join(lines)
 
 
