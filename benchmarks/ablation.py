@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2, help="training runs at once")
     p.add_argument("--plot", default=str(ROOT / "docs" / "ablation.png"))
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate trained runs again (e.g. after changing the evaluator); no retraining")
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     return p.parse_args(argv)
 
@@ -188,6 +190,15 @@ def finish_run(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, se
     return record
 
 
+def report_run(record: dict[str, Any], start: float) -> None:
+    k = record["probe"]["full_history"]
+    print(f"[{(time.time() - start) / 60:5.1f} min] {record['arm']} seed {record['seed']}: accuracy "
+          f"{record['accuracy']:.3f}; offset-3 MSE: own predictor "
+          f"{record['own_predictor']['full_history']['mse']:.4f}, "
+          f"probe {k['mse']:.4f}, copy-last {k['copy_last_mse']:.4f}, mean target {k['mean_target_mse']:.4f}",
+          flush=True)
+
+
 # ------------------------------------------------------------------------------------------ report
 def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -208,6 +219,11 @@ def summarize(records: list[dict]) -> dict[str, Any]:
             "own_mse": spread([r["own_predictor"]["full_history"]["mse"] for r in rs]),
             "own_ratio": spread([r["own_predictor"]["full_history"]["ratio"] for r in rs]),
             "copy_last_mse": spread([r["probe"]["full_history"]["copy_last_mse"] for r in rs]),
+            "mean_target_mse": spread([r["probe"]["full_history"]["mean_target_mse"] for r in rs]),
+            "own_vs_mean_target": spread([r["own_predictor"]["full_history"]["mse"]
+                                          / r["probe"]["full_history"]["mean_target_mse"] for r in rs]),
+            "probe_vs_mean_target": spread([r["probe"]["full_history"]["mse"]
+                                            / r["probe"]["full_history"]["mean_target_mse"] for r in rs]),
             "final_main_loss": spread([r["final_main_loss"] for r in rs]),
         }
     return {"chance_accuracy": records[0]["chance_accuracy"], "arms": arms}
@@ -217,35 +233,44 @@ def fmt(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
-def markdown(args: argparse.Namespace, summary: dict, records: list[dict], wall: float) -> str:
+def markdown(args: argparse.Namespace, summary: dict, records: list[dict]) -> str:
     arms = summary["arms"]
     types = sorted(next(iter(arms.values()))["by_question_type"])
     lines = [
         "## Ablation: autoregressive loss on the demo task (tiny model)",
         "",
         machine_line(),
-        f"Command: `python benchmarks/ablation.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join(["python benchmarks/ablation.py"]
+                                + [a for a in sys.argv[1:] if a != "--reevaluate"]) + "`",
         f"{args.num_train} training / {args.num_eval} held-out clips (data seed {args.data_seed}), "
         f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate} cosine, {args.max_frames} "
-        f"frames; probe: {args.probe_steps} steps on {args.probe_train} clips; wall {wall / 60:.1f} min. "
+        f"frames; probe: {args.probe_steps} steps on {args.probe_train} clips; trainer runtime "
+        f"{sum(r['train_seconds'] or 0 for r in records) / 60:.1f} min over {len(records)} runs, evaluation "
+        f"{sum(r['eval_seconds'] for r in records) / 60:.1f} min (--jobs {args.jobs}). "
         "Values: mean ± sample std (min–max) over seeds.",
         "",
         f"| arm | seeds | held-out accuracy (chance {summary['chance_accuracy']:.3f}) | "
-        + " | ".join(types) + " | probe MSE (k=3) | probe / copy-last | own predictor / copy-last | final main loss |",
-        "|---|---|" + "---|" * (len(types) + 5),
+        + " | ".join(types) + " | final main loss |",
+        "|---|---|" + "---|" * (len(types) + 2),
     ]
     for arm, a in arms.items():
-        lines.append(
-            f"| {arm} | {len(a['seeds'])} | {fmt(a['accuracy'])} | "
-            + " | ".join(fmt(a["by_question_type"][t], 2) for t in types)
-            + f" | {fmt(a['probe_mse'], 4)} | {fmt(a['probe_ratio'], 2)} | {fmt(a['own_ratio'], 2)} | "
-              f"{fmt(a['final_main_loss'])} |")
-    lines += ["", "Per run:", "", "| arm | seed | accuracy | probe MSE (k=3) | own predictor MSE (k=3) | "
-              "copy-last MSE | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"| {arm} | {len(a['seeds'])} | {fmt(a['accuracy'])} | "
+                     + " | ".join(fmt(a["by_question_type"][t], 2) for t in types)
+                     + f" | {fmt(a['final_main_loss'])} |")
+    lines += ["", "Next-frame reconstruction at frame offset 3 (held-out; MSE ratios, lower is better; copy-last "
+              "and mean-target MSE depend on the seed's random frozen tower, hence the ratios):", "",
+              "| arm | probe / copy-last | probe / mean target | own predictor / copy-last | "
+              "own predictor / mean target |", "|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        lines.append(f"| {arm} | {fmt(a['probe_ratio'], 2)} | {fmt(a['probe_vs_mean_target'], 2)} | "
+                     f"{fmt(a['own_ratio'], 2)} | {fmt(a['own_vs_mean_target'], 2)} |")
+    lines += ["", "Per run (offset-3 MSE):", "", "| arm | seed | accuracy | probe | own predictor | copy-last | "
+              "mean target | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['accuracy']:.3f} | {r['probe']['full_history']['mse']:.5f} | "
-                     f"{r['own_predictor']['full_history']['mse']:.5f} | "
-                     f"{r['probe']['full_history']['copy_last_mse']:.5f} | {r['train_seconds'] or 0:.0f} |")
+        k = r["probe"]["full_history"]
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['accuracy']:.3f} | {k['mse']:.5f} | "
+                     f"{r['own_predictor']['full_history']['mse']:.5f} | {k['copy_last_mse']:.5f} | "
+                     f"{k['mean_target_mse']:.5f} | {r['train_seconds'] or 0:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,10 +298,14 @@ def plot(summary: dict, records: list[dict], path: Path) -> None:
     ax1.set_title("Answer accuracy (mean ± std over seeds)")
     ax1.legend(loc="lower right", fontsize=8)
     ax2.axhline(1.0, color="grey", ls="--", label="copy-last-frame baseline")
+    history = [r["probe"]["full_history"] for r in records]
+    constant = statistics.fmean(k["mean_target_mse"] / k["copy_last_mse"] for k in history)
+    ax2.axhline(constant, color="grey", ls=":", label="best constant prediction (mean target)")
     ax2.set_xticks(range(len(arms)), arms)
     ax2.set_ylabel("next-frame MSE / copy-last MSE (offset 3)")
     ax2.set_title("Reconstruction (lower is better)")
-    ax2.legend(fontsize=8)
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.45)  # room for the legend above the points
+    ax2.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -295,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generating {args.num_train} + {args.num_eval} demo clips in {data}", flush=True)
         generate_demo_dataset(data, args.num_train, args.num_eval, args.data_seed, progress=False)
     runs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: balanced partials
-    todo = [(arm, seed) for arm, seed in runs if not (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
+    trained = [(arm, seed) for arm, seed in runs if (out / "runs" / f"{arm}_s{seed}" / "model.safetensors").is_file()]
+    evaluate = [(arm, seed) for arm, seed in trained
+                if args.reevaluate or not (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
+    print(f"{len(runs)} runs: {len(trained)} trained, {len(evaluate)} of them to evaluate", flush=True)
+    for arm, seed in evaluate:
+        report_run(finish_run(args, data, out / "runs" / f"{arm}_s{seed}", arm, seed), start)
     running: list[tuple[subprocess.Popen, str, int]] = []
-    pending = list(todo)
+    pending = [run for run in runs if run not in trained]
     while pending or running:
         while pending and len(running) < args.jobs:
             arm, seed = pending.pop(0)
@@ -316,10 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"training {arm} seed {seed} failed (exit {proc.returncode}); see {run_dir / 'train.log'}",
                       flush=True)
                 continue
-            record = finish_run(args, data, run_dir, arm, seed)
-            print(f"[{(time.time() - start) / 60:5.1f} min] {arm} seed {seed}: accuracy {record['accuracy']:.3f}, "
-                  f"probe ratio {record['probe']['full_history']['ratio']:.3f}, own ratio "
-                  f"{record['own_predictor']['full_history']['ratio']:.3f}", flush=True)
+            report_run(finish_run(args, data, run_dir, arm, seed), start)
     records = [json.loads((out / "runs" / f"{arm}_s{seed}" / "result.json").read_text()) for arm, seed in runs
                if (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
     if not records:
@@ -329,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - start
     (out / "summary.json").write_text(json.dumps({"summary": summary, "runs": records}, indent=1) + "\n")
     plot(summary, records, Path(args.plot))
-    report = markdown(args, summary, records, wall)
+    report = markdown(args, summary, records)
+    print(f"this invocation: {wall / 60:.1f} min wall", flush=True)
     print(report, flush=True)
     if not args.no_write:
         print(f"wrote {write_section('ablation', report)}", flush=True)

@@ -83,7 +83,7 @@ def test_evaluate_block_writes_results(workspace):
     # 4x4 tokens of the tower's 64 dims
     assert [r["windows"] for r in recon["by_offset"]] == [NUM_EVAL * (MAX_FRAMES - k) for k in (1, 2)]
     assert [r["elements"] for r in recon["by_offset"]] == [NUM_EVAL * (MAX_FRAMES - k) * 16 * 64 for k in (1, 2)]
-    assert all(r["mse"] > 0 and r["copy_last_mse"] > 0 for r in recon["by_offset"])
+    assert all(r["mse"] > 0 and r["copy_last_mse"] > 0 and r["mean_target_mse"] > 0 for r in recon["by_offset"])
     assert recon["full_history"] == recon["by_offset"][-1]
 
     markdown = (out / "eval_results.md").read_text()

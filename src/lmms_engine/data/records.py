@@ -127,6 +127,14 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[int, int | None, Any]]:
         for index, obj in enumerate(data):
             yield index, None, obj
         return
+    if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:
+        try:  # a single pretty-printed record is neither a list nor JSONL: say so, not "invalid JSON on line 1"
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise ValueError(f"{path}: holds one JSON object written over several lines; expected a JSON list "
+                             "of records ([{...}, {...}]) or JSONL (one record per line)")
     index = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

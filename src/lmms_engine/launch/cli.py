@@ -136,10 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lmms_engine.launch.pipeline import run_pipeline
 
+    from lmms_engine.data.records import BadRecordError
+    from lmms_engine.video.decode import VideoReadError
+
     try:
         summaries = run_pipeline(pipeline)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        finish_distributed()
+        return 2
+    except (BadRecordError, VideoReadError) as err:
+        # Bad data found while building the dataset: the message names the record, file and cause.
+        print(f"data error: {err}", file=sys.stderr)
         finish_distributed()
         return 2
     if _rank() == 0:

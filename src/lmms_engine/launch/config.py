@@ -15,7 +15,7 @@ Format::
 Blocks run in order. Checks (each failure is a :class:`~lmms_engine.utils.config.ConfigError` naming
 the block, the key and what would be valid): unknown block type or key (with the nearest valid name),
 wrong value types (TrainingArguments fields are typed from ``dataclasses.fields(TrainingArguments)``
-and built with transformers' own checks), missing files and folders (data, videos, local model
+and built with transformers' own checks), missing files and folders (data files, video folders, local model
 folders, checkpoints to resume from; files an earlier ``demo_data`` block writes count as present),
 conflicting video-layout keys, an ``autoregressive_config.embedding_dim`` that differs from the vision
 tower's width, and a trainer type that contradicts ``enable_autoregressive``. No model, tokenizer or
@@ -267,6 +267,13 @@ def _check_model(raw: Any, where: str) -> Any:
     model_config = from_mapping(ModelConfig, raw, where)
     resolve_video_layout(model_config, None, where)  # layout conflicts, autoregressive_config keys/types
     _check_model_files(model_config, where)
+    if model_config.model_name_or_path is None and model_config.tiny_config is not None:
+        from lmms_engine.models.tiny import tiny_llava_config
+
+        try:  # the keys inside tiny_config.vision_config / text_config, checked like every other key
+            tiny_llava_config(None, model_config.tiny_config)
+        except (ValueError, TypeError) as err:  # its messages start with "model_config.tiny_config..."
+            raise ConfigError(f"{where.removesuffix('model_config')}{err}") from err
     ar = model_config.autoregressive_config or {}
     if model_config.enable_autoregressive is not False and "embedding_dim" in ar:
         width = _vision_feature_size(model_config)

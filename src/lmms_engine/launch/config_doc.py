@@ -126,7 +126,11 @@ def default_text(f: dataclasses.Field) -> str:
 
 def _cell(text: str) -> str:
     text = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)  # Sphinx roles
-    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    text = " ".join(text.split()).replace("%%", "%")  # transformers' help strings are argparse-escaped
+    # Markdown shows code spans verbatim (an entity there prints as "&lt;"): escape <, > outside them only.
+    parts = text.split("`")
+    text = "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
+    return text.replace("|", "\\|")
 
 
 def _first_sentences(text: str, limit: int = 240) -> str:

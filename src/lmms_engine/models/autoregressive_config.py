@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
 from lmms_engine.utils.config import ConfigError, from_mapping
-from lmms_engine.video.pooling import check_pool_args
+from lmms_engine.video.pooling import POOL_MODES, check_pool_args
 
 TargetEncoderMode = Literal["auto", "shared", "copy"]
 WindowMode = Literal["all", "random"]
@@ -100,7 +100,8 @@ class AutoregressiveConfig:
         try:
             check_pool_args(self.mm_spatial_pool_stride, self.mm_spatial_pool_mode)
         except ValueError as err:
-            raise ValueError(f"mm_spatial_pool_stride/mm_spatial_pool_mode: {err}") from None
+            key = "mm_spatial_pool_mode" if self.mm_spatial_pool_mode not in POOL_MODES else "mm_spatial_pool_stride"
+            raise ValueError(f"{key}: {err}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "autoregressive_config") -> "AutoregressiveConfig":

@@ -262,6 +262,10 @@ class AutoregressiveReconstructionModule(nn.Module):
         if video_frames.dim() != 5:
             raise ValueError(f"video_frames must be [B, T, 3, H, W], got {tuple(video_frames.shape)}")
         encoder = self.target_encoder if self.target_encoder is not None else self._source_tower
+        size = int(encoder.config.image_size)
+        if tuple(video_frames.shape[-2:]) != (size, size):
+            raise ValueError(f"video_frames are {video_frames.shape[-2]}x{video_frames.shape[-1]} pixels; the vision "
+                             f"tower takes {size}x{size} (load them with target_size=({size}, {size}))")
         self._check_encoder_frozen(stacklevel=4)
         b, t = video_frames.shape[:2]
         used = torch.ones(b, t, dtype=torch.bool, device=video_frames.device) if frames_used is None \
