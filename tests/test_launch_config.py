@@ -144,7 +144,7 @@ def test_structure_errors(data_dir):
         check_pipeline([], "x.yaml")
     with pytest.raises(ConfigError, match="dataset_config: missing; give dataset_config with at least data_path"):
         check_pipeline(edited(data_dir, "config.dataset_config", None, delete=True), "x.yaml")
-    with pytest.raises(ConfigError, match="no 'trainer' block"):
+    with pytest.raises(ConfigError, match="no 'trainer' or 'evaluate' block"):
         check_pipeline([{"type": "demo_data", "config": {}}], "x.yaml")
     with pytest.raises(ConfigError, match="config file 'missing.yaml' does not exist"):
         load_pipeline_config("missing.yaml")

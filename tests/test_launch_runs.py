@@ -198,3 +198,44 @@ def test_dry_run_prints_the_resolved_blocks(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0 and "2 block(s), config OK" in stdout and "autoregressive loss: on" in stdout
     assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_a_pipeline_trains_then_evaluates_the_model_it_trained(data_dir, tmp_path, capsys):
+    """A trainer block followed by an evaluate block naming its output_dir: the evaluation reads the
+    freshly trained model and writes results for every held-out record."""
+    out = tmp_path / "run"
+    config = tmp_path / "train_eval.yaml"
+    config.write_text(f"""\
+- type: trainer
+  config:
+    model_config:
+      enable_autoregressive: true
+      autoregressive_config: {{embedding_dim: 64, num_heads: 4, num_layers: 1}}
+    dataset_config: {{data_path: {data_dir / 'train.json'}, max_frames: 4}}
+    output_dir: {out}
+    per_device_train_batch_size: 2
+- type: evaluate
+  config:
+    checkpoint: {out}
+    data_path: {data_dir / 'eval.json'}
+    dataset_config: {{data_path: {data_dir / 'eval.json'}, max_frames: 4}}
+    max_samples: 6
+    batch_size: 3
+    progress: false
+""")
+    assert main(["--config", str(config), *[f"--set={s}" for s in SHORT]]) == 0
+    results = json.loads((out / "eval" / "eval_results.json").read_text())
+    assert results["num_samples"] == 6
+    assert results["accuracy"]["overall"]["num_samples"] == 6
+    assert results["reconstruction"]["full_history"]["windows"] == 6  # one full-history window per clip
+    assert len((out / "eval" / "predictions.jsonl").read_text().splitlines()) == 6
+    printed = capsys.readouterr().out
+    assert "Training finished" in printed and f"Evaluation of {out}" in printed
+
+
+def test_an_evaluate_block_with_a_misspelled_key_fails_before_training(tmp_path, capsys):
+    config = tmp_path / "bad_eval.yaml"
+    config.write_text("- type: evaluate\n  config: {checkpoint: x, batch_sise: 2}\n")
+    assert main(["--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_sise" in err and "did you mean 'batch_size'" in err

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 DESCRIPTION = """\
-Train a video LLM from a pipeline config: a YAML (or JSON) list of blocks, run in order.
+Train (and evaluate) a video LLM from a pipeline config: a YAML (or JSON) list of blocks, run in order.
 
   - type: demo_data          # optional: generate the demo dataset if missing
     config: {output_dir: output/quickstart/data, num_train: 64, num_eval: 16}
@@ -28,6 +28,8 @@ Train a video LLM from a pipeline config: a YAML (or JSON) list of blocks, run i
       output_dir: ./output/run               # + any transformers.TrainingArguments field,
       per_device_train_batch_size: 2         #   flattened beside the keys above
       resume_from_checkpoint: true           # newest complete checkpoint in output_dir (or a path)
+  - type: evaluate                           # optional: held-out accuracy + reconstruction MSE
+    config: {checkpoint: ./output/run, data_path: data/eval.json}
 
 The whole config is checked before anything is built: unknown keys (with the nearest valid name),
 wrong types, missing files, conflicting layout keys. Every key, type and default: docs/config.md.

@@ -38,7 +38,7 @@ import yaml
 from lmms_engine.utils.config import ConfigError, check_keys, from_mapping, suggest
 
 BLOCK_KEYS: tuple[str, ...] = ("type", "config")
-BLOCK_TYPES: tuple[str, ...] = ("demo_data", "trainer")
+BLOCK_TYPES: tuple[str, ...] = ("demo_data", "trainer", "evaluate")
 #: ``trainer_type`` values: whether the autoregressive loss is trained.
 TRAINER_TYPES: dict[str, bool] = {"autoregressive_trainer": True, "hf_trainer": False, "sft": False}
 #: Keys of a trainer block's ``config`` besides the TrainingArguments fields.
@@ -128,8 +128,8 @@ class TrainerBlockConfig:
 
 @dataclass
 class Block:
-    """One block of the pipeline: ``type`` and its checked config (``DemoDataConfig`` or
-    ``TrainerBlockConfig``)."""
+    """One block of the pipeline: ``type`` and its checked config (``DemoDataConfig``,
+    ``TrainerBlockConfig`` or ``EvaluateConfig``)."""
 
     type: str
     config: Any
@@ -403,11 +403,14 @@ def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
         if block_type == "demo_data":
             config = from_mapping(DemoDataConfig, item.get("config"), where)
             generated |= config.outputs()
+        elif block_type == "evaluate":
+            from lmms_engine.eval.config import EvaluateConfig  # files are checked when it runs: an
+            config = from_mapping(EvaluateConfig, item.get("config"), where)  # earlier block may write them
         else:
             config = _check_trainer(item.get("config"), where, generated)
         blocks.append(Block(block_type, config, where))
-    if not any(b.type == "trainer" for b in blocks):
-        raise ConfigError(f"{source}: no 'trainer' block; nothing would be trained")
+    if not any(b.type in ("trainer", "evaluate") for b in blocks):
+        raise ConfigError(f"{source}: no 'trainer' or 'evaluate' block; nothing would run")
     return PipelineConfig(blocks, source)
 
 

@@ -173,7 +173,7 @@ keeps it current. Edit the dataclass docstrings, not this file. -->
 ## The file
 
 A YAML (or JSON) **list of blocks**, run in order. Each block has exactly two keys: `type`
-(`demo_data` or `trainer`) and `config` (a mapping).
+(`demo_data`, `trainer` or `evaluate`) and `config` (a mapping).
 
 ```yaml
 - type: demo_data                 # optional: generate the demo dataset if it is missing
@@ -185,6 +185,8 @@ A YAML (or JSON) **list of blocks**, run in order. Each block has exactly two ke
     dataset_config: {...}         # the data (section below)
     output_dir: ./output/run      # ...and any transformers.TrainingArguments field, flattened here
     per_device_train_batch_size: 2
+- type: evaluate                  # optional: evaluate the trained model on held-out records
+  config: {checkpoint: ./output/run, data_path: output/quickstart/data/eval.json}
 ```
 
 Everything is checked before anything is built (no model or data is loaded by a bad config): unknown
@@ -273,6 +275,7 @@ def render_config_reference() -> str:
     from transformers import TrainingArguments
 
     from lmms_engine.data.dataset import DatasetConfig
+    from lmms_engine.eval.config import EvaluateConfig
     from lmms_engine.launch.config import DemoDataConfig
     from lmms_engine.models.autoregressive_config import AutoregressiveConfig
     from lmms_engine.models.builder import ModelConfig
@@ -309,6 +312,12 @@ def render_config_reference() -> str:
         "Meanings are transformers' own (first sentences); `resume_from_checkpoint` is read by the launcher as "
         "described above.\n",
         field_table(TrainingArguments, ta_meanings),
+        "",
+        "## `evaluate` block\n\n`lmms_engine.eval.EvaluateConfig`: held-out accuracy (by question type) and the "
+        "predictor's next-frame reconstruction against the copy-last-frame baseline, written to `output_dir` "
+        "(see docs/evaluation.md). Runs on the main process; its files are checked when it runs, so it may name "
+        "the `output_dir` an earlier trainer block writes.\n",
+        field_table(EvaluateConfig, meanings_for(EvaluateConfig)),
         "",
     ]
     return "\n".join(parts)

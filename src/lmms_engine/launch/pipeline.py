@@ -222,23 +222,62 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
     )
 
 
-def run_pipeline(pipeline: PipelineConfig) -> list[RunSummary]:
-    """Run every block in order; return one :class:`RunSummary` per trainer block."""
-    first = pipeline.of_type("trainer")[0]
-    # The first block's TrainingArguments set up the process group (under torchrun) that orders the
-    # demo data writes; that block reuses them.
-    coordinator = first.training_arguments()
-    summaries = []
+@dataclass
+class EvalSummary:
+    """Where an evaluate block wrote its results, and the headline numbers."""
+
+    results: dict[str, Any]
+
+    def describe(self) -> str:
+        seconds = sum((self.results.get("seconds") or {}).values())
+        lines = ["=" * 72, f"Evaluation of {self.results.get('checkpoint')}: "
+                 f"{self.results.get('num_samples')} samples in {seconds:.1f} s"]
+        accuracy = self.results.get("accuracy")
+        if isinstance(accuracy, dict) and "overall" in accuracy:
+            overall = accuracy["overall"]
+            lines.append(f"  accuracy     {overall['accuracy']:.4f} (chance {overall['chance_accuracy']:.4f})")
+        reconstruction = self.results.get("reconstruction")
+        if isinstance(reconstruction, dict) and "skipped" in reconstruction:
+            lines.append(f"  reconstruction skipped: {reconstruction['skipped']}")
+        elif isinstance(reconstruction, dict) and "full_history" in reconstruction:
+            full = reconstruction["full_history"]
+            lines.append(f"  next frame   MSE {full['mse']:.4f} vs copy-last {full['copy_last_mse']:.4f} "
+                         f"(offset {full['offset']})")
+        for name, path in sorted((self.results.get("files") or {}).items()):
+            lines.append(f"  {name:<12} {path}")
+        lines.append("=" * 72)
+        return "\n".join(lines)
+
+
+def run_pipeline(pipeline: PipelineConfig) -> list[RunSummary | EvalSummary]:
+    """Run every block in order; return a summary per trainer and evaluate block.
+
+    Evaluate blocks run on the main process only (the others wait at the next trainer block).
+    """
+    trainers = pipeline.of_type("trainer")
+    first = trainers[0] if trainers else None
+    # The first trainer block's TrainingArguments set up the process group (under torchrun) that orders
+    # the demo data writes; that block reuses them.
+    coordinator = first.training_arguments() if first is not None else None
+    is_main = coordinator is None or coordinator.process_index == 0
+    summaries: list[RunSummary | EvalSummary] = []
     for block in pipeline.blocks:
         if block.type == "demo_data":
+            if coordinator is None:
+                ensure_demo_data(block.config)
+                continue
             with coordinator.main_process_first(local=False, desc="demo data"):
                 # Other ranks find the main process's data (overwrite applies once, on the main process).
-                main = coordinator.process_index == 0
-                ensure_demo_data(block.config if main else replace(block.config, overwrite=False))
+                ensure_demo_data(block.config if is_main else replace(block.config, overwrite=False))
+        elif block.type == "evaluate":
+            if is_main:
+                from lmms_engine.eval.config import run_evaluate
+
+                summaries.append(EvalSummary(run_evaluate(block.config, where=block.where)))
         else:
             summaries.append(run_trainer_block(block.config, coordinator if block.config is first else None))
     return summaries
 
 
-__all__ = ["PreparedRun", "RunSummary", "build_tokenizer", "ensure_demo_data", "limit_cpu_threads", "prepare_trainer",
+__all__ = ["EvalSummary", "PreparedRun", "RunSummary", "build_tokenizer", "ensure_demo_data", "limit_cpu_threads", "prepare_trainer",
            "run_pipeline", "run_trainer_block"]
