@@ -12,27 +12,12 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
+from model_support import AR_SMALL, video_batch
+
 from lmms_engine.models.builder import ModelConfig, build_model
 from lmms_engine.utils.config import ConfigError
 
 torch.set_num_threads(1)
-AR_SMALL = {"num_hist": 2, "num_heads": 4, "num_layers": 1}
-
-
-def video_batch(model, num_frames: list[int], max_frames: int, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    runs = [model.video_layout.video_token_count(n, model.patch_side) if n else 0 for n in num_frames]
-    ids = torch.randint(5, 400, (len(num_frames), max(runs) + 8), generator=gen)
-    for b, run in enumerate(runs):
-        ids[b, 2:2 + run] = model.config.video_token_id
-    size = model.config.vision_config.image_size
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
-        "pixel_values_videos": torch.randn(len(num_frames), max_frames, 3, size, size, generator=gen),
-        "video_num_frames": torch.tensor(num_frames),
-    }
 
 
 def grads_by_group(model) -> dict[str, set[bool]]:

@@ -6,8 +6,7 @@ Names load lazily, so ``import lmms_engine.data`` stays cheap (no torch/transfor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmms_engine.utils.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "BAD_RECORD_REASONS": "records",
@@ -33,15 +32,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmms_engine.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -233,7 +233,7 @@ def batch_reconstruction_errors(
     hidden, layout = video_hidden_states(model, batch)
     # The module's own gather (patch tokens per frame, newline/faster tokens skipped, absent frames
     # masked, slow frames pooled to the fast grid), so the inputs are exactly what training saw.
-    frame_hidden, valid, stride, mode = module._gather_layout(hidden, layout)
+    frame_hidden, valid, stride, mode = module.gather_layout(hidden, layout)
     targets = spatial_pool(module.encode_targets(pixels, valid).float(), stride, mode)
     tokens = module.predictor.input_proj(frame_hidden.to(module.predictor.input_proj.weight.dtype))
     causal = bool(module.config.use_frame_causal_mask)
@@ -242,7 +242,7 @@ def batch_reconstruction_errors(
         return module.predictor(x, pool_stride=stride, pool_mode=mode, causal=causal)
 
     results = {}
-    for name, idx in module._streams(tokens.shape[1], tokens.device):
+    for name, idx in module.frame_streams(tokens.shape[1], tokens.device):
         results[name] = next_frame_errors(predict, tokens[:, idx], targets[:, idx], valid[:, idx],
                                           int(module.config.num_hist))
     return results

@@ -329,10 +329,10 @@ class AutoregressiveReconstructionModule(nn.Module):
             raise ValueError(f"hidden_states must be [B, L, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         num_frames = self._num_frames(video_frames, target_features, video_token_layout)
         if video_token_layout is not None:
-            frame_hidden, valid, stride, mode = self._gather_layout(hidden_states, video_token_layout)
+            frame_hidden, valid, stride, mode = self.gather_layout(hidden_states, video_token_layout)
         else:
             frame_hidden, valid, stride, mode = self._dense_frames(hidden_states, num_frames)
-        streams = self._streams(num_frames, valid.device)
+        streams = self.frame_streams(num_frames, valid.device)
         used = valid & torch.stack([torch.isin(torch.arange(num_frames, device=valid.device), idx)
                                     for _, idx in streams]).any(0)
         targets = spatial_pool(self._targets(video_frames, target_features, used, hidden_states.shape[0],
@@ -445,7 +445,9 @@ class AutoregressiveReconstructionModule(nn.Module):
                              f"{self.patch_side}x{self.patch_side} grid pooled by {mode} stride "
                              f"{index.pool_stride} ({expected}x{expected})")
 
-    def _gather_layout(self, hidden_states: torch.Tensor, layout: VideoTokenLayout):
+    def gather_layout(self, hidden_states: torch.Tensor, layout: VideoTokenLayout):
+        """Hidden states of each frame's patch tokens, on one grid: ``([B, T, h*w, hidden], valid [B, T],
+        stride, mode)``; with the faster stream, slow frames are pooled down to the fast grid."""
         mode = layout.pool_mode
         self._check_grid(layout.slow, mode)
         frames, valid = self._gather_index(hidden_states, layout.slow)
@@ -461,7 +463,9 @@ class AutoregressiveReconstructionModule(nn.Module):
         frames = torch.where(valid[..., None, None], spatial_pool(frames, ratio, mode), fast_frames)
         return frames, valid | fast_valid, layout.fast.pool_stride, mode
 
-    def _streams(self, num_frames: int, device) -> list[tuple[str, torch.Tensor]]:
+    def frame_streams(self, num_frames: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """The temporal sequences the predictor runs on: ``[("all", frames)]``, or the fast and slow
+        streams (frame indices into ``[0, num_frames)``) when ``use_fast_slow_frames``."""
         cfg = self.config
         if not cfg.use_fast_slow_frames:
             return [("all", torch.arange(num_frames, device=device))]

@@ -7,8 +7,7 @@ Names load lazily: ``import lmms_engine.train`` does not import transformers unt
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmms_engine.utils.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "AutoregressiveTrainer": "autoregressive_trainer",
@@ -21,15 +20,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmms_engine.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
