@@ -239,3 +239,18 @@ def test_an_evaluate_block_with_a_misspelled_key_fails_before_training(tmp_path,
     assert main(["--config", str(config), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "batch_sise" in err and "did you mean 'batch_size'" in err
+
+
+def test_demo_data_is_reused_only_when_made_by_the_same_settings_and_generator(tmp_path):
+    from lmms_engine.launch.config import DemoDataConfig
+    from lmms_engine.launch.pipeline import DEMO_MARKER, ensure_demo_data
+
+    config = DemoDataConfig(output_dir=str(tmp_path / "data"), num_train=2, num_eval=1)
+    assert ensure_demo_data(config) is True
+    assert ensure_demo_data(config) is False  # same settings, same generator: reused
+    marker = tmp_path / "data" / DEMO_MARKER
+    settings = json.loads(marker.read_text())
+    settings["generator_version"] -= 1  # as written by an older generator
+    marker.write_text(json.dumps(settings))
+    assert ensure_demo_data(config) is True
+    assert json.loads(marker.read_text())["generator_version"] == settings["generator_version"] + 1

@@ -71,10 +71,11 @@ class RunSummary:
 def ensure_demo_data(config: DemoDataConfig) -> bool:
     """Generate the demo dataset unless ``config.output_dir`` already holds one made with the same
     settings; return whether it was generated. Written to a temporary sibling folder, then renamed."""
-    from lmms_engine.data.demo import generate_demo_dataset
+    from lmms_engine.data.demo import GENERATOR_VERSION, generate_demo_dataset
 
     out = Path(config.output_dir)
     settings = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "overwrite")}
+    settings["generator_version"] = GENERATOR_VERSION
     marker = out / DEMO_MARKER
     if not config.overwrite and marker.is_file() and config.train_path.is_file() and config.eval_path.is_file():
         try:
