@@ -285,7 +285,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         layer = self.config.vision_feature_layer
         tower = self.model.vision_tower
         frames = frames.to(dtype=tower.dtype)
-        out = tower(frames, output_hidden_states=layer, return_dict=True)
+        # a bare int would be read as a flag: layer 0 (the patch embeddings) is falsy and returned nothing
+        out = tower(frames, output_hidden_states=True, return_dict=True)
         if isinstance(layer, int):
             features = out.hidden_states[layer]
         else:

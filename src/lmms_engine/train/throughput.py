@@ -1,0 +1,284 @@
+"""Training throughput and model FLOPs utilisation (MFU) of a LLaVA-OneVision video model.
+
+FLOPs are estimated from the config (no profiler), counting matrix multiplies only (biases, norms,
+activations, pooling and the softmax are left out; embedding lookups are free):
+
+- **LLM** (trainable or not, gradients flow through it): ``6 x N_llm`` per text token, with
+  ``N_llm`` = the decoder layers' projection weights + ``lm_head`` (no embedding table), **plus** the
+  attention term ``12 x layers x hidden x L`` per token for a sequence of ``L`` tokens (QK^T and AV,
+  forward 4, backward 8).
+- **Vision tower**, per frame: ``2 x N_tower x P`` (patch embedding + the layers up to
+  ``vision_feature_layer``, ``P`` patches) plus attention ``4 x layers x width x P^2``. A frozen tower
+  runs forward only (factor 2, no backward); a trainable one counts 3x that.
+- **Projector**, per patch: ``6 x N_proj`` (trainable) or ``2 x N_proj`` (frozen, over a frozen
+  tower: nothing below it needs a gradient, so forward only).
+
+Activation recomputation (gradient checkpointing) is not counted, as usual for MFU.
+- **Autoregressive predictor** (when configured): ``6 x N_pred`` per predictor token, with
+  ``N_pred`` = ``input_proj`` + blocks, over ``num_hist x P'`` tokens per window and
+  ``T - num_hist`` windows per video (``window="all"``) or 1 (``"random"``); its attention is left out.
+
+:class:`ThroughputCallback` logs, at every logging step, ``tokens_per_second_per_device``,
+``samples_per_second`` (local rate x world size), ``vision_tokens_per_sample`` and ``mfu`` (when a
+peak is known), counting each training micro-batch through a forward pre-hook on the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+#: Dense bf16 peak TFLOP/s by device-name substring (first match wins).
+PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_flops(device: torch.device | str | None = None, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: ``peak_tflops`` if given, else by CUDA device name, else None (CPU)."""
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0, got {peak_tflops}")
+        return peak_tflops * 1e12
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Per-unit FLOPs of one training step (forward + backward) of a LLaVA-OneVision video model.
+
+    Attributes:
+        llm_params: matmul weights of the LLM layers + ``lm_head`` (embedding excluded).
+        llm_layers, llm_hidden: for the attention term.
+        tower_params: matmul weights of the patch embedding and the tower layers that run.
+        tower_layers, tower_width, patches: tower layers that run, width, patches per frame.
+        tower_trainable: whether the tower gets a backward (3x its forward) or not (1x).
+        projector_params, projector_trainable: the multimodal projector.
+        predictor_params: autoregressive predictor matmul weights (0 = no autoregressive loss).
+        predictor_tokens_per_window: ``num_hist x P'``. ar_num_hist, ar_window: window settings.
+    """
+
+    llm_params: int
+    llm_layers: int
+    llm_hidden: int
+    tower_params: int
+    tower_layers: int
+    tower_width: int
+    patches: int
+    tower_trainable: bool = False
+    projector_params: int = 0
+    projector_trainable: bool = True
+    predictor_params: int = 0
+    predictor_tokens_per_window: int = 0
+    ar_num_hist: int = 3
+    ar_window: str = "all"
+
+    @classmethod
+    def from_config(cls, config: Any, *, autoregressive: Mapping[str, Any] | None = None,
+                    tower_trainable: bool = False, projector_trainable: bool = True,
+                    ar_tokens_per_frame: int | None = None) -> "ModelFlops":
+        """From a ``LlavaOnevisionConfig`` (Qwen2 text config, SigLIP vision config).
+
+        Args:
+            autoregressive: the ``autoregressive_config`` keys (``embedding_dim``, ``num_hist``,
+                ``num_layers``, ``mlp_ratio``, ``window``); None = no autoregressive loss.
+            ar_tokens_per_frame: pooled tokens per frame the predictor sees (``P'``); None = the full
+                patch grid pooled at the default LLaVA stride 2 (bilinear, ``ceil(side / 2)^2``).
+        """
+        text, vision = config.text_config, config.vision_config
+        h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+        head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+        q_out = text.num_attention_heads * head_dim
+        kv_out = text.num_key_value_heads * head_dim
+        per_layer = h * q_out + 2 * h * kv_out + q_out * h + 3 * h * inter
+        llm = layers * per_layer + h * text.vocab_size  # lm_head is a matmul even when tied
+
+        d, v_inter = vision.hidden_size, vision.intermediate_size
+        side = vision.image_size // vision.patch_size
+        feature_layer = getattr(config, "vision_feature_layer", -1)
+        if isinstance(feature_layer, (list, tuple)):
+            feature_layer = max(f if f >= 0 else vision.num_hidden_layers + 1 + f for f in feature_layer)
+        used = feature_layer if feature_layer >= 0 else vision.num_hidden_layers + 1 + feature_layer
+        tower = used * (4 * d * d + 2 * d * v_inter) + 3 * vision.patch_size ** 2 * d
+        projector = d * h + h * h
+
+        predictor, window_tokens, num_hist, window = 0, 0, 3, "all"
+        if autoregressive is not None:
+            dim = int(autoregressive.get("embedding_dim", d))
+            mlp = int(dim * float(autoregressive.get("mlp_ratio", 4.0)))
+            blocks = int(autoregressive.get("num_layers", 3)) * (4 * dim * dim + 2 * dim * mlp)
+            predictor = h * dim + blocks
+            num_hist = int(autoregressive.get("num_hist", 3))
+            window = str(autoregressive.get("window", "all"))
+            frame_tokens = ar_tokens_per_frame if ar_tokens_per_frame is not None else (-(-side // 2)) ** 2
+            window_tokens = num_hist * frame_tokens
+        return cls(llm_params=llm, llm_layers=layers, llm_hidden=h, tower_params=tower, tower_layers=used,
+                   tower_width=d, patches=side * side, tower_trainable=tower_trainable,
+                   projector_params=projector, projector_trainable=projector_trainable,
+                   predictor_params=predictor, predictor_tokens_per_window=window_tokens,
+                   ar_num_hist=num_hist, ar_window=window)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModelFlops":
+        """From a built model: its config, which parts train, and its autoregressive module."""
+        config = model.config
+        module = getattr(model, "autoregressive_module", None)
+        ar = None
+        tokens = None
+        if module is not None:
+            ar = vars(module.config) if not isinstance(module.config, Mapping) else module.config
+            layout = getattr(model, "video_layout", None)
+            if layout is not None:
+                tokens = layout.frame_grid_side(model.patch_side, 0) ** 2
+        inner = getattr(model, "model", model)
+        tower = getattr(inner, "vision_tower", None)
+        projector = getattr(inner, "multi_modal_projector", None)
+        return cls.from_config(
+            config, autoregressive=ar, ar_tokens_per_frame=tokens,
+            tower_trainable=tower is not None and any(p.requires_grad for p in tower.parameters()),
+            projector_trainable=projector is None or any(p.requires_grad for p in projector.parameters()))
+
+    def llm_per_token(self, seq_len: int) -> float:
+        """LLM forward+backward FLOPs per token of a sequence of ``seq_len`` tokens."""
+        return 6.0 * self.llm_params + 12.0 * self.llm_layers * self.llm_hidden * seq_len
+
+    def vision_per_frame(self) -> float:
+        """Tower (forward, x3 if trainable) + projector FLOPs of one frame."""
+        forward = 2.0 * self.tower_params * self.patches + 4.0 * self.tower_layers * self.tower_width * self.patches ** 2
+        projector = (6.0 if self.projector_trainable else 2.0) * self.projector_params * self.patches
+        return forward * (3.0 if self.tower_trainable else 1.0) + projector
+
+    def predictor_per_video(self, num_frames: int) -> float:
+        """Autoregressive predictor forward+backward FLOPs of one video of ``num_frames`` frames."""
+        if self.predictor_params == 0 or num_frames < 2:
+            return 0.0
+        windows = 1 if self.ar_window == "random" else max(num_frames - self.ar_num_hist, 1)
+        return 6.0 * self.predictor_params * self.predictor_tokens_per_window * windows
+
+    def batch_flops(self, attention_mask: torch.Tensor, video_num_frames: torch.Tensor | None = None) -> float:
+        """FLOPs of one micro-batch: ``attention_mask`` ``[B, L]``, ``video_num_frames`` ``[B]``."""
+        lengths = attention_mask.sum(-1).tolist()
+        total = sum(n * self.llm_per_token(n) for n in lengths)
+        if video_num_frames is not None:
+            for frames in video_num_frames.tolist():
+                total += frames * self.vision_per_frame() + self.predictor_per_video(frames)
+        return float(total)
+
+    def describe(self) -> str:
+        """One line stating what is counted."""
+        return (f"LLM 6x{self.llm_params / 1e6:.1f}M params/token + attention 12*L*h*seq; vision tower "
+                f"{'fwd+bwd' if self.tower_trainable else 'forward only (frozen)'} 2x{self.tower_params / 1e6:.1f}M"
+                f" x {self.patches} patches/frame + attention; projector {self.projector_params / 1e6:.2f}M; "
+                f"AR predictor {self.predictor_params / 1e6:.2f}M x {self.predictor_tokens_per_window} tokens/window")
+
+
+@dataclass
+class _Window:
+    tokens: int = 0
+    samples: int = 0
+    vision_tokens: int = 0
+    flops: float = 0.0
+
+
+class ThroughputCallback(TrainerCallback):
+    """Log tokens/s per device, samples/s, vision tokens per sample and MFU every logging step.
+
+    Each training forward of the model is counted by a forward pre-hook registered at
+    ``on_train_begin`` (so adding the callback is all that is needed): text tokens =
+    ``attention_mask.sum()``, samples = ``B``, vision tokens = ``input_ids == video_token_id``, FLOPs by
+    :meth:`ModelFlops.batch_flops`. Rates use the wall time between logs (data loading included).
+
+    Args:
+        flops: the estimate; None = :meth:`ModelFlops.from_model` at train begin.
+        peak_tflops: peak dense TFLOP/s of one device; None = by device name (H100 989, A100 312),
+            no ``mfu`` when unknown (CPU).
+    """
+
+    def __init__(self, flops: ModelFlops | None = None, peak_tflops: float | None = None) -> None:
+        self.flops = flops
+        self.peak_tflops = peak_tflops
+        self.peak: float | None = peak_flops(None, peak_tflops)
+        self.window = _Window()
+        self.video_token_id: int | None = None
+        self._handle: Any = None
+        self._since = time.perf_counter()
+        self.last: dict[str, float] = {}
+
+    def count(self, inputs: Mapping[str, Any]) -> None:
+        """Add one micro-batch (the model's forward kwargs) to the current window."""
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        if mask is None and ids is None:
+            return
+        if mask is None:
+            mask = torch.ones_like(ids)
+        self.window.tokens += int(mask.sum())
+        self.window.samples += int(mask.shape[0])
+        if ids is not None and self.video_token_id is not None:
+            self.window.vision_tokens += int((ids == self.video_token_id).sum())
+        if self.flops is not None:
+            self.window.flops += self.flops.batch_flops(mask, inputs.get("video_num_frames"))
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.count(kwargs)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            if self.flops is None:
+                self.flops = ModelFlops.from_model(model)
+            self.video_token_id = getattr(model.config, "video_token_id", None)
+            if self._handle is None:
+                self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.peak = peak_flops(args.device, self.peak_tflops)
+        self.window = _Window()
+        self._since = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def metrics(self, elapsed: float, world_size: int = 1) -> dict[str, float]:
+        """Rates of the current window over ``elapsed`` seconds (per device unless stated)."""
+        w = self.window
+        elapsed = max(elapsed, 1e-9)
+        out = {"tokens_per_second_per_device": w.tokens / elapsed,
+               "samples_per_second": w.samples * max(world_size, 1) / elapsed,
+               "vision_tokens_per_sample": w.vision_tokens / max(w.samples, 1),
+               "model_tflops_per_second_per_device": w.flops / elapsed / 1e12}
+        if self.peak:
+            out["mfu"] = w.flops / elapsed / self.peak
+        return out
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        self.last = self.metrics(now - self._since, args.world_size)
+        logs.update(self.last)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self.last)  # HF appended a copy before calling callbacks
+        self.window = _Window()
+        self._since = now
+
+
+def add_throughput_logging(trainer: Any, peak_tflops: float | None = None) -> ThroughputCallback:
+    """Add a :class:`ThroughputCallback` ahead of the reporting callbacks (so TensorBoard, W&B and the
+    JSON-lines log see its values) and return it."""
+    callback = ThroughputCallback(peak_tflops=peak_tflops)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+__all__ = ["ModelFlops", "PEAK_TFLOPS", "ThroughputCallback", "add_throughput_logging", "peak_flops"]

@@ -1,0 +1,111 @@
+"""FLOPs arithmetic on the tiny config, and the throughput callback's rates and counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from lmms_engine.models.tiny import tiny_llava_config  # noqa: E402
+from lmms_engine.train.throughput import ModelFlops, ThroughputCallback, peak_flops  # noqa: E402
+
+
+def test_flops_of_tiny_config_equal_hand_computation() -> None:
+    flops = ModelFlops.from_config(tiny_llava_config())
+    # Qwen2 h=64, 4 heads (head_dim 16), 2 kv heads, inter 128, 2 layers, vocab 512:
+    # per layer q 64*64 + k,v 2*64*32 + o 64*64 + mlp 3*64*128 = 36864; lm_head 64*512.
+    assert flops.llm_params == 2 * 36864 + 64 * 512 == 106496
+    # seq 100: 6 * 106496 + 12 * 2 layers * 64 * 100
+    assert flops.llm_per_token(100) == 638976 + 153600
+    # SigLIP d=64, inter 128, 2 layers, patch 8 on 64 px: 64 patches; weights 2*(4*64^2 + 2*64*128) +
+    # patch embedding 3*8*8*64 = 77824; frozen tower: forward only, 2*77824*64 + attention 4*2*64*64^2;
+    # trainable projector (64*64 + 64*64) x 6 x 64 patches.
+    assert flops.tower_params == 77824 and flops.patches == 64
+    assert flops.vision_per_frame() == 9961472 + 2097152 + 3145728
+    trainable = ModelFlops.from_config(tiny_llava_config(), tower_trainable=True)
+    assert trainable.vision_per_frame() == 3 * (9961472 + 2097152) + 3145728
+    # AR predictor dim 64, 1 layer, mlp 4: input_proj 64*64 + block 4*64^2 + 2*64*256 = 53248;
+    # num_hist 3 x 16 pooled tokens per window, 8 frames -> 5 windows.
+    ar = ModelFlops.from_config(tiny_llava_config(), autoregressive={"embedding_dim": 64, "num_layers": 1,
+                                                                      "num_hist": 3})
+    assert ar.predictor_params == 4096 + 16384 + 32768
+    assert ar.predictor_per_video(8) == 6 * 53248 * 48 * 5
+    mask = torch.tensor([[1] * 100, [1] * 60 + [0] * 40])
+    expected = 100 * flops.llm_per_token(100) + 60 * flops.llm_per_token(60) + 8 * flops.vision_per_frame()
+    assert flops.batch_flops(mask, torch.tensor([8, 0])) == expected
+
+
+def test_llm_and_tower_parameter_counts_match_the_built_model() -> None:
+    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+
+    config = tiny_llava_config()
+    model = LlavaVideoForConditionalGeneration(config)
+    flops = ModelFlops.from_model(model)
+    # Matmul weights only: every 2-D weight of the decoder layers plus lm_head.
+    llm = sum(p.numel() for n, p in model.model.language_model.layers.named_parameters() if p.dim() == 2)
+    assert flops.llm_params == llm + model.lm_head.weight.numel()
+    tower = model.model.vision_tower
+    weights = sum(p.numel() for p in tower.encoder.parameters() if p.dim() == 2)
+    assert flops.tower_params == weights + tower.embeddings.patch_embedding.weight.numel()
+    assert flops.tower_trainable and flops.projector_trainable  # built directly: nothing frozen
+    tower.requires_grad_(False)
+    assert not ModelFlops.from_model(model).tower_trainable
+
+
+def test_rates_on_a_synthetic_window() -> None:
+    callback = ThroughputCallback(flops=ModelFlops.from_config(tiny_llava_config()), peak_tflops=1e-3)
+    callback.video_token_id = 511
+    ids = torch.zeros(2, 50, dtype=torch.long)
+    ids[0, 5:15] = 511
+    ids[1, 5:35] = 511
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 40:] = 0
+    for _ in range(3):
+        callback.count({"input_ids": ids, "attention_mask": mask, "video_num_frames": torch.tensor([2, 4])})
+    out = callback.metrics(elapsed=2.0, world_size=4)
+    assert out["tokens_per_second_per_device"] == 3 * 90 / 2.0
+    assert out["samples_per_second"] == 3 * 2 * 4 / 2.0
+    assert out["vision_tokens_per_sample"] == (10 + 30) / 2
+    f = callback.flops
+    flops = 3 * (50 * f.llm_per_token(50) + 40 * f.llm_per_token(40) + 6 * f.vision_per_frame())
+    assert out["mfu"] == pytest.approx(flops / 2.0 / 1e9)
+
+
+def test_peak_flops() -> None:
+    assert peak_flops("cpu") is None
+    assert peak_flops("cpu", 989) == 989e12
+    with pytest.raises(ValueError, match="peak_tflops"):
+        peak_flops("cpu", 0)
+
+
+def test_callback_logs_every_logging_step_of_a_trainer(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+    from lmms_engine.train.throughput import add_throughput_logging
+
+    torch.manual_seed(0)
+    config = tiny_llava_config()
+    model = LlavaVideoForConditionalGeneration(config)
+    frames, side = 2, 8
+    video_tokens = model.video_layout.video_token_count(frames, side)
+    length = video_tokens + 12
+    ids = torch.randint(1, 500, (length,))
+    ids[2:2 + video_tokens] = config.video_token_id
+    sample = {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": ids.clone(),
+              "pixel_values_videos": torch.randn(frames, 3, 64, 64), "video_num_frames": torch.tensor(frames)}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, logging_steps=2,
+                             report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=[sample] * 8)
+    add_throughput_logging(trainer, peak_tflops=1.0)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    for entry in logged:
+        assert entry["vision_tokens_per_sample"] == video_tokens
+        assert entry["tokens_per_second_per_device"] > 0 and 0 < entry["mfu"] < 1
+        # 2 steps x 2 samples per window: the FLOPs / tokens ratio is fixed by the batch shape.
+        per_token = entry["model_tflops_per_second_per_device"] * 1e12 / entry["tokens_per_second_per_device"]
+        flops = ModelFlops.from_model(model)
+        assert per_token == pytest.approx(flops.llm_per_token(length) + frames * flops.vision_per_frame() / length)
