@@ -75,6 +75,9 @@ class DatasetConfig:
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
         decode_threads: FFmpeg threads per video decode; 0 = one per core. With several DataLoader
             workers, 1 or 2 avoids oversubscribing the cores.
+        packing: pack several samples into each row of a batch (position ids restart per sample, no
+            attention across samples; the loss equals the unpacked batch's).
+        packing_length: longest packed row in tokens; None = ``max_length`` (required when that is None).
     """
 
     data_path: str
@@ -89,6 +92,8 @@ class DatasetConfig:
     padding_side: Literal["right", "left"] = "right"
     on_bad_record: Literal["raise", "skip"] = "raise"
     decode_threads: int = 0
+    packing: bool = False
+    packing_length: int | None = None
 
     def __post_init__(self) -> None:
         if not self.data_path:
@@ -101,6 +106,10 @@ class DatasetConfig:
             raise ValueError(f"max_length must be >= 1 or null, got {self.max_length}")
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
+        if self.packing_length is not None and self.packing_length < 1:
+            raise ValueError(f"packing_length must be >= 1 or null, got {self.packing_length}")
+        if self.packing and self.packing_length is None and self.max_length is None:
+            raise ValueError("packing needs a row length: set packing_length or max_length")
 
 
 @dataclass
