@@ -33,7 +33,23 @@ def test_flops_of_tiny_config_equal_hand_computation() -> None:
     assert ar.predictor_per_video(8) == 6 * 53248 * 48 * 5
     mask = torch.tensor([[1] * 100, [1] * 60 + [0] * 40])
     expected = 100 * flops.llm_per_token(100) + 60 * flops.llm_per_token(60) + 8 * flops.vision_per_frame()
-    assert flops.batch_flops(mask, torch.tensor([8, 0])) == expected
+    assert flops.batch_flops(mask.sum(-1).tolist(), torch.tensor([8, 0])) == expected
+
+
+def test_sample_lengths_of_padded_and_packed_batches_from_the_collator() -> None:
+    from lmms_engine.data.collator import VideoSFTCollator
+    from lmms_engine.train.throughput import sample_lengths
+
+    pad = 0
+    samples = [{"input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1), "video_num_frames": 0}
+               for n in (5, 3, 4, 2)]
+    padded = VideoSFTCollator(pad_token_id=pad)(samples)
+    assert sample_lengths(padded, pad) == [5, 3, 4, 2]
+    packed = VideoSFTCollator(pad_token_id=pad, packing_length=8)(samples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (2, 8)
+    # first-fit decreasing: [5, 3] and [4, 2] + 2 padding tokens, which are not a sample
+    assert sample_lengths(packed, pad) == [5, 3, 4, 2]
+    assert sample_lengths({"input_ids": packed["input_ids"]}) == [8, 8]
 
 
 def test_llm_and_tower_parameter_counts_match_the_built_model() -> None:

@@ -108,6 +108,11 @@ def test_training_logs_three_losses_each_step_and_writes_plot_and_log_file(data_
     assert logs[-1]["total_loss"] < logs[0]["total_loss"]
     lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [line["main_loss"] for line in lines if "main_loss" in line] == [e["main_loss"] for e in logs]
+    # throughput is logged by default: 2 micro-batches of 2 samples per step, 8 frames each
+    video_tokens = trainer.model.video_layout.video_token_count(8, trainer.model.patch_side)
+    for entry, line in zip(logs, (line for line in lines if "main_loss" in line)):
+        assert entry["vision_tokens_per_sample"] == line["vision_tokens_per_sample"] == video_tokens
+        assert entry["tokens_per_second_per_device"] > 0 and entry["samples_per_second"] > 0
     png = (tmp_path / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -79,10 +79,11 @@ class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
             and, with the autoregressive module, ``autoregressive_loss`` (weighted), ``ar_mse``,
             ``ar_copy_last_mse`` and ``ar_fast_loss``/``ar_slow_loss`` when fast/slow is on;
             ``main_loss + autoregressive_loss == total_loss``.
-        video_token_layout: where each frame's tokens sit in the sequences.
-        vision_features: ``[B, T, P, D_vision]`` detached tower features at ``vision_feature_layer``
-            (before the projector, unpooled, zeros for absent frames); only when the autoregressive
-            module reuses them (shared target encoder), else None.
+        video_token_layout: where each frame's tokens sit in the sequences (packed rows: one entry per
+            video, positions flat in the ``R * L`` tokens; see ``forward``'s ``video_row``).
+        vision_features: ``[B, T, P, D_vision]`` (packed rows: ``[V, T, P, D_vision]``) detached tower
+            features at ``vision_feature_layer`` (before the projector, unpooled, zeros for absent
+            frames); only when the autoregressive module reuses them (shared target encoder), else None.
     """
 
     loss_components: dict[str, torch.Tensor] | None = None
@@ -295,6 +296,80 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             features = features[:, 1:]
         return features, self.model.multi_modal_projector(features)
 
+    def _videos_of_batch(
+        self,
+        rows: int,
+        pixel_values_videos: torch.Tensor | None,
+        video_num_frames: torch.Tensor | None,
+        video_row: torch.Tensor | None,
+    ) -> tuple[list[int], list[int], int]:
+        """(frames of each video, row of each video, T_max), checked against the batch's shapes."""
+        if video_row is None:
+            owner = list(range(rows))
+            what = f"B={rows}"
+        else:
+            if video_row.dim() != 1:
+                raise ValueError(f"video_row must be [V] (the row of each video), got shape {tuple(video_row.shape)}")
+            owner = [int(r) for r in video_row.tolist()]
+            bad = [r for r in owner if not 0 <= r < rows]
+            if bad:
+                raise ValueError(f"video_row holds rows {bad} outside [0, {rows}) (input_ids has {rows} rows)")
+            what = f"V={len(owner)} (entries of video_row)"
+        if pixel_values_videos is None:
+            if video_row is not None and owner:
+                raise ValueError(f"video_row names {len(owner)} videos but pixel_values_videos is None")
+            return [0] * len(owner), owner, 0
+        if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[0] != len(owner):
+            raise ValueError(
+                f"pixel_values_videos must be [{what}, T, 3, H, W], got {tuple(pixel_values_videos.shape)}"
+            )
+        max_frames = pixel_values_videos.shape[1]
+        if video_num_frames is None:
+            return [max_frames] * len(owner), owner, max_frames
+        num_frames = [int(n) for n in video_num_frames.tolist()]
+        if len(num_frames) != len(owner) or any(not 0 <= n <= max_frames for n in num_frames):
+            raise ValueError(
+                f"video_num_frames must hold {len(owner)} values in [0, {max_frames}] (frames in "
+                f"pixel_values_videos), got {num_frames}"
+            )
+        return num_frames, owner, max_frames
+
+    def _video_token_runs(self, video_mask: torch.Tensor, num_frames: list[int], owner: list[int],
+                          packed: bool) -> list[torch.Tensor]:
+        """Column of every ``<video>`` token of each video: a row's video tokens are split among its
+        videos in their order. Checks each row's count against its videos' ``video_token_count``."""
+        layout_cfg = self.video_layout
+        side = self.patch_side
+        found = video_mask.sum(dim=1).tolist()
+        counts = [layout_cfg.video_token_count(n, side) if n else 0 for n in num_frames]
+        per_row: list[list[int]] = [[] for _ in found]
+        for v, r in enumerate(owner):
+            per_row[r].append(v)
+        for r, videos in enumerate(per_row):
+            expected = sum(counts[v] for v in videos)
+            if found[r] == expected:
+                continue
+            grid = f"under the layout {layout_cfg.to_dict()} with a {side}x{side} patch grid"
+            if not packed:
+                n = num_frames[r]
+                reason = f"a {n}-frame video {grid}" if n else "no video"
+                raise ValueError(
+                    f"sample {r} of the batch: expected {expected} video tokens (id {self.config.video_token_id}) "
+                    f"for {reason}, found {found[r]} in input_ids"
+                )
+            listed = ", ".join(f"video {v} ({num_frames[v]} frames, {counts[v]} tokens)" for v in videos)
+            raise ValueError(
+                f"row {r} of the packed batch: expected {expected} video tokens (id {self.config.video_token_id}) "
+                f"for {listed or 'no video'} {grid}, found {found[r]} in input_ids"
+            )
+        runs: list[torch.Tensor] = []
+        cursor = [0] * len(found)
+        columns = [video_mask[r].nonzero().squeeze(1) for r in range(len(found))] if owner else []
+        for v, r in enumerate(owner):
+            runs.append(columns[r][cursor[r]:cursor[r] + counts[v]])
+            cursor[r] += counts[v]
+        return runs
+
     def _embed_videos(
         self,
         input_ids: torch.Tensor,
@@ -302,42 +377,23 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         pixel_values_videos: torch.Tensor | None,
         video_num_frames: torch.Tensor | None,
         keep_features: bool,
+        video_row: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, VideoTokenLayout, torch.Tensor | None]:
-        """Scatter the laid-out video tokens into ``inputs_embeds`` ``[B, L, D]``; return the layout."""
+        """Scatter the laid-out video tokens into ``inputs_embeds`` ``[R, L, D]``; return the layout.
+
+        Without ``video_row`` video ``b`` belongs to row ``b`` and the layout indexes ``[B, L]`` by
+        column. With ``video_row`` ``[V]`` (packed rows) the layout has one entry per video and its
+        positions are flat indices ``row * L + column`` into the ``R * L`` tokens.
+        """
         layout_cfg = self.video_layout
         side = self.patch_side
-        batch, length = input_ids.shape
+        rows, length = input_ids.shape
         device = input_ids.device
+        packed = video_row is not None
         video_mask = input_ids == self.config.video_token_id
-        found = video_mask.sum(dim=1).tolist()
-
-        if pixel_values_videos is None:
-            num_frames = [0] * batch
-            max_frames = 0
-        else:
-            if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[0] != batch:
-                raise ValueError(
-                    f"pixel_values_videos must be [B={batch}, T, 3, H, W], got {tuple(pixel_values_videos.shape)}"
-                )
-            max_frames = pixel_values_videos.shape[1]
-            if video_num_frames is None:
-                num_frames = [max_frames] * batch
-            else:
-                num_frames = [int(n) for n in video_num_frames.tolist()]
-                if len(num_frames) != batch or any(not 0 <= n <= max_frames for n in num_frames):
-                    raise ValueError(
-                        f"video_num_frames must hold {batch} values in [0, {max_frames}] (frames in "
-                        f"pixel_values_videos), got {num_frames}"
-                    )
-        for b in range(batch):
-            expected = layout_cfg.video_token_count(num_frames[b], side) if num_frames[b] else 0
-            if found[b] != expected:
-                reason = (f"a {num_frames[b]}-frame video under the layout {layout_cfg.to_dict()} with a "
-                          f"{side}x{side} patch grid" if num_frames[b] else "no video")
-                raise ValueError(
-                    f"sample {b} of the batch: expected {expected} video tokens (id {self.config.video_token_id}) "
-                    f"for {reason}, found {found[b]} in input_ids"
-                )
+        num_frames, owner, max_frames = self._videos_of_batch(rows, pixel_values_videos, video_num_frames, video_row)
+        runs = self._video_token_runs(video_mask, num_frames, owner, packed)
+        batch = len(owner)
 
         slow_side = layout_cfg.frame_grid_side(side, 0)
         slow_stride = layout_cfg.mm_spatial_pool_stride
@@ -347,9 +403,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         slow_pos = torch.full((batch, max_frames, slow_side * slow_side), -1, dtype=torch.long, device=device)
         fast_pos = (torch.full((batch, max_frames, fast_side * fast_side), -1, dtype=torch.long, device=device)
                     if layout_cfg.add_faster_video else None)
-        separator = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        separator = torch.zeros(rows, length, dtype=torch.bool, device=device)
         frame_ids = torch.arange(max_frames, device=device)
-        present = frame_ids[None, :] < torch.tensor(num_frames, device=device)[:, None]
+        present = frame_ids[None, :] < torch.tensor(num_frames, dtype=torch.long, device=device)[:, None]
         is_slow = torch.tensor([layout_cfg.is_slow_frame(t) for t in range(max_frames)], dtype=torch.bool,
                                device=device)
         features_out = None
@@ -377,7 +433,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 extras.append(self.faster_token[None].to(projected.dtype))
             bank = torch.cat(pooled + extras, dim=0)
 
-            gather: list[torch.Tensor] = []
+            # One bank index per <video> token, in sequence order (rows, then columns).
+            index_map = torch.zeros(rows, length, dtype=torch.long, device=device)
             first_real = 0
             for b in range(batch):
                 n = num_frames[b]
@@ -387,21 +444,24 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 role = template.role.to(device)
                 frame = template.frame.to(device)
                 patch = template.patch.to(device)
-                seq = video_mask[b].nonzero().squeeze(1)
+                seq = runs[b]
+                row = owner[b]
                 is_patch = role == ROLE_PATCH
                 frame_safe = frame.clamp(min=0)
                 index = torch.where(is_patch, offset[first_real + frame_safe] + patch.clamp(min=0),
                                     torch.full_like(role, newline_index))
                 index = torch.where(role == ROLE_FASTER, newline_index + 1, index)
-                gather.append(index)
+                index_map[row, seq] = index
                 pf, pp, ps = frame[is_patch], patch[is_patch], seq[is_patch]
+                if packed:
+                    ps = ps + row * length
                 slow_tok = is_slow[pf]
                 slow_pos[b, pf[slow_tok], pp[slow_tok]] = ps[slow_tok]
                 if fast_pos is not None:
                     fast_pos[b, pf[~slow_tok], pp[~slow_tok]] = ps[~slow_tok]
-                separator[b, seq[(role == ROLE_NEWLINE) | (role == ROLE_FASTER)]] = True
+                separator[row, seq[(role == ROLE_NEWLINE) | (role == ROLE_FASTER)]] = True
                 first_real += n
-            video_embeds = bank[torch.cat(gather)].to(inputs_embeds.dtype)
+            video_embeds = bank[index_map[video_mask]].to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask[..., None], video_embeds)
             if keep_features:
                 features_out = features.new_zeros(batch, max_frames, *features.shape[1:])
@@ -430,20 +490,26 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         pixel_values_videos: torch.Tensor | None,
         vision_features: torch.Tensor | None,
         layout: VideoTokenLayout,
+        packed: bool = False,
     ) -> Any:
-        """The module's loss output; shared mode hands over ``vision_features``, copy mode the pixels."""
+        """The module's loss output; shared mode hands over ``vision_features``, copy mode the pixels.
+
+        ``packed``: the layout indexes videos by flat position in the ``R * L`` tokens (see
+        :meth:`_embed_videos`); each video then reads its own span of tokens (:func:`_video_spans`)."""
         shared = _target_is_shared(module)
-        if layout.slow.positions.shape[1] == 0:
-            # A batch without video frames: one absent frame per sample, so the module returns its zero
+        if layout.slow.positions.shape[1] == 0 or layout.slow.positions.shape[0] == 0:
+            # A batch without video frames: one absent frame per row, so the module returns its zero
             # loss that still reaches the predictor (every DDP rank backpropagates through the same graph).
-            layout = _with_one_absent_frame(layout)
             batch = hidden_states.shape[0]
+            layout = _with_one_absent_frame(layout, batch)
             if shared:
                 vision_features = hidden_states.new_zeros(batch, 1, self._tokens_per_frame(),
                                                           _vision_feature_size(self.config))
             else:
                 size = self.config.vision_config.image_size
                 pixel_values_videos = hidden_states.new_zeros(batch, 1, 3, size, size)
+        elif packed:
+            hidden_states, layout = _video_spans(hidden_states, layout)
         return module.compute_autoregressive_loss(
             hidden_states,
             video_frames=None if shared else pixel_values_videos,
@@ -485,13 +551,15 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        video_row: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> LlavaVideoCausalLMOutput:
         """Forward on a collated batch.
 
         Args:
             input_ids: ``[B, L]``; a video of ``T`` frames is ``video_token_count(T, patch_side)``
-                copies of ``config.video_token_id``.
+                copies of ``config.video_token_id``. Packed rows (``video_row`` given): ``[R, L]``, each
+                row several samples, the runs of a row's videos in the order of the videos.
             attention_mask: ``[B, L]`` (1 = token, 0 = padding).
             labels: ``[B, L]``, -100 = ignored; shifted inside (HF causal-LM loss).
             pixel_values_videos: ``[B, T, 3, H, W]`` normalised frames, padding frames anywhere
@@ -501,6 +569,13 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             num_items_in_batch: label tokens of the whole (accumulated, global) batch, as the HF
                 Trainer passes it; the LM loss is then a sum over tokens divided by it and the
                 autoregressive term is scaled by this batch's share of those tokens.
+            video_row: ``[V]`` packed batches only: the row of each video. ``pixel_values_videos`` is
+                then ``[V, T, 3, H, W]`` and ``video_num_frames`` ``[V]``; pass ``position_ids`` ``[R, L]``
+                restarting at 0 for each sample and no ``attention_mask``: transformers then masks
+                attention block-diagonally per sample. The returned ``video_token_layout`` has one entry
+                per video, positions flat in the ``R * L`` tokens (``row * L + column``), and
+                ``separator_mask`` ``[R, L]``; ``vision_features`` are ``[V, T, P, D_vision]``.
+                Absent: video ``b`` belongs to row ``b``, at most one per row.
             logits_to_keep, cache, use_cache, position_ids, inputs_embeds: as in transformers.
 
         Returns:
@@ -512,6 +587,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             raise ValueError("visual inputs need input_ids to find the <video>/<image> placeholder tokens")
         if use_cache is None and labels is not None:
             use_cache = False  # training: a KV cache is never read
+        if video_row is not None:
+            use_cache = _check_packed_call(attention_mask, position_ids, cache, use_cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -521,7 +598,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         vision_features = None
         if input_ids is not None:
             inputs_embeds, layout, vision_features = self._embed_videos(
-                input_ids, inputs_embeds, pixel_values_videos, video_num_frames, keep_features=shared_targets
+                input_ids, inputs_embeds, pixel_values_videos, video_num_frames, keep_features=shared_targets,
+                video_row=video_row,
             )
         if pixel_values is not None:
             image_outputs = self.model.get_image_features(pixel_values, image_sizes, return_dict=True)
@@ -560,7 +638,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             if module is not None:
                 if layout is None:
                     raise ValueError("the autoregressive loss needs input_ids to locate the video tokens")
-                ar = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout)
+                ar = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout,
+                                                 packed=video_row is not None)
                 ar_loss = ar.loss.to(main.dtype)
                 loss = loss + (ar_loss if share is None else ar_loss * share)
                 total_mean = total_mean + ar_loss
@@ -585,11 +664,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         )
 
 
-def _with_one_absent_frame(layout: VideoTokenLayout) -> VideoTokenLayout:
+def _with_one_absent_frame(layout: VideoTokenLayout, batch: int) -> VideoTokenLayout:
     def widen(index: FrameTokenIndex | None) -> FrameTokenIndex | None:
         if index is None:
             return None
-        batch, _, patches = index.positions.shape
+        patches = index.positions.shape[2]
         return dataclasses.replace(
             index,
             positions=index.positions.new_full((batch, 1, patches), -1),
@@ -597,6 +676,50 @@ def _with_one_absent_frame(layout: VideoTokenLayout) -> VideoTokenLayout:
         )
 
     return dataclasses.replace(layout, slow=widen(layout.slow), fast=widen(layout.fast))
+
+
+def _check_packed_call(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                       cache: Cache | None, use_cache: bool | None) -> bool:
+    """``use_cache`` for packed rows, which transformers masks per sample only from ``position_ids``
+    with neither an attention mask nor a cache (a plain causal mask would let samples see each other)."""
+    if attention_mask is None and position_ids is None:
+        raise ValueError("packed rows (video_row given) need position_ids [R, L] restarting at 0 for each sample "
+                         "(the collator's position_ids), or an explicit attention_mask")
+    if attention_mask is None and (cache is not None or use_cache):
+        raise ValueError("packed rows (video_row given) are masked per sample only without a KV cache: pass "
+                         "use_cache=False and no cache")
+    return False if use_cache is None else use_cache
+
+
+def _video_spans(hidden_states: torch.Tensor, layout: VideoTokenLayout) -> tuple[torch.Tensor, VideoTokenLayout]:
+    """Packed rows: each video's own tokens ``[V, S, D]`` and the layout re-indexed into them.
+
+    ``hidden_states`` ``[R, L, D]``; the layout's positions are flat indices into the ``R * L`` tokens.
+    Video ``v`` gets the span from its first to its last patch token (``S`` = the longest span; shorter
+    spans run on into the following tokens, which no position points at). Gathering spans keeps the
+    autoregressive gather, and its backward, at the size of the video tokens instead of ``V`` copies
+    of the whole batch.
+    """
+    rows, length, dim = hidden_states.shape
+    total = rows * length
+    indexes = [layout.slow] + ([layout.fast] if layout.fast is not None else [])
+    positions = torch.cat([index.positions.flatten(1) for index in indexes], dim=1)  # [V, N]
+    valid = positions >= 0
+    start = torch.where(valid, positions, total).amin(1)
+    end = torch.where(valid, positions, -1).amax(1)
+    has_tokens = valid.any(1)
+    start = torch.where(has_tokens, start, 0)
+    width = int(torch.where(has_tokens, end - start + 1, 1).max())
+    take = (start[:, None] + torch.arange(width, device=start.device)).clamp(max=total - 1)
+    spans = hidden_states.reshape(total, dim)[take]
+
+    def shift(index: FrameTokenIndex | None) -> FrameTokenIndex | None:
+        if index is None:
+            return None
+        local = torch.where(index.positions >= 0, index.positions - start[:, None, None], -1)
+        return dataclasses.replace(index, positions=local)
+
+    return spans, dataclasses.replace(layout, slow=shift(layout.slow), fast=shift(layout.fast))
 
 
 def _detached(value: torch.Tensor | float | None) -> torch.Tensor:

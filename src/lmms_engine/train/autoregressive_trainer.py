@@ -20,6 +20,10 @@ this class adds:
 - **Atomic checkpoints** (:mod:`lmms_engine.train.checkpointing`): ``checkpoint-N`` appears only once
   complete; ``resume_from_checkpoint`` continues with HF's exact step, LR-schedule, RNG and data-order
   restore.
+- **Throughput**: tokens/s per device, samples/s, vision tokens per sample and MFU in every training
+  log (:mod:`lmms_engine.train.throughput`).
+- **Length-grouped data order** without decoding: ``train_sampling_strategy: group_by_length`` or
+  ``batch_rebalance`` use the dataset's lengths estimated from container metadata.
 - After training, ``output_dir/loss_curve.png`` and, all along, ``output_dir/train_log.jsonl``.
 """
 
@@ -42,6 +46,7 @@ from lmms_engine.train.checkpointing import (
     staging_parent,
 )
 from lmms_engine.train.loss_window import LossWindow
+from lmms_engine.train.throughput import add_throughput_logging
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +106,34 @@ class AutoregressiveTrainer(Trainer):
                 f"{self.args.device.type!r} ({self.accelerator.distributed_type}); FSDP through the Trainer "
                 "needs GPUs (or another accelerator): remove fsdp/fsdp_config to train with DDP"
             )
+        add_throughput_logging(self)
         if log_file:
             self.add_callback(JsonlLogCallback(log_file))
         if plot_loss:
             self.add_callback(LossPlotCallback())
+
+    # ------------------------------------------------------------------ data order
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """HF's sampler; for ``group_by_length`` / ``batch_rebalance`` over a dataset that estimates its
+        lengths from metadata (``estimated_lengths()``), HF's samplers get those lengths: HF itself would
+        load (decode) every sample once to measure it."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        strategy = self.args.train_sampling_strategy
+        estimate = getattr(dataset, "estimated_lengths", None)
+        if strategy not in ("group_by_length", "batch_rebalance") or not callable(estimate):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
+
+        lengths = list(estimate())
+        accumulation = self.args.gradient_accumulation_steps
+        if strategy == "group_by_length":
+            return LengthGroupedSampler(self.args.train_batch_size * accumulation, lengths=lengths)
+        world = max(1, self.args.world_size)
+        return BatchRebalanceSampler(
+            lengths=lengths, effective_batch_size=self.args.train_batch_size * accumulation * world, dp_size=world,
+            grad_accum=accumulation, seed=self.args.seed, rank=self.args.process_index if world > 1 else 0,
+            drop_last=self.args.dataloader_drop_last,
+        )
 
     # ------------------------------------------------------------------ loss
     def _label_tokens(self, labels: torch.Tensor) -> torch.Tensor:

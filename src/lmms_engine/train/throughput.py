@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -165,10 +165,10 @@ class ModelFlops:
         windows = 1 if self.ar_window == "random" else max(num_frames - self.ar_num_hist, 1)
         return 6.0 * self.predictor_params * self.predictor_tokens_per_window * windows
 
-    def batch_flops(self, attention_mask: torch.Tensor, video_num_frames: torch.Tensor | None = None) -> float:
-        """FLOPs of one micro-batch: ``attention_mask`` ``[B, L]``, ``video_num_frames`` ``[B]``."""
-        lengths = attention_mask.sum(-1).tolist()
-        total = sum(n * self.llm_per_token(n) for n in lengths)
+    def batch_flops(self, sequence_lengths: Sequence[int], video_num_frames: torch.Tensor | None = None) -> float:
+        """FLOPs of one micro-batch: the token count of each sample (attention is per sample, also in
+        packed rows) and ``video_num_frames`` ``[V]`` (one entry per video)."""
+        total = sum(n * self.llm_per_token(n) for n in sequence_lengths)
         if video_num_frames is not None:
             for frames in video_num_frames.tolist():
                 total += frames * self.vision_per_frame() + self.predictor_per_video(frames)
@@ -180,6 +180,30 @@ class ModelFlops:
                 f"{'fwd+bwd' if self.tower_trainable else 'forward only (frozen)'} 2x{self.tower_params / 1e6:.1f}M"
                 f" x {self.patches} patches/frame + attention; projector {self.projector_params / 1e6:.2f}M; "
                 f"AR predictor {self.predictor_params / 1e6:.2f}M x {self.predictor_tokens_per_window} tokens/window")
+
+
+def sample_lengths(inputs: Mapping[str, Any], pad_token_id: int | None = None) -> list[int]:
+    """Token count of each sample of a batch (the model's forward kwargs).
+
+    Padded batches: ``attention_mask.sum(-1)``. Packed batches (``position_ids`` and no
+    ``attention_mask``): a sample starts where its position ids restart at 0; a run made only of
+    ``pad_token_id`` is row padding, not a sample. Without either: every row is one sample.
+    """
+    mask, ids, positions = inputs.get("attention_mask"), inputs.get("input_ids"), inputs.get("position_ids")
+    if mask is not None:
+        return [int(n) for n in mask.sum(-1).tolist()]
+    if ids is None:
+        return []
+    if positions is None:
+        return [int(ids.shape[1])] * int(ids.shape[0])
+    lengths = []
+    for row_ids, row_positions in zip(ids, positions.expand_as(ids)):
+        starts = (row_positions == 0).nonzero().flatten().tolist() + [int(row_ids.shape[0])]
+        for start, stop in zip(starts, starts[1:]):
+            if pad_token_id is not None and bool((row_ids[start:stop] == pad_token_id).all()):
+                continue
+            lengths.append(stop - start)
+    return lengths
 
 
 @dataclass
@@ -194,8 +218,8 @@ class ThroughputCallback(TrainerCallback):
     """Log tokens/s per device, samples/s, vision tokens per sample and MFU every logging step.
 
     Each training forward of the model is counted by a forward pre-hook registered at
-    ``on_train_begin`` (so adding the callback is all that is needed): text tokens =
-    ``attention_mask.sum()``, samples = ``B``, vision tokens = ``input_ids == video_token_id``, FLOPs by
+    ``on_train_begin`` (so adding the callback is all that is needed): tokens and samples by
+    :func:`sample_lengths` (packed rows count each sample), vision tokens = ``input_ids == video_token_id``, FLOPs by
     :meth:`ModelFlops.batch_flops`. Rates use the wall time between logs (data loading included).
 
     Args:
@@ -210,24 +234,23 @@ class ThroughputCallback(TrainerCallback):
         self.peak: float | None = peak_flops(None, peak_tflops)
         self.window = _Window()
         self.video_token_id: int | None = None
+        self.pad_token_id: int | None = None
         self._handle: Any = None
         self._since = time.perf_counter()
         self.last: dict[str, float] = {}
 
     def count(self, inputs: Mapping[str, Any]) -> None:
         """Add one micro-batch (the model's forward kwargs) to the current window."""
-        mask = inputs.get("attention_mask")
-        ids = inputs.get("input_ids")
-        if mask is None and ids is None:
+        lengths = sample_lengths(inputs, self.pad_token_id)
+        if not lengths:
             return
-        if mask is None:
-            mask = torch.ones_like(ids)
-        self.window.tokens += int(mask.sum())
-        self.window.samples += int(mask.shape[0])
+        ids = inputs.get("input_ids")
+        self.window.tokens += sum(lengths)
+        self.window.samples += len(lengths)
         if ids is not None and self.video_token_id is not None:
             self.window.vision_tokens += int((ids == self.video_token_id).sum())
         if self.flops is not None:
-            self.window.flops += self.flops.batch_flops(mask, inputs.get("video_num_frames"))
+            self.window.flops += self.flops.batch_flops(lengths, inputs.get("video_num_frames"))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and torch.is_grad_enabled():
@@ -238,6 +261,8 @@ class ThroughputCallback(TrainerCallback):
             if self.flops is None:
                 self.flops = ModelFlops.from_model(model)
             self.video_token_id = getattr(model.config, "video_token_id", None)
+            text_config = getattr(model.config, "text_config", model.config)
+            self.pad_token_id = getattr(text_config, "pad_token_id", None)
             if self._handle is None:
                 self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
         self.peak = peak_flops(args.device, self.peak_tflops)
@@ -281,4 +306,4 @@ def add_throughput_logging(trainer: Any, peak_tflops: float | None = None) -> Th
     return callback
 
 
-__all__ = ["ModelFlops", "PEAK_TFLOPS", "ThroughputCallback", "add_throughput_logging", "peak_flops"]
+__all__ = ["ModelFlops", "PEAK_TFLOPS", "ThroughputCallback", "add_throughput_logging", "peak_flops", "sample_lengths"]
