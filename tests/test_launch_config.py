@@ -206,3 +206,13 @@ def test_docs_config_reference_is_current():
         "docs/config.md is stale: run python -m lmms_engine.launch.config_doc --write docs/config.md"
     for key in launch_config.training_argument_fields():
         assert f"| `{key}` |" in text
+
+
+def test_a_bare_yaml_no_where_a_string_is_expected_says_to_quote_it(tmp_path):
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    config = tmp_path / "no.yaml"
+    config.write_text("- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {}\n"
+                      f"    save_strategy: no\n    dataset_config: {{data_path: {data}}}\n")
+    with pytest.raises(ConfigError, match=r'save_strategy: expected .*got False \(bool\); .*quote it, e\.g\. "no"'):
+        load_pipeline_config(config)

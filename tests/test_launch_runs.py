@@ -147,6 +147,9 @@ def test_quickstart_shortened_summary_outputs_and_resume(data_dir, tmp_path, cap
         assert line in stdout
     assert (out / "loss_curve.png").is_file() and (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "checkpoint-3" / "trainer_state.json").is_file()
+    for folder in (out, out / "checkpoint-3"):  # what AutoProcessor.from_pretrained reads
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+            assert (folder / name).is_file(), folder / name
     assert_consistent_losses(logged(out))
     evals = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert len(evals) == 2 and all(e["eval_main_loss"] + e["eval_autoregressive_loss"]
@@ -254,3 +257,25 @@ def test_demo_data_is_reused_only_when_made_by_the_same_settings_and_generator(t
     marker.write_text(json.dumps(settings))
     assert ensure_demo_data(config) is True
     assert json.loads(marker.read_text())["generator_version"] == settings["generator_version"] + 1
+
+
+def test_a_run_with_broken_videos_skips_them_and_reports_each_file(data_dir, tmp_path, capsys):
+    records = json.loads((data_dir / "train.json").read_text())[:6]
+    for record in records:
+        record["video"] = str(data_dir / record["video"])
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)  # an mp4 header, then junk
+    records[2]["video"] = str(broken)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    config = tmp_path / "skip.yaml"
+    config.write_text(f"- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {{}}\n"
+                      f"    dataset_config: {{data_path: {data}, on_bad_record: skip}}\n")
+    out = tmp_path / "run"
+    code, stdout = run_cli(config, [f"output_dir={out}", "max_steps=3", "per_device_train_batch_size=2",
+                                    "logging_steps=1", "save_steps=100", "report_to=none", "disable_tqdm=true"],
+                           capsys)
+    assert code == 0 and f"data report  {out / 'data_report.json'}" in stdout
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["num_records"] == 6 and report["counts"] == {"broken_video": 1}
+    assert [entry["video"] for entry in report["records"]] == [str(broken)]

@@ -19,25 +19,37 @@ wrapping): the replacement depends only on which records are bad, so it is deter
 DataLoader worker never dies on one bad file. Failures found in worker processes are recorded in a
 shared-memory table, so the report of the main process counts them too.
 
+Video reads have a deadline (``decode_timeout``): a read that blocks (a pipe nobody writes, a stalled
+mount) or is too slow is abandoned and the record is replaced as above, counted under
+``decode_timeout``; a job never hangs on one file. ``max_bad_fraction`` bounds the records known bad
+(left out while reading, or failed when loaded; over-long ones are not counted): past it the dataset
+raises :class:`BadRecordBudgetError`. ``write_report(path)`` writes the report as JSON with every failed
+record's location and video file.
+
 Over-long samples never lose part of their video. ``truncation: turns`` keeps the longest prefix of whole
 (user, assistant) exchanges that fits in ``max_length``; ``truncation: drop`` drops any sample longer than
 ``max_length``. A sample that cannot fit even with one exchange is dropped. Dropped samples are replaced
 as above and counted under ``too_long`` whatever ``on_bad_record`` says: over-length is a policy, not
-a broken record.
+a broken record. ``estimated_lengths()`` gives each record's length from container metadata without
+decoding (``lmms_engine.data.lengths``); with ``drop_long_before_loading`` the records it says would be
+dropped are left out when the dataset is built (counted under ``too_long``) and never decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from lmms_engine.data.chat import encode_conversation, video_token_id
+from lmms_engine.data.chat import EncodedConversation, encode_conversation, video_token_id
+from lmms_engine.data.lengths import LengthEstimate, estimate_lengths, kept_length
 from lmms_engine.data.preprocess import ProcessorInfo, frames_to_pixel_values
 from lmms_engine.data.records import (
     BAD_RECORD_REASONS,
@@ -49,6 +61,7 @@ from lmms_engine.data.records import (
     record_location,
 )
 from lmms_engine.utils.config import ConfigError, from_mapping
+from lmms_engine.video.sampling import SamplingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +88,19 @@ class DatasetConfig:
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
         decode_threads: FFmpeg threads per video decode; 0 = one per core. With several DataLoader
             workers, 1 or 2 avoids oversubscribing the cores.
+        decode_timeout: seconds one video read may take; null = no limit. A read that blocks (a pipe
+            nobody writes, a stalled network mount) or runs longer is abandoned and the record replaced
+            and counted under ``decode_timeout``, so one file never hangs the job. Also bounds each
+            metadata probe of ``drop_long_before_loading``.
+        max_bad_fraction: most records known bad, as a fraction of the data file's records, before
+            training stops with an error naming the count and the report; null = no limit. Counted:
+            records left out while reading the file and records that fail when loaded (broken video,
+            decode timeout); over-long records (``too_long``) are a length policy and are not counted.
+        drop_long_before_loading: with ``max_length`` set, estimate each record's length from its
+            video's container metadata (frame count, duration; no decoding) when the dataset is built,
+            and leave out the records that would be dropped as too long (``truncation: drop`` and
+            longer than ``max_length``, or not even the first exchange fits), counted under
+            ``too_long``; they are never decoded. Probing costs a container open per video.
         packing: pack several samples into each row of a batch (position ids restart per sample, no
             attention across samples; the loss equals the unpacked batch's).
         packing_length: longest packed row in tokens; None = ``max_length`` (required when that is None).
@@ -92,6 +118,9 @@ class DatasetConfig:
     padding_side: Literal["right", "left"] = "right"
     on_bad_record: Literal["raise", "skip"] = "raise"
     decode_threads: int = 0
+    decode_timeout: float | None = 120.0
+    max_bad_fraction: float | None = None
+    drop_long_before_loading: bool = False
     packing: bool = False
     packing_length: int | None = None
 
@@ -106,6 +135,12 @@ class DatasetConfig:
             raise ValueError(f"max_length must be >= 1 or null, got {self.max_length}")
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
+        if self.decode_timeout is not None and not self.decode_timeout > 0:
+            raise ValueError(f"decode_timeout must be a number of seconds > 0, or null for no limit, "
+                             f"got {self.decode_timeout}")
+        if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be between 0 and 1 (a fraction of the records), or null "
+                             f"for no limit, got {self.max_bad_fraction}")
         if self.packing_length is not None and self.packing_length < 1:
             raise ValueError(f"packing_length must be >= 1 or null, got {self.packing_length}")
         if self.packing and self.packing_length is None and self.max_length is None:
@@ -114,16 +149,26 @@ class DatasetConfig:
 
 @dataclass
 class BadRecordReport:
-    """Bad records of one dataset: ``counts[reason]`` and up to three example messages per reason."""
+    """Bad records of one dataset: ``counts[reason]``, up to three example messages per reason, and
+    ``records``: every failed record as ``{"reason", "where" (file: record i (line n)), "video" (its file,
+    or None when unknown), "message"}``, records left out while reading first, then by record."""
 
     source: str
     num_records: int
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_bad(self) -> int:
         return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (what ``VideoSFTDataset.write_report`` writes)."""
+        return {"source": self.source, "num_records": self.num_records, "num_bad": self.num_bad,
+                "counts": dict(sorted(self.counts.items())),
+                "reasons": {reason: BAD_RECORD_REASONS[reason] for reason in sorted(self.counts)},
+                "records": [dict(entry) for entry in self.records]}
 
     def __str__(self) -> str:
         if not self.num_bad:
@@ -133,6 +178,10 @@ class BadRecordReport:
             lines.append(f"  {reason}: {count} ({BAD_RECORD_REASONS[reason]})")
             lines.extend(f"    e.g. {example}" for example in self.examples.get(reason, []))
         return "\n".join(lines)
+
+
+class BadRecordBudgetError(RuntimeError):
+    """More records are bad than ``dataset_config.max_bad_fraction`` allows."""
 
 
 class _SampleFailure(Exception):
@@ -150,7 +199,11 @@ def time_instruction(duration: float, timestamps: list[float]) -> str:
 
 
 class VideoSFTDataset(Dataset):
-    """Samples for supervised fine-tuning (module docstring). Build it with :func:`build_dataset`."""
+    """Samples for supervised fine-tuning (module docstring). Build it with :func:`build_dataset`.
+
+    ``parse_failures``: the records left out while reading the file, as the :class:`BadRecordError` each
+    raised (or ``(reason, message)`` pairs, as :func:`load_records` returns them).
+    """
 
     def __init__(
         self,
@@ -161,7 +214,7 @@ class VideoSFTDataset(Dataset):
         *,
         source: str,
         num_raw_records: int,
-        parse_failures: list[tuple[str, str]] | None = None,
+        parse_failures: list[BadRecordError | tuple[str, str]] | None = None,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. '<|endoftext|>')")
@@ -172,12 +225,17 @@ class VideoSFTDataset(Dataset):
         self.source = source
         self.num_raw_records = num_raw_records
         self.video_token_id = video_token_id(tokenizer, processor_info.video_token)
-        self._parse_failures = list(parse_failures or [])
+        # Records left out before loading (while reading, or as too long by estimate): report entries.
+        self._left_out: list[dict[str, Any]] = [_left_out_entry(f) for f in parse_failures or []]
         # One byte per record: 0 = not known bad, k = failed with reason _REASONS[k-1]. Shared memory, so
         # DataLoader workers' findings reach the main process and later epochs skip known-bad records fast.
         self._failed = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         self._failure_messages: dict[int, str] = {}
         self._loader: Any = None
+        self._length_estimates: list[LengthEstimate] | None = None
+        self._check_bad_budget()
+        if config.drop_long_before_loading and config.max_length is not None:
+            self._drop_long_records()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -214,6 +272,8 @@ class VideoSFTDataset(Dataset):
                 self._failed[j] = _REASONS.index(failure.reason) + 1
                 self._failure_messages[j] = message
                 logger.warning("skipping %s [%s]", message, failure.reason)
+                if failure.reason != "too_long":
+                    self._check_bad_budget()
         raise RuntimeError(f"{self.source}: every one of the {n} records failed to load; "
                            f"see bad_record_report():\n{self.bad_record_report()}")
 
@@ -227,27 +287,48 @@ class VideoSFTDataset(Dataset):
         except _SampleFailure as failure:
             raise BadRecordError(failure.reason, self.records[index].where, str(failure)) from failure
 
+    def sampling_spec(self, record: ConversationRecord) -> SamplingSpec:
+        """The frame sampling of ``record``'s video: the config's rule within the record's time range."""
+        return SamplingSpec(max_frames=self.config.max_frames, fps=self.config.fps,
+                            force_sample=self.config.force_sample, start_time=record.video_start,
+                            end_time=record.video_end)
+
+    def encode_record(self, record: ConversationRecord, *, num_frames: int = 0, duration: float = 0.0,
+                      timestamps: Sequence[float] = (), generation: bool = False) -> EncodedConversation:
+        """Tokenize ``record`` as samples are tokenized, before truncation.
+
+        ``num_frames``: frames its video yields (ignored without a video); ``timestamps`` (seconds since
+        the video's first frame, one per frame) and ``duration`` (seconds) matter only with
+        ``add_time_instruction``. ``generation``: drop the last assistant turn and end with the
+        assistant header (evaluation prompts).
+        """
+        info = self.processor_info
+        turns = list(record.turns[:-1] if generation else record.turns)
+        count = 0
+        if record.video is not None:
+            count = info.video_token_count(num_frames)
+            if self.config.add_time_instruction:
+                turns = self._with_time_instruction(turns, record, duration, timestamps)
+        return encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count,
+                                   add_generation_prompt=generation)
+
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
         record = self.records[j]
         info = self.processor_info
-        turns = list(record.turns[:-1] if generation else record.turns)
         pixel_values = None
-        count = 0
         if record.video is not None:
             video = self._decode(record)
-            frames = video.frames
-            pixel_values = frames_to_pixel_values(frames, info.image_size, info.image_mean, info.image_std)
-            count = info.video_token_count(frames.shape[0])
-            if self.config.add_time_instruction:
-                turns = self._with_time_instruction(turns, record, video)
-        encoded = encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count,
-                                      add_generation_prompt=generation)
+            pixel_values = frames_to_pixel_values(video.frames, info.image_size, info.image_mean, info.image_std)
+            encoded = self.encode_record(record, num_frames=int(pixel_values.shape[0]), duration=float(video.duration),
+                                         timestamps=video.timestamps, generation=generation)
+        else:
+            encoded = self.encode_record(record, generation=generation)
         input_ids, labels = encoded.input_ids, encoded.labels
-        limit = self.config.max_length
-        if limit is not None and len(input_ids) > limit and not generation:
-            keep = max((e for e in encoded.turn_ends if e <= limit), default=0)
-            if self.config.truncation == "drop" or keep == 0:
-                raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={limit} "
+        if not generation:
+            keep = kept_length(len(input_ids), encoded.turn_ends, self.config.max_length, self.config.truncation)
+            if keep is None:
+                count = 0 if pixel_values is None else info.video_token_count(int(pixel_values.shape[0]))
+                raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={self.config.max_length} "
                                                  f"(truncation={self.config.truncation!r}, video tokens: {count})")
             input_ids, labels = input_ids[:keep], labels[:keep]
         sample: dict[str, Any] = {
@@ -264,49 +345,152 @@ class VideoSFTDataset(Dataset):
         return sample
 
     def _decode(self, record: ConversationRecord) -> Any:
-        from lmms_engine.video.decode import VideoReadError
+        from lmms_engine.video.decode import DecodeTimeout, VideoReadError
 
         size = self.processor_info.image_size
         try:
-            return self.loader.load_video(
-                record.video, max_frames=self.config.max_frames, fps=self.config.fps,
-                force_sample=self.config.force_sample, start_time=record.video_start, end_time=record.video_end,
-                target_size=(size, size))
+            return self.loader.load_video(record.video, **dataclasses.asdict(self.sampling_spec(record)),
+                                          target_size=(size, size), timeout=self.config.decode_timeout)
+        except DecodeTimeout as err:
+            raise _SampleFailure("decode_timeout", f"{err} (dataset_config.decode_timeout="
+                                                   f"{self.config.decode_timeout:g})") from err
         except VideoReadError as err:
             raise _SampleFailure("broken_video", str(err)) from err
         except Exception as err:  # noqa: BLE001 - any decoder failure on one file must not kill a worker
             raise _SampleFailure("broken_video", f"{record.video}: {type(err).__name__}: {err}") from err
 
-    def _with_time_instruction(self, turns: list[Turn], record: ConversationRecord, video: Any) -> list[Turn]:
+    def _with_time_instruction(self, turns: list[Turn], record: ConversationRecord, duration: float,
+                               timestamps: Sequence[float]) -> list[Turn]:
         start = record.video_start or 0.0
-        end = record.video_end if record.video_end is not None else float(video.duration)
-        stamps = [float(t) - start for t in video.timestamps]
+        end = record.video_end if record.video_end is not None else float(duration)
+        stamps = [float(t) - start for t in timestamps]
         token = self.processor_info.video_token
         first_user = next(i for i, t in enumerate(turns) if t.role == "user")
         rest = turns[first_user].text[len(token):].lstrip("\n")
         text = f"{token}\n{time_instruction(max(end - start, 0.0), stamps)}" + (f"\n{rest}" if rest else "")
         return turns[:first_user] + [Turn("user", text)] + turns[first_user + 1:]
 
+    def length_estimates(self) -> list[LengthEstimate]:
+        """Each record's :class:`~lmms_engine.data.lengths.LengthEstimate` (full length, exchange ends,
+        frames, video tokens), from container metadata without decoding; computed once, then cached."""
+        if self._length_estimates is None:
+            self._length_estimates = estimate_lengths(self)
+        return self._length_estimates
+
+    def estimated_lengths(self) -> list[int]:
+        """Each record's sample length in tokens as served (after ``truncation: turns``), estimated
+        without decoding (``lmms_engine.data.lengths``), for length-grouped batching. A record that
+        loading would drop as too long keeps its full length (it is served as another record)."""
+        config = self.config
+        out = []
+        for estimate in self.length_estimates():
+            served = estimate.served_length(config.max_length, config.truncation)
+            out.append(estimate.length if served is None else served)
+        return out
+
+    def _drop_long_records(self) -> None:
+        """Leave out the records whose estimate says loading would drop them as too long."""
+        config = self.config
+        estimates = self.length_estimates()
+        keep: list[int] = []
+        for j, (record, estimate) in enumerate(zip(self.records, estimates)):
+            # An estimate without a probe is only a bound: such records are loaded, and judged then.
+            if estimate.exact and estimate.served_length(config.max_length, config.truncation) is None:
+                detail = (f"estimated {estimate.length} tokens > max_length={config.max_length} (truncation="
+                          f"{config.truncation!r}, first exchange ends at {estimate.turn_ends[0]} tokens, video "
+                          f"tokens: {estimate.video_tokens}); left out before loading")
+                self._left_out.append({"reason": "too_long", "where": record.where, "video": record.video,
+                                       "message": f"{record.where}: {detail}"})
+                logger.info("leaving out %s: %s", record.where, detail)
+            else:
+                keep.append(j)
+        dropped = len(self.records) - len(keep)
+        if dropped:
+            logger.warning("%s: %d record(s) longer than max_length=%d left out before loading (estimated from "
+                           "video metadata; see bad_record_report())", self.source, dropped, config.max_length)
+        if not keep:
+            raise ValueError(f"{self.source}: every record is longer than max_length={config.max_length} "
+                             f"(estimated); raise max_length or use truncation: turns")
+        self.records = [self.records[j] for j in keep]
+        self._length_estimates = [estimates[j] for j in keep]
+        self._failed = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+
+    def _num_broken(self) -> int:
+        """Records known bad, over-long ones excepted (what ``max_bad_fraction`` bounds)."""
+        too_long = _REASONS.index("too_long") + 1
+        left_out = sum(entry["reason"] != "too_long" for entry in self._left_out)
+        return left_out + int(((self._failed != 0) & (self._failed != too_long)).sum())
+
+    def _check_bad_budget(self) -> None:
+        limit = self.config.max_bad_fraction
+        if limit is None:
+            return
+        bad = self._num_broken()
+        fraction = bad / max(self.num_raw_records, 1)
+        if fraction > limit:
+            raise BadRecordBudgetError(
+                f"{self.source}: {bad} of {self.num_raw_records} records are bad ({fraction:.2%}), more than "
+                f"dataset_config.max_bad_fraction={limit:g} allows; fix or remove them, or raise "
+                f"max_bad_fraction (null = no limit). Report:\n{self.bad_record_report()}")
+
     def bad_record_report(self) -> BadRecordReport:
-        """Counts by reason (records left out while reading plus records that failed when loaded, in this
-        process or in DataLoader workers) and example messages."""
-        report = BadRecordReport(self.source, self.num_raw_records)
-        counts: Counter[str] = Counter()
-        examples: dict[str, list[str]] = {}
-        for reason, message in self._parse_failures:
-            counts[reason] += 1
-            examples.setdefault(reason, [])
-            if len(examples[reason]) < _MAX_EXAMPLES:
-                examples[reason].append(message)
+        """Counts by reason (records left out while reading or as too long by estimate, plus records that
+        failed when loaded, in this process or in DataLoader workers), example messages, and every
+        failed record's location and video."""
+        entries = list(self._left_out)
         for j in torch.nonzero(self._failed).flatten().tolist():
             reason = _REASONS[int(self._failed[j]) - 1]
-            counts[reason] += 1
-            examples.setdefault(reason, [])
-            if len(examples[reason]) < _MAX_EXAMPLES:
-                default = f"{self.records[j].where}: {BAD_RECORD_REASONS[reason]} (details in the worker's log)"
-                examples[reason].append(self._failure_messages.get(j, default))
-        report.counts, report.examples = dict(counts), examples
-        return report
+            record = self.records[j]
+            default = f"{record.where}: {BAD_RECORD_REASONS[reason]} (details in the worker's log)"
+            entries.append({"reason": reason, "where": record.where, "video": record.video,
+                            "message": self._failure_messages.get(j, default)})
+        counts: Counter[str] = Counter()
+        examples: dict[str, list[str]] = {}
+        for entry in entries:
+            counts[entry["reason"]] += 1
+            shown = examples.setdefault(entry["reason"], [])
+            if len(shown) < _MAX_EXAMPLES:
+                shown.append(entry["message"])
+        return BadRecordReport(self.source, self.num_raw_records, dict(counts), examples, entries)
+
+    def write_report(self, path: str | Path) -> Path:
+        """Write :meth:`bad_record_report` as JSON to ``path`` (folders created); return the path.
+
+        Keys: ``source``, ``num_records``, ``num_bad``, ``counts`` (per reason), ``reasons`` (what each
+        reason means) and ``records`` (every failed record: ``reason``, ``where``, ``video``, ``message``).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.bad_record_report().to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _left_out_entry(failure: BadRecordError | tuple[str, str]) -> dict[str, Any]:
+    if isinstance(failure, BadRecordError):
+        return {"reason": failure.reason, "where": failure.where, "video": None, "message": str(failure)}
+    reason, message = failure
+    return {"reason": reason, "where": None, "video": None, "message": message}
+
+
+def _read_records(
+    path: str | Path,
+    video_folder: str | Path | None,
+    video_token: str,
+    on_bad_record: Literal["raise", "skip"],
+) -> tuple[list[ConversationRecord], int, list[BadRecordError]]:
+    folder = Path(video_folder) if video_folder is not None else Path(path).resolve().parent
+    records, failures, total = [], [], 0
+    for index, line, obj in iter_raw_records(path):
+        total += 1
+        where = record_location(path, index, line)
+        try:
+            records.append(parse_record(obj, where, video_folder=folder, video_token=video_token, index=index))
+        except BadRecordError as err:
+            if on_bad_record == "raise":
+                raise
+            failures.append(err)
+            logger.warning("skipping %s", err)
+    return records, total, failures
 
 
 def load_records(
@@ -321,19 +505,8 @@ def load_records(
     Returns ``(records, number of raw records, [(reason, message) of each record left out])``; with
     ``on_bad_record="raise"`` the first bad record raises :class:`BadRecordError` instead.
     """
-    folder = Path(video_folder) if video_folder is not None else Path(path).resolve().parent
-    records, failures, total = [], [], 0
-    for index, line, obj in iter_raw_records(path):
-        total += 1
-        where = record_location(path, index, line)
-        try:
-            records.append(parse_record(obj, where, video_folder=folder, video_token=video_token, index=index))
-        except BadRecordError as err:
-            if on_bad_record == "raise":
-                raise
-            failures.append((err.reason, str(err)))
-            logger.warning("skipping %s", err)
-    return records, total, failures
+    records, total, failures = _read_records(path, video_folder, video_token, on_bad_record)
+    return records, total, [(err.reason, str(err)) for err in failures]
 
 
 def build_dataset(
@@ -365,14 +538,13 @@ def build_dataset(
         raise ConfigError(f"dataset_config.{key}: file {path!r} does not exist")
     if config.video_folder is not None and not Path(config.video_folder).is_dir():
         raise ConfigError(f"dataset_config.video_folder: folder {config.video_folder!r} does not exist")
-    records, total, failures = load_records(path, video_folder=config.video_folder,
-                                            video_token=processor_info.video_token,
-                                            on_bad_record=config.on_bad_record)
+    records, total, failures = _read_records(path, config.video_folder, processor_info.video_token,
+                                             config.on_bad_record)
     if not records:
         raise ValueError(f"{path}: no usable records ({total} read, {len(failures)} bad)")
     return VideoSFTDataset(records, config, tokenizer, processor_info, source=str(path),
                            num_raw_records=total, parse_failures=failures)
 
 
-__all__ = ["BadRecordReport", "DatasetConfig", "VideoSFTDataset", "build_dataset", "load_records",
-           "time_instruction"]
+__all__ = ["BadRecordBudgetError", "BadRecordReport", "DatasetConfig", "VideoSFTDataset", "build_dataset",
+           "load_records", "time_instruction"]

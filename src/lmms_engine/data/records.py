@@ -19,8 +19,8 @@ Rules (every violation is a :class:`BadRecordError` naming the file, the record 
 - Roles: an optional ``system`` turn, then ``user``/``assistant`` alternating, starting with ``user`` and
   ending with ``assistant``. LLaVA's ``from`` may be ``human``/``user``, ``gpt``/``assistant``, ``system``.
 - At most one video per record. Video paths are relative to the video folder (absolute paths are kept)
-  and must exist. ``video_start``/``video_end`` (seconds) are optional, at the top level or, in the
-  OpenAI form, beside ``video_url`` in the content part.
+  and must exist (a file, or a pipe or device read like one; not a directory). ``video_start``/``video_end``
+  (seconds) are optional, at the top level or, in the OpenAI form, beside ``video_url`` in the content part.
 - The ``<video>`` placeholder: a record with a video and no placeholder gets one at the start of its
   first user turn (as LLaVA does); a placeholder without a video is an error; wherever it appears, it
   is moved to the start of the first user turn (``"<video>\\n" + question``) so that the video tokens
@@ -56,8 +56,9 @@ BAD_RECORD_REASONS: dict[str, str] = {
     "image_unsupported": "the record holds an image; only videos are supported",
     "placeholder_without_video": "a <video> placeholder but no video",
     "multiple_videos": "more than one video or <video> placeholder",
-    "missing_video": "the video file does not exist",
+    "missing_video": "the video file does not exist (or is a directory)",
     "broken_video": "the video file cannot be decoded",
+    "decode_timeout": "reading the video took longer than decode_timeout seconds (a blocked or too slow read)",
     "too_long": "longer than max_length even after truncation",
 }
 
@@ -321,8 +322,11 @@ def parse_record(
     if video is not None:
         path = Path(video).expanduser()
         path = path if path.is_absolute() else Path(video_folder) / path
-        if check_video_exists and not path.is_file():
-            raise _bad("missing_video", where, f"video file {str(path)!r} does not exist "
+        # exists() rather than is_file(): a named pipe or a device is read like a file (and a read that
+        # blocks on one is the decoder's deadline to handle, not a missing file).
+        if check_video_exists and (not path.exists() or path.is_dir()):
+            what = "is a directory, not a video file" if path.is_dir() else "does not exist"
+            raise _bad("missing_video", where, f"video file {str(path)!r} {what} "
                                                f"(video folder {str(video_folder)!r})")
         video_path = str(path)
     metadata = {k: obj[k] for k in METADATA_KEYS if k in obj}

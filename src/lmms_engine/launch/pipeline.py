@@ -38,6 +38,7 @@ class RunSummary:
     first_losses: dict[str, float] = field(default_factory=dict)
     last_losses: dict[str, float] = field(default_factory=dict)
     bad_records: str = ""
+    data_report: Path | None = None
 
     def describe(self) -> str:
         def losses(values: dict[str, float]) -> str:
@@ -53,7 +54,7 @@ class RunSummary:
             f"  loss         first logged {losses(self.first_losses)}",
             f"               last logged  {losses(self.last_losses)}",
             f"  output dir   {self.output_dir}",
-            f"  final model  {self.output_dir} (config.json, weights, tokenizer; "
+            f"  final model  {self.output_dir} (config.json, weights, tokenizer, processor files; "
             f"load with LlavaVideoForConditionalGeneration.from_pretrained)",
             f"  checkpoint   {self.last_checkpoint or 'none saved'}",
             f"  loss plot    {self.loss_plot or 'none (nothing logged)'}",
@@ -61,6 +62,8 @@ class RunSummary:
         ]
         if self.bad_records:
             lines.append(f"  data         {self.bad_records}")
+        if self.data_report:
+            lines.append(f"  data report  {self.data_report} (every skipped record, its file and why)")
         if self.last_checkpoint:
             lines.append("  resume with  --set resume_from_checkpoint=true (newest complete checkpoint)")
         lines.append("=" * 72)
@@ -152,6 +155,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     from lmms_engine.data.collator import build_collator
     from lmms_engine.data.dataset import build_dataset
     from lmms_engine.data.preprocess import ProcessorInfo
+    from lmms_engine.export.processor import build_processing_class
     from lmms_engine.models.builder import build_model
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
     from lmms_engine.train.checkpointing import last_complete_checkpoint
@@ -180,7 +184,8 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
         data_collator=build_collator(block.dataset_config, tokenizer),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        # tokenizer + LLaVA-OneVision processor files in every checkpoint (AutoProcessor, lmms-eval llava_hf)
+        processing_class=build_processing_class(tokenizer, model, block.model_config.model_name_or_path),
         enable_autoregressive=enable,
     )
     resume = block.resume_from_checkpoint
@@ -202,8 +207,11 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
     start = time.time()
     run = prepare_trainer(block, args)
     trainer = run.trainer
-    trainer.train(resume_from_checkpoint=run.resume)
-    trainer.save_model()  # output_dir: weights, config, tokenizer (processing_class)
+    try:
+        trainer.train(resume_from_checkpoint=run.resume)
+    finally:  # also when training stops on an error (e.g. max_bad_fraction exceeded)
+        report = write_data_report(run.train_dataset, trainer.args)
+    trainer.save_model()  # output_dir: weights, config, tokenizer and processor files (processing_class)
     trainer.save_state()
     output_dir = Path(trainer.args.output_dir)
     first, last = _logged_losses(trainer.state.log_history)
@@ -220,7 +228,19 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
         first_losses=first,
         last_losses=last,
         bad_records=str(run.train_dataset.bad_record_report()),
+        data_report=report,
     )
+
+
+DATA_REPORT_NAME = "data_report.json"
+
+
+def write_data_report(dataset: Any, args: Any) -> Path:
+    """Write ``dataset``'s bad-record report as JSON into ``args.output_dir``: ``data_report.json`` on
+    process 0, ``data_report_rank{N}.json`` on process N (each rank loads, and reports, its own samples)."""
+    rank = int(getattr(args, "process_index", 0))
+    name = DATA_REPORT_NAME if rank == 0 else DATA_REPORT_NAME.replace(".json", f"_rank{rank}.json")
+    return dataset.write_report(Path(args.output_dir) / name)
 
 
 @dataclass

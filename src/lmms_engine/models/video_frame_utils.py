@@ -81,6 +81,7 @@ class MultiScaleVideoFrameLoader:
         target_size: tuple[int, int] | None = None,
         enable_multiscale: bool = False,
         scale_factors: Sequence[float] | None = None,
+        timeout: float | None = None,
     ) -> DecodedVideo:
         """Sample frames of ``video_path``, decode them, and say which frames they are.
 
@@ -107,6 +108,9 @@ class MultiScaleVideoFrameLoader:
             scale_factors: with ``enable_multiscale`` (default ``[1.0, 0.75, 0.5]``): each output is
                 ``round(s * H) x round(s * W)`` (halves up, at least 1 pixel) of ``target_size`` or,
                 without it, of the video's size; each is scaled directly from the decoded frame.
+            timeout: seconds the read may take (None = no limit). A read that blocks (a pipe nobody
+                writes, a stalled mount) or runs too long is abandoned and ``DecodeTimeout`` (a
+                ``VideoReadError``) raised; the abandoned decode stops at its next packet.
 
         Returns:
             ``DecodedVideo`` with ``frames`` uint8 RGB ``[T, 3, H, W]`` (or a list, one per scale), the
@@ -117,14 +121,15 @@ class MultiScaleVideoFrameLoader:
 
         Raises:
             VideoReadError: the file is missing, empty, not a video, has no video stream or no
-                decodable frame (the message names the path and the cause).
+                decodable frame (the message names the path and the cause); ``DecodeTimeout`` past
+                ``timeout``.
             ValueError: invalid arguments, or a time range holding no frame.
         """
         spec = SamplingSpec(max_frames=max_frames, sample_rate=sample_rate, fps=fps, force_sample=force_sample,
                             start_time=start_time, end_time=end_time)
         return read_video(video_path, spec, target_size=_check_size(target_size),
                           scale_factors=_check_scales(enable_multiscale, scale_factors),
-                          num_threads=self.num_threads)
+                          num_threads=self.num_threads, timeout=timeout)
 
     def load_video_frames(
         self,

@@ -68,7 +68,8 @@ class AutoregressiveTrainer(Trainer):
     Args:
         model, args, and every other positional / keyword argument: as ``transformers.Trainer``. With a
             :class:`~lmms_engine.data.dataset.VideoSFTDataset` as ``train_dataset`` (by keyword), the
-            ``data_collator`` and ``processing_class`` default to its collator and tokenizer.
+            ``data_collator`` and ``processing_class`` default to its collator and its tokenizer with the
+            processor files (:func:`lmms_engine.export.build_processing_class`).
         enable_autoregressive: train with the model's autoregressive loss (the model must have
             ``autoregressive_module``); ``False`` removes that module and trains plain SFT.
         plot_loss: draw ``output_dir/loss_curve.png`` at the end of training.
@@ -96,7 +97,7 @@ class AutoregressiveTrainer(Trainer):
         self._pending_push = False
         self._eval_prefix: str | None = None
         if not trainer_args:  # everything after args passed by keyword (as the guide does)
-            _default_data_arguments(trainer_kwargs)
+            _default_data_arguments(trainer_kwargs, model)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if self.args.fsdp and not (self.is_fsdp_enabled or self.is_fsdp_xla_enabled):
             # accelerate enables FSDP only for accelerator backends (multi-GPU/XPU/NPU/...); on CPU
@@ -303,9 +304,10 @@ class AutoregressiveTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
 
-def _default_data_arguments(kwargs: dict[str, Any]) -> None:
+def _default_data_arguments(kwargs: dict[str, Any], model: nn.Module | None) -> None:
     """For a :class:`~lmms_engine.data.dataset.VideoSFTDataset` without an explicit collator or
-    tokenizer: its collator (HF's default one cannot pad) and its tokenizer (saved with the model)."""
+    tokenizer: its collator (HF's default one cannot pad) and its tokenizer with the model's processor
+    files as ``processing_class`` (saved in every checkpoint, see :mod:`lmms_engine.export.processor`)."""
     dataset = kwargs.get("train_dataset")
     if dataset is None or not hasattr(dataset, "bad_record_report"):
         return
@@ -317,7 +319,13 @@ def _default_data_arguments(kwargs: dict[str, Any]) -> None:
     if kwargs.get("data_collator") is None:
         kwargs["data_collator"] = build_collator(dataset.config, dataset.tokenizer)
     if kwargs.get("processing_class") is None:
-        kwargs["processing_class"] = dataset.tokenizer
+        if model is not None and hasattr(model, "video_layout"):
+            from lmms_engine.export.processor import build_processing_class
+
+            kwargs["processing_class"] = build_processing_class(dataset.tokenizer, model,
+                                                                getattr(model, "name_or_path", None) or None)
+        else:
+            kwargs["processing_class"] = dataset.tokenizer
 
 
 def configure_autoregressive(model: nn.Module, enable_autoregressive: bool) -> None:

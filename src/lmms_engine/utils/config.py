@@ -55,7 +55,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, "
-                          f"got {value!r} ({type(value).__name__})")
+                          f"got {_got(value, tp)}")
     if tp is type(None):
         if value is None:
             return None
@@ -100,7 +100,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_got(value, tp)}")
+
+
+def _got(value: Any, tp: Any) -> str:
+    """The rejected value and its type; for a boolean where a string is allowed, how to write the string."""
+    text = f"{value!r} ({type(value).__name__})"
+    options = get_args(tp) or (tp,)
+    if isinstance(value, bool) and str in options:
+        # YAML 1.1 reads bare no/yes/off/on as booleans
+        text += f"; a bare no/yes/off/on is a boolean in YAML: quote it, e.g. \"{'yes' if value else 'no'}\""
+    return text
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:

@@ -28,6 +28,18 @@ download) is read as the video it still holds: its frames are those whose packet
 ``total_frames``/``duration`` describe that part. A requested frame that is indexed but does not decode
 is left out of the result, with a warning: ``frame_indices`` names exactly the frames returned, and a
 frame is never repeated in place of one that failed.
+
+Deadlines (``timeout=`` of ``read_video``/``probe_video``): the work runs in a daemon thread that the
+caller waits for at most ``timeout`` seconds, so a read blocked anywhere (a FIFO nobody writes, a stalled
+network mount, a slow C call) cannot hang the caller; past the deadline it raises ``DecodeTimeout`` and
+sets the thread's cancel flag, which the reader checks between packets, so an abandoned slow decode
+stops at its next packet. FFmpeg's own I/O interrupt (``av.open(timeout=...)``) is armed with the same
+limit, which stops network protocols stalled inside a read. A thread blocked in a system call that
+nothing interrupts (``open()`` of a FIFO) stays blocked until that call returns; being a daemon, it never
+delays the interpreter's exit.
+
+``probe_video`` reads a video's frame count, rate and duration from the container's metadata (no frame
+is decoded), for estimating token lengths before loading.
 """
 
 from __future__ import annotations
@@ -35,10 +47,11 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import av
 import numpy as np
@@ -67,6 +80,55 @@ class VideoReadError(ValueError):
 
     def __reduce__(self):  # DataLoader workers pickle exceptions; rebuild from (path, cause)
         return type(self), (self.path, self.cause)
+
+
+class DecodeTimeout(VideoReadError):
+    """Reading a video did not finish within its deadline; the read was abandoned (module docstring)."""
+
+
+class _Cancelled(Exception):
+    """Raised inside an abandoned read when it notices its cancel flag; nobody waits for it any more."""
+
+
+_T = TypeVar("_T")
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise _Cancelled
+
+
+def run_with_deadline(work: Callable[[threading.Event], _T], timeout: float, path: str | Path,
+                      what: str = "reading") -> _T:
+    """Run ``work(cancel)`` in a daemon thread and wait at most ``timeout`` seconds for it.
+
+    Returns its result or re-raises its exception. Past the deadline ``cancel`` is set (``work`` should
+    check it between steps) and :class:`DecodeTimeout` names ``path``. A daemon thread rather than an
+    executor: executors join their threads at interpreter exit, which a thread blocked for good would hang.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    cancel = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = work(cancel)
+        except _Cancelled:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name=f"lmms-video-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        cancel.set()
+        raise DecodeTimeout(path, f"{what} did not finish within {timeout:g} s; abandoned (a blocked read, "
+                                  "e.g. a pipe or a stalled mount, or a decode too slow for the limit)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @dataclass
@@ -125,20 +187,22 @@ class FrameTable:
         return len(self.timestamps)
 
 
-def open_video(path: str | Path, num_threads: int = 0) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+def open_video(path: str | Path, num_threads: int = 0, timeout: float | None = None,
+               ) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open ``path`` and return ``(container, first video stream)`` with decoder threads set up.
 
-    ``num_threads``: decoder threads, 0 = FFmpeg's choice (one per core). Raises ``VideoReadError``.
+    ``num_threads``: decoder threads, 0 = FFmpeg's choice (one per core). ``timeout``: FFmpeg's I/O
+    interrupt for opening and for each packet read, in seconds (None = none). Raises ``VideoReadError``.
     """
     p = Path(path)
     if not p.exists():
         raise VideoReadError(path, "no such file")
     if p.is_dir():
         raise VideoReadError(path, "is a directory, not a video file")
-    if p.stat().st_size == 0:
+    if p.is_file() and p.stat().st_size == 0:  # pipes and devices report size 0: they are read, not sized
         raise VideoReadError(path, "the file is empty (0 bytes)")
     try:
-        container = av.open(str(p), mode="r")
+        container = av.open(str(p), mode="r", timeout=timeout)
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise VideoReadError(path, f"not a readable media file, or cut short before its index "
                                     f"({type(err).__name__}: {err})") from err
@@ -157,21 +221,23 @@ def open_video(path: str | Path, num_threads: int = 0) -> tuple[av.container.Inp
     return container, stream
 
 
-def _stream_fps(stream: av.video.stream.VideoStream) -> float | None:
+def _stream_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """The stream's frame rate: average, else guessed, else base rate (None when none is known)."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate is not None and rate > 0:
-            return float(rate)
+            return Fraction(rate)
     return None
 
 
 def build_frame_table(path: str | Path, container: av.container.InputContainer,
-                      stream: av.video.stream.VideoStream) -> FrameTable:
+                      stream: av.video.stream.VideoStream, cancel: threading.Event | None = None) -> FrameTable:
     """Demux every packet of ``stream`` once (no decoding) and index its frames."""
     read: list[_Packet] = []
     decode_pos: dict[int, int] = {}
     position = 0
     try:
         for packet in container.demux(stream):
+            _check_cancel(cancel)
             if packet.size == 0:
                 continue
             if packet.pts is not None:
@@ -191,7 +257,8 @@ def build_frame_table(path: str | Path, container: av.container.InputContainer,
     if not keys:
         raise VideoReadError(path, "the video stream holds no keyframe, so no frame can be decoded")
 
-    fps = _stream_fps(stream)
+    rate = _stream_rate(stream)
+    fps = None if rate is None else float(rate)
     pts_list = [p.pts for p in packets]
     if any(pts is None for pts in pts_list) or len(set(pts_list)) != len(pts_list):
         if fps is None:
@@ -230,6 +297,110 @@ def build_frame_table(path: str | Path, container: av.container.InputContainer,
                       seek_ts, [k.decode_pos for k in keys])
 
 
+class ConstantRateTimestamps(Sequence[float]):
+    """Timestamps (seconds) of ``num_frames`` frames at a constant ``rate``, as the reader computes them.
+
+    Frame ``i`` is stored at pts ``round(i / (rate * time_base))`` (halves up, as FFmpeg rescales), so the
+    values equal the reader's ``(pts - first pts) * time_base`` for a constant-rate stream; without a time
+    base, ``i / rate`` (the reader's rule for streams without timestamps). Lazy: a lookup is O(1), so
+    sampling a long video costs what sampling its frames does.
+    """
+
+    def __init__(self, num_frames: int, rate: Fraction, time_base: Fraction | None) -> None:
+        self.num_frames, self.rate, self.time_base = num_frames, Fraction(rate), time_base
+        self._fps = float(self.rate)
+        # pts step per frame as a reduced fraction p / q; pts_i = floor(i * p / q + 1 / 2)
+        step = None if time_base is None else 1 / (self.rate * time_base)
+        self._p, self._q = (0, 1) if step is None else (step.numerator, step.denominator)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def pts(self, i: int) -> int:
+        """The pts of frame ``i`` in ``time_base`` units."""
+        return (2 * i * self._p + self._q) // (2 * self._q)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.num_frames))]
+        if i < 0:
+            i += self.num_frames
+        if not 0 <= i < self.num_frames:
+            raise IndexError(f"frame {i} out of range for {self.num_frames} frames")
+        if self.time_base is None:
+            return i / self._fps
+        # int / int is correctly rounded, as float(Fraction) in the reader is
+        return self.pts(i) * self.time_base.numerator / self.time_base.denominator
+
+    def frame_duration(self) -> float:
+        """Seconds one frame lasts: the pts step rounded to the time base (what a muxer stores)."""
+        if self.time_base is None:
+            return 1.0 / self._fps
+        return float(self.pts(1) * self.time_base)
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """A video's frames as its container describes them, read without decoding any frame.
+
+    Attributes:
+        num_frames: frames in the video stream.
+        fps: the stream's frame rate (the reader's ``video_fps``).
+        duration: seconds from the first frame to the end of the last one (the reader's ``duration``).
+        timestamps: ``num_frames`` seconds since the first frame, one per frame (presentation order).
+        source: where the frame count came from: ``frame_count`` (the container's frame count),
+            ``duration`` (stream or container duration x rate, e.g. Matroska), or ``index`` (neither is
+            stored, e.g. a raw ``.h264`` stream: one demux pass over the packets, still no decoding).
+    """
+
+    num_frames: int
+    fps: float
+    duration: float
+    timestamps: Sequence[float]
+    source: str
+
+
+def probe_video(path: str | Path, *, timeout: float | None = None) -> VideoProbe:
+    """Frame count, rate, duration and frame timestamps of ``path`` from its container (no decoding).
+
+    For constant-rate streams the result equals what ``read_video`` reports (``total_frames``,
+    ``video_fps``, ``duration``, per-frame timestamps); for variable-rate streams it is an estimate.
+    ``timeout``: seconds the probe may take (None = no limit), as in ``read_video``.
+    Raises ``VideoReadError`` (``DecodeTimeout`` past the deadline).
+    """
+    if timeout is None:
+        return _probe_video(path, None, None)
+    return run_with_deadline(lambda cancel: _probe_video(path, timeout, cancel), timeout, path, "probing")
+
+
+def _probe_video(path: str | Path, timeout: float | None, cancel: threading.Event | None) -> VideoProbe:
+    container, stream = open_video(path, num_threads=1, timeout=timeout)
+    try:
+        rate = _stream_rate(stream)
+        time_base = stream.time_base
+        count, source = 0, "index"
+        if rate is not None and time_base:
+            if stream.frames > 0:
+                count, source = int(stream.frames), "frame_count"
+            else:
+                if stream.duration:
+                    seconds = stream.duration * time_base
+                elif container.duration:
+                    seconds = Fraction(container.duration, av.time_base)
+                else:
+                    seconds = Fraction(0)
+                count, source = math.floor(seconds * rate + Fraction(1, 2)), "duration"
+        if count < 1:  # nothing stored: index the packets (a demux pass, no decoding)
+            table = build_frame_table(path, container, stream, cancel)
+            return VideoProbe(table.total_frames, table.fps, table.duration, table.timestamps, "index")
+        stamps = ConstantRateTimestamps(count, rate, time_base)
+        return VideoProbe(count, float(rate), stamps[count - 1] + stamps.frame_duration(), stamps, source)
+    except (av.error.FFmpegError, OSError) as err:
+        raise VideoReadError(path, f"probing failed ({type(err).__name__}: {err})") from err
+    finally:
+        container.close()
+
+
 def output_sizes(native: tuple[int, int], target_size: tuple[int, int] | None,
                  scale_factors: Sequence[float] | None) -> list[tuple[int, int]]:
     """Output ``(H, W)`` per scale: ``round(s * base)`` per side (halves up, at least 1 pixel).
@@ -262,8 +433,10 @@ class _Reader:
     """Decodes the requested frames of one open stream (steps 3 and 4 of the module docstring)."""
 
     def __init__(self, path: str | Path, container: av.container.InputContainer,
-                 stream: av.video.stream.VideoStream, table: FrameTable) -> None:
+                 stream: av.video.stream.VideoStream, table: FrameTable,
+                 cancel: threading.Event | None = None) -> None:
         self.path, self.container, self.stream, self.table = path, container, stream, table
+        self.cancel = cancel
         self.codec = stream.codec_context
         self.can_skip = self.codec.name in _NONREF_SKIP_CODECS
 
@@ -313,6 +486,7 @@ class _Reader:
         """
         at_end = False
         while read_pos < last:
+            _check_cancel(self.cancel)
             packet = next(packets, None)
             if packet is None:  # end of stream (a file cut short)
                 at_end = True
@@ -330,6 +504,7 @@ class _Reader:
         """Feed packets until each of ``group``'s pts came out or a later frame did (no drain)."""
         latest = -math.inf
         while any(p in self._remaining and p > latest for p in group):
+            _check_cancel(self.cancel)
             packet = next(packets, None)
             if packet is None:
                 self._feed(None)
@@ -373,6 +548,7 @@ class _Reader:
         tries = [ts for ts in table.seek_ts[key] if ts is not None]
         tries += [table.seek_ts[k][0] for k in earlier]
         for ts in tries:
+            _check_cancel(self.cancel)
             self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
             packets = self.container.demux(self.stream)
             first = next(packets, None)
@@ -394,6 +570,7 @@ class _Reader:
         last = max(slot_of)
         count = 0
         for packet in self.container.demux(self.stream):
+            _check_cancel(self.cancel)
             try:
                 frames = self.codec.decode(packet if packet.size else None)
             except av.error.FFmpegError as err:  # a lost frame would shift every later count
@@ -420,7 +597,7 @@ def _chain(first: av.Packet, rest: Iterator[av.Packet]) -> Iterator[av.Packet]:
 
 def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
                target_size: tuple[int, int] | None = None, scale_factors: Sequence[float] | None = None,
-               num_threads: int = 0) -> DecodedVideo:
+               num_threads: int = 0, timeout: float | None = None) -> DecodedVideo:
     """Decode the frames of ``path`` chosen by ``select`` (see the module docstring).
 
     Args:
@@ -432,16 +609,29 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
         scale_factors: None = one ``[T, 3, H, W]`` tensor; else a list with one tensor per factor, at
             ``output_sizes(native, target_size, scale_factors)``, all from one decode pass.
         num_threads: decoder threads, 0 = FFmpeg's choice.
+        timeout: seconds the whole read may take (None = no limit); past it the read is abandoned and
+            :class:`DecodeTimeout` raised (module docstring).
 
     Returns:
         ``DecodedVideo``; ``frames`` uint8 RGB ``[T, 3, H, W]`` (or a list of them).
     """
-    container, stream = open_video(path, num_threads)
+    if timeout is None:
+        return _read_video(path, select, target_size, scale_factors, num_threads, None, None)
+    return run_with_deadline(
+        lambda cancel: _read_video(path, select, target_size, scale_factors, num_threads, timeout, cancel),
+        timeout, path, "decoding")
+
+
+def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_size: tuple[int, int] | None,
+                scale_factors: Sequence[float] | None, num_threads: int, timeout: float | None,
+                cancel: threading.Event | None) -> DecodedVideo:
+    container, stream = open_video(path, num_threads, timeout)
     try:
-        table = build_frame_table(path, container, stream)
+        _check_cancel(cancel)
+        table = build_frame_table(path, container, stream, cancel)
         if table.pts is None:  # no timestamps to seek by (raw streams often cannot seek): read afresh
             container.close()
-            container, stream = open_video(path, num_threads)
+            container, stream = open_video(path, num_threads, timeout)
             # Frames are identified by counting: slice threads only, so an error shows at its packet.
             stream.thread_type = "SLICE"
         if isinstance(select, SamplingSpec):
@@ -456,8 +646,9 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
         codec = stream.codec_context
         sizes = output_sizes((codec.height, codec.width), target_size, scale_factors)
         convert = _Converter(sizes, len(wanted))
+        slot_of = {i: slot for slot, i in enumerate(wanted)}
         try:
-            done = _Reader(path, container, stream, table).read({i: slot for slot, i in enumerate(wanted)}, convert)
+            done = _Reader(path, container, stream, table, cancel).read(slot_of, convert)
         except (av.error.FFmpegError, OSError) as err:
             raise VideoReadError(path, f"decoding failed ({type(err).__name__}: {err})") from err
     finally:
@@ -465,7 +656,6 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
     if not done:
         raise VideoReadError(path, f"none of the {len(wanted)} requested frames could be decoded")
     good = set(done)
-    slot_of = {i: slot for slot, i in enumerate(wanted)}
     kept = [i for i in indices if slot_of[i] in good]
     rows = np.array([slot_of[i] for i in kept], dtype=np.int64)
     # numpy for the gather + channels-first copy: small copies through torch's thread pool cost more.

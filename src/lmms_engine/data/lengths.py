@@ -1,0 +1,148 @@
+"""Token lengths of samples, estimated from container metadata without decoding any frame.
+
+A sample's length is its text tokens plus its video tokens; the video tokens depend only on how many
+frames the sampling rule returns, which depends only on the video's frame timestamps. So:
+
+1. Probe each video once (``lmms_engine.video.decode.probe_video``): frame count, rate and duration
+   from the container (the stored frame count, else duration x rate; a demux pass over the packets only
+   when neither is stored), giving the frames' timestamps.
+2. Apply the dataset's sampling rule to those timestamps (``lmms_engine.video.sampling.sample_indices``,
+   the rule the decoder applies) -> the number of frames ``T`` and their times.
+3. Tokenize the record exactly as the dataset does (``VideoSFTDataset.encode_record``, with
+   ``video_token_count(T)`` video tokens and, with ``add_time_instruction``, the same instruction text).
+
+For constant-rate videos the estimate equals the loaded sample's length. It can differ for
+variable-rate videos, for files whose frames fail to decode, and when a video cannot be probed: then
+``max_frames`` frames are assumed and the estimate is marked ``exact=False`` (loading will tell).
+
+Used for length-grouped batching (``VideoSFTDataset.estimated_lengths()``) and for dropping over-long
+records before any video is decoded (``dataset_config.drop_long_before_loading``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+
+from lmms_engine.video.sampling import sample_indices
+
+if TYPE_CHECKING:
+    from lmms_engine.data.dataset import VideoSFTDataset
+    from lmms_engine.video.decode import VideoProbe
+
+logger = logging.getLogger(__name__)
+
+#: Datasets with at least this many records show progress bars while estimating.
+PROGRESS_MIN_RECORDS = 1000
+
+
+def kept_length(length: int, turn_ends: Sequence[int], max_length: int | None,
+                truncation: Literal["turns", "drop"]) -> int | None:
+    """Tokens a sample of ``length`` tokens keeps under ``max_length``, or None when it is dropped.
+
+    ``turn_ends[k]``: token count at the end of the k-th (user, assistant) exchange. ``truncation:
+    turns`` keeps the longest prefix of whole exchanges that fits; ``drop`` drops any over-long sample;
+    a sample whose first exchange does not fit is dropped under both.
+    """
+    if max_length is None or length <= max_length:
+        return length
+    keep = max((end for end in turn_ends if end <= max_length), default=0)
+    if truncation == "drop" or keep == 0:
+        return None
+    return keep
+
+
+@dataclass(frozen=True)
+class LengthEstimate:
+    """Estimated tokens of one record's sample.
+
+    Attributes:
+        length: tokens of the whole conversation, video tokens included, before truncation.
+        turn_ends: token count at the end of each (user, assistant) exchange; ``turn_ends[0]`` is the
+            least a turn-wise truncation can keep.
+        num_frames: frames the sampling rule returns (0 for a text-only record).
+        video_tokens: tokens the video expands to.
+        exact: False when the video could not be probed (or its time range holds no frame):
+            ``max_frames`` frames were assumed, an upper bound.
+    """
+
+    length: int
+    turn_ends: tuple[int, ...]
+    num_frames: int
+    video_tokens: int
+    exact: bool = True
+
+    def served_length(self, max_length: int | None, truncation: Literal["turns", "drop"]) -> int | None:
+        """Tokens the served sample keeps (see :func:`kept_length`); None = it is dropped as too long."""
+        return kept_length(self.length, self.turn_ends, max_length, truncation)
+
+
+def probe_videos(paths: Iterable[str], *, timeout: float | None = None, max_workers: int | None = None,
+                 progress: bool = False) -> dict[str, VideoProbe | Exception]:
+    """Probe each distinct path once, in a thread pool (probing mostly waits on I/O).
+
+    Returns ``{path: VideoProbe}``, or the exception for a path that could not be probed (unreadable,
+    or past ``timeout`` seconds: ``DecodeTimeout``). Each probe has its own deadline thread, so a
+    blocked file never holds a pool thread past ``timeout``.
+    """
+    from tqdm.auto import tqdm
+
+    from lmms_engine.video.decode import probe_video
+
+    unique = list(dict.fromkeys(paths))
+    workers = max_workers or min(16, 4 * (os.cpu_count() or 1))
+
+    def probe(path: str) -> VideoProbe | Exception:
+        try:
+            return probe_video(path, timeout=timeout)
+        except Exception as err:  # noqa: BLE001 - one unreadable file must not stop the others
+            logger.debug("cannot probe %s: %s", path, err)
+            return err
+
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(workers, len(unique)), thread_name_prefix="lmms-video-probe") as pool:
+        results = list(tqdm(pool.map(probe, unique), total=len(unique), desc="probing videos",
+                            disable=not progress, unit="video"))
+    return dict(zip(unique, results))
+
+
+def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
+                     max_workers: int | None = None) -> list[LengthEstimate]:
+    """One :class:`LengthEstimate` per record of ``dataset`` (module docstring), in record order.
+
+    Videos are probed with the dataset's ``decode_timeout``. ``progress``: show progress bars (None =
+    for datasets of at least :data:`PROGRESS_MIN_RECORDS` records).
+    """
+    from tqdm.auto import tqdm
+
+    records = dataset.records
+    show = len(records) >= PROGRESS_MIN_RECORDS if progress is None else progress
+    probes = probe_videos((r.video for r in records if r.video is not None), timeout=dataset.config.decode_timeout,
+                          max_workers=max_workers, progress=show)
+    estimates = []
+    for record in tqdm(records, desc="estimating token lengths", disable=not show, unit="record"):
+        num_frames, duration, stamps, exact = 0, 0.0, [], True
+        if record.video is not None:
+            spec = dataset.sampling_spec(record)
+            probe = probes[record.video]
+            try:
+                if isinstance(probe, Exception):
+                    raise probe
+                indices = sample_indices(probe.timestamps, spec)
+                num_frames, duration = len(indices), probe.duration
+                stamps = [probe.timestamps[i] for i in indices]
+            except Exception:  # noqa: BLE001 - unreadable video or empty time range: loading will fail or tell
+                num_frames, exact = spec.max_frames, False
+                stamps = [0.0] * num_frames
+        encoded = dataset.encode_record(record, num_frames=num_frames, duration=duration, timestamps=stamps)
+        video_tokens = dataset.processor_info.video_token_count(num_frames) if num_frames else 0
+        estimates.append(LengthEstimate(len(encoded.input_ids), tuple(encoded.turn_ends), num_frames,
+                                        video_tokens, exact))
+    return estimates
+
+
+__all__ = ["PROGRESS_MIN_RECORDS", "LengthEstimate", "estimate_lengths", "kept_length", "probe_videos"]
