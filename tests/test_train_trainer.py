@@ -173,3 +173,31 @@ def test_training_arguments_on_a_cpu_only_machine(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True)
     assert args.use_cpu and args.bf16 and not args.dataloader_pin_memory
     assert args.device.type == "cpu" and not math.isnan(args.learning_rate)
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_aware_samplers_use_metadata_lengths_and_decode_nothing(data_dir, tmp_path, strategy):
+    from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
+
+    trainer = make_trainer(data_dir, tmp_path, train_sampling_strategy=strategy)
+    dataset = trainer.train_dataset
+    decoded = []
+    real_load = dataset.loader.load_video
+
+    def recording_load(path, *args, **kwargs):
+        decoded.append(path)
+        return real_load(path, *args, **kwargs)
+
+    dataset.loader.load_video = recording_load
+    sampler = trainer._get_train_sampler()
+    order = list(iter(sampler))
+    if strategy == "batch_rebalance":  # a batch sampler: lists of indices, one per micro-batch
+        assert all(len(batch) == trainer.args.train_batch_size for batch in order)
+        order = [index for batch in order for index in batch]
+    assert isinstance(sampler, {"group_by_length": LengthGroupedSampler,
+                                "batch_rebalance": BatchRebalanceSampler}[strategy])
+    assert sorted(order) == list(range(len(dataset))) and decoded == []
+    if strategy == "group_by_length":
+        assert sampler.lengths == dataset.estimated_lengths()
+    # the metadata estimates are the served lengths
+    assert dataset.estimated_lengths()[:4] == [len(dataset[i]["input_ids"]) for i in range(4)]
