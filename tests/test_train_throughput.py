@@ -79,13 +79,14 @@ def test_rates_on_a_synthetic_window() -> None:
     mask[1, 40:] = 0
     for _ in range(3):
         callback.count({"input_ids": ids, "attention_mask": mask, "video_num_frames": torch.tensor([2, 4])})
-    out = callback.metrics(elapsed=2.0, world_size=4)
-    assert out["tokens_per_second_per_device"] == 3 * 90 / 2.0
-    assert out["samples_per_second"] == 3 * 2 * 4 / 2.0
+    # read as the window summed over 4 ranks: per-device values are means, samples/s the total
+    out = callback.metrics(elapsed=2.0, ranks=4)
+    assert out["tokens_per_second_per_device"] == 3 * 90 / 4 / 2.0
+    assert out["samples_per_second"] == 3 * 2 / 2.0
     assert out["vision_tokens_per_sample"] == (10 + 30) / 2
     f = callback.flops
     flops = 3 * (50 * f.llm_per_token(50) + 40 * f.llm_per_token(40) + 6 * f.vision_per_frame())
-    assert out["mfu"] == pytest.approx(flops / 2.0 / 1e9)
+    assert out["mfu"] == pytest.approx(flops / 4 / 2.0 / 1e9)
 
 
 def test_peak_flops() -> None:

@@ -82,12 +82,14 @@ def test_logged_components_are_exact_window_means_under_accumulation(data_dir, t
         outputs = [model(**batch) for batch in batches]
     tokens = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
     assert len(set(tokens)) > 1, "micro-batches with equal token counts would not test the weighting"
+    videos = [float((b["video_num_frames"] >= 2).sum()) for b in batches]
     expected: dict[str, list[float]] = {"main_loss": [], "autoregressive_loss": [], "ar_mse": []}
     for step in range(4):
         pair = range(2 * step, 2 * step + 2)
-        total_tokens = sum(tokens[i] for i in pair)
         for key in expected:
-            expected[key].append(sum(float(outputs[i].loss_components[key]) * tokens[i] for i in pair) / total_tokens)
+            weights = tokens if key == "main_loss" else videos  # the autoregressive terms average over videos
+            expected[key].append(sum(float(outputs[i].loss_components[key]) * weights[i] for i in pair)
+                                 / sum(weights[i] for i in pair))
     for window, entry in enumerate(logs):
         for key, per_step in expected.items():
             want = sum(per_step[2 * window: 2 * window + 2]) / 2

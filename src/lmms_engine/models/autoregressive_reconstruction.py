@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
+from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.masks import frame_causal_mask
 from lmms_engine.video.pooling import pooled_side, spatial_pool
 
@@ -275,6 +276,8 @@ class AutoregressiveReconstructionModule(nn.Module):
         out = torch.zeros(b, t, self.patch_side ** 2, self.config.embedding_dim,
                           dtype=dtype, device=video_frames.device)
         if not used.any():
+            if gathers_weights(encoder):  # the other ranks' forwards gather its weights: take part
+                encoder(pixel_values=video_frames.new_zeros(1, 3, size, size, dtype=dtype))
             return out
         hidden = encoder(pixel_values=video_frames[used].to(dtype), output_hidden_states=True,
                          return_dict=True).hidden_states

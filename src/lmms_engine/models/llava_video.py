@@ -38,6 +38,7 @@ from lmms_engine.models.layout import (
     build_video_template,
 )
 from lmms_engine.utils.config import ConfigError, from_mapping
+from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.pooling import pooled_side, spatial_pool
 
 # Keys our model adds to the HF config (config.json); plain transformers keeps them as inert attributes.
@@ -519,12 +520,15 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         )
 
     def _touch_visual_parameters(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """A batch without video frames, in training: add an exact zero that depends on every trainable
-        visual parameter, so each DDP rank's backward reaches the same parameters (a text-only batch on
-        one rank would otherwise stall the gradient reduction). One blank frame goes through the tower."""
+        """A batch without video frames: one blank frame goes through the tower and the projector and an
+        exact zero that depends on them is added, where other ranks need this rank's vision forward: in
+        training with trainable visual parameters (each DDP rank's backward must reach the same
+        parameters, or the gradient reduction stalls), and whenever the tower is sharded (FSDP / ZeRO-3
+        gather its weights inside the forward, frozen or not, in training and in evaluation)."""
         visual = [p for p in self.model.vision_tower.parameters()] + list(self.model.multi_modal_projector.parameters())
         visual += [self.model.image_newline] + ([self.faster_token] if self.faster_token is not None else [])
-        if not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in visual)):
+        trains = self.training and torch.is_grad_enabled() and any(p.requires_grad for p in visual)
+        if not (trains or gathers_weights(self.model.vision_tower)):
             return inputs_embeds
         size = self.config.vision_config.image_size
         _, projected = self.encode_frames(inputs_embeds.new_zeros(1, 3, size, size))
@@ -552,6 +556,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         video_row: torch.LongTensor | None = None,
+        num_videos_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> LlavaVideoCausalLMOutput:
         """Forward on a collated batch.
@@ -568,7 +573,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             pixel_values, image_sizes: LLaVA-OneVision image inputs, handled as transformers does.
             num_items_in_batch: label tokens of the whole (accumulated, global) batch, as the HF
                 Trainer passes it; the LM loss is then a sum over tokens divided by it and the
-                autoregressive term is scaled by this batch's share of those tokens.
+                autoregressive term is scaled by this batch's share of those tokens (unless
+                ``num_videos_in_batch`` is given).
             video_row: ``[V]`` packed batches only: the row of each video. ``pixel_values_videos`` is
                 then ``[V, T, 3, H, W]`` and ``video_num_frames`` ``[V]``; pass ``position_ids`` ``[R, L]``
                 restarting at 0 for each sample and no ``attention_mask``: transformers then masks
@@ -576,6 +582,10 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 per video, positions flat in the ``R * L`` tokens (``row * L + column``), and
                 ``separator_mask`` ``[R, L]``; ``vision_features`` are ``[V, T, P, D_vision]``.
                 Absent: video ``b`` belongs to row ``b``, at most one per row.
+            num_videos_in_batch: videos of at least 2 frames in the whole (accumulated, global) batch, as
+                ``AutoregressiveTrainer`` passes it; the autoregressive term (a mean over this batch's
+                videos) is then scaled by this batch's share of them, so each step averages it over its
+                videos however they are split into ranks and micro-batches.
             logits_to_keep, cache, use_cache, position_ids, inputs_embeds: as in transformers.
 
         Returns:
@@ -641,6 +651,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 ar = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout,
                                                  packed=video_row is not None)
                 ar_loss = ar.loss.to(main.dtype)
+                if num_videos_in_batch is not None:
+                    share = autoregressive_videos(video_num_frames, pixel_values_videos).to(main.device, main.dtype) \
+                        / torch.as_tensor(num_videos_in_batch, device=main.device, dtype=main.dtype).clamp(min=1)
                 loss = loss + (ar_loss if share is None else ar_loss * share)
                 total_mean = total_mean + ar_loss
                 components["autoregressive_loss"] = ar_loss.detach()
@@ -662,6 +675,15 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             video_token_layout=layout,
             vision_features=vision_features,
         )
+
+
+def autoregressive_videos(video_num_frames: torch.Tensor | None, pixel_values_videos: torch.Tensor | None) -> torch.Tensor:
+    """How many videos of a batch the autoregressive loss supervises (those with at least 2 frames)."""
+    if pixel_values_videos is None:
+        return torch.zeros((), dtype=torch.long)
+    if video_num_frames is None:
+        return torch.tensor(pixel_values_videos.shape[0] if pixel_values_videos.shape[1] >= 2 else 0)
+    return (video_num_frames >= 2).sum()
 
 
 def _with_one_absent_frame(layout: VideoTokenLayout, batch: int) -> VideoTokenLayout:

@@ -51,6 +51,8 @@ from lmms_engine.train.throughput import add_throughput_logging
 logger = logging.getLogger(__name__)
 
 AR_MODULE_ATTR = "autoregressive_module"
+#: Model keyword with the step's number of videos the autoregressive loss supervises (all micro-batches, ranks).
+AR_VIDEOS_KWARG = "num_videos_in_batch"
 IGNORE_INDEX = -100
 #: Components in the order they are logged (any others follow, sorted).
 COMPONENT_ORDER: tuple[str, ...] = ("main_loss", "autoregressive_loss", "total_loss", "ar_mse",
@@ -155,6 +157,38 @@ class AutoregressiveTrainer(Trainer):
             return share
         return 1.0 / (max(getattr(self, "current_gradient_accumulation_steps", 1), 1) * world)
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """HF's micro-batches of one step and their label-token count; with the autoregressive loss, each
+        micro-batch also gets the step's number of videos it supervises (all micro-batches and ranks) as
+        ``num_videos_in_batch``, so the model averages that term over the step's videos however they are
+        split into ranks and micro-batches (weighted by label tokens, a text-only rank would dilute the
+        video ranks' term)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        world = max(self.args.world_size, 1)
+        if not (self.enable_autoregressive and batch_samples and (world == 1 or self.args.average_tokens_across_devices)
+                and all(isinstance(b, dict) and "video_num_frames" in b for b in batch_samples)):
+            return batch_samples, num_items_in_batch
+        from lmms_engine.models.llava_video import autoregressive_videos
+
+        videos = sum(autoregressive_videos(b["video_num_frames"], b.get("pixel_values_videos")) for b in batch_samples)
+        videos = torch.as_tensor(videos, device=device)
+        if world > 1:
+            videos = self.accelerator.gather(videos).sum()
+        videos = int(videos)
+        if videos:  # none: the autoregressive term is an exact zero, weighted as the language-model loss
+            for batch in batch_samples:
+                batch[AR_VIDEOS_KWARG] = videos
+        return batch_samples, num_items_in_batch
+
+    def _video_share(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """This micro-batch's share of the step's supervised videos (None without ``num_videos_in_batch``)."""
+        total = inputs.get(AR_VIDEOS_KWARG)
+        if total is None:
+            return None
+        from lmms_engine.models.llava_video import autoregressive_videos
+
+        return autoregressive_videos(inputs.get("video_num_frames"), inputs.get("pixel_values_videos")).float() / total
+
     def _components(self, outputs: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> dict[str, torch.Tensor]:
         """The model's ``loss_components``; for a model without them, its loss as main = total."""
         components = outputs.get("loss_components") if isinstance(outputs, dict) else \
@@ -190,7 +224,14 @@ class AutoregressiveTrainer(Trainer):
         loss, outputs = super().compute_loss(model, visible, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         components = self._components(outputs, inputs, num_items_in_batch)
-        if components:
+        if components and training and "autoregressive_loss" in components:
+            # Each term weighted by its own share of the step: logged total_loss is main + autoregressive.
+            video_share = self._video_share(inputs)
+            autoregressive = {k: v for k, v in components.items() if k == "autoregressive_loss" or k.startswith("ar_")}
+            self._train_window.add(autoregressive, weight if video_share is None else video_share)
+            self._train_window.add({k: v for k, v in components.items()
+                                    if k not in autoregressive and k != "total_loss"}, weight)
+        elif components:
             (self._train_window if training else self._eval_window).add(components, weight)
         return (loss, outputs) if return_outputs else loss
 
@@ -200,7 +241,10 @@ class AutoregressiveTrainer(Trainer):
         Called by HF on every rank for these logs, so the cross-rank reduction is safe here.
         """
         if "loss" in logs:
-            logs.update(_ordered(self._train_window.reduce(self.args.device)))
+            averaged = self._train_window.reduce(self.args.device)
+            if "total_loss" not in averaged and "main_loss" in averaged:
+                averaged["total_loss"] = averaged["main_loss"] + averaged.get("autoregressive_loss", 0.0)
+            logs.update(_ordered(averaged))
         elif self._eval_prefix is not None and f"{self._eval_prefix}_loss" in logs:
             averaged = _ordered(self._eval_window.reduce(self.args.device))
             logs.update({f"{self._eval_prefix}_{k}": v for k, v in averaged.items()})

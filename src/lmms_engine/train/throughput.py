@@ -274,23 +274,40 @@ class ThroughputCallback(TrainerCallback):
             self._handle.remove()
             self._handle = None
 
-    def metrics(self, elapsed: float, world_size: int = 1) -> dict[str, float]:
-        """Rates of the current window over ``elapsed`` seconds (per device unless stated)."""
+    def metrics(self, elapsed: float, ranks: int = 1) -> dict[str, float]:
+        """Rates of the current window over ``elapsed`` seconds; the window holds the sums over ``ranks``
+        devices (per-device values are their means; samples/s is the total)."""
         w = self.window
         elapsed = max(elapsed, 1e-9)
-        out = {"tokens_per_second_per_device": w.tokens / elapsed,
-               "samples_per_second": w.samples * max(world_size, 1) / elapsed,
+        ranks = max(ranks, 1)
+        out = {"tokens_per_second_per_device": w.tokens / ranks / elapsed,
+               "samples_per_second": w.samples / elapsed,
                "vision_tokens_per_sample": w.vision_tokens / max(w.samples, 1),
-               "model_tflops_per_second_per_device": w.flops / elapsed / 1e12}
+               "model_tflops_per_second_per_device": w.flops / ranks / elapsed / 1e12}
         if self.peak:
-            out["mfu"] = w.flops / elapsed / self.peak
+            out["mfu"] = w.flops / ranks / elapsed / self.peak
         return out
+
+    def _reduce_window(self, device: torch.device) -> int:
+        """Sum the window over ranks (HF logs on every rank, so this collective is safe); return how many
+        ranks were summed. Each rank then reports the per-device mean and the global samples/s."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return 1
+        w = self.window
+        totals = torch.tensor([w.tokens, w.samples, w.vision_tokens, w.flops], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        tokens, samples, vision_tokens, flops = totals.tolist()
+        self.window = _Window(int(tokens), int(samples), int(vision_tokens), flops)
+        return dist.get_world_size()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
         now = time.perf_counter()
-        self.last = self.metrics(now - self._since, args.world_size)
+        ranks = self._reduce_window(args.device)
+        self.last = self.metrics(now - self._since, ranks)
         logs.update(self.last)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(self.last)  # HF appended a copy before calling callbacks
