@@ -53,14 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="output/ablation", help="work folder (data, runs, summary)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data-seed", type=int, default=0, help="demo dataset seed (same data for every run)")
     p.add_argument("--num-train", type=int, default=1200)
     p.add_argument("--num-eval", type=int, default=200)
+    p.add_argument("--question-types", nargs="+", default=["color_change"],
+                   help="demo question types (lmms_engine.data.demo.QUESTION_TYPES)")
+    p.add_argument("--feature-layer", type=int, default=0,
+                   help="tiny tower layer the LLM and the shared target read (0 = patch embeddings)")
     p.add_argument("--max-frames", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--probe-train", type=int, default=192, help="training clips whose hidden states fit the probe")
     p.add_argument("--probe-steps", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2, help="training runs at once")
@@ -78,6 +82,7 @@ def run_config(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, se
         "config": {
             "trainer_type": "autoregressive_trainer",
             "model_config": {"enable_autoregressive": True,
+                             "tiny_config": {"vision_feature_layer": args.feature_layer},
                              "autoregressive_config": {**PREDICTOR, **ARMS[arm]}},
             "dataset_config": {"data_path": str(data / "train.json"), "max_frames": args.max_frames},
             "output_dir": str(run_dir),
@@ -98,6 +103,7 @@ def run_config(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, se
 
 def start_training(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, seed: int) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)  # a previous run's, with other settings
     config = run_dir / "config.json"
     config.write_text(json.dumps(run_config(args, data, run_dir, arm, seed), indent=1) + "\n")
     log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed when the process is reaped
@@ -242,7 +248,9 @@ def markdown(args: argparse.Namespace, summary: dict, records: list[dict]) -> st
         machine_line(),
         "Command: `" + " ".join(["python benchmarks/ablation.py"]
                                 + [a for a in sys.argv[1:] if a != "--reevaluate"]) + "`",
-        f"{args.num_train} training / {args.num_eval} held-out clips (data seed {args.data_seed}), "
+        f"{args.num_train} training / {args.num_eval} held-out clips (question types "
+        f"{', '.join(args.question_types)}; data seed {args.data_seed}), tiny tower feature layer "
+        f"{args.feature_layer}, "
         f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate} cosine, {args.max_frames} "
         f"frames; probe: {args.probe_steps} steps on {args.probe_train} clips; trainer runtime "
         f"{sum(r['train_seconds'] or 0 for r in records) / 60:.1f} min over {len(records)} runs, evaluation "
@@ -318,13 +326,26 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     data = out / "data"
-    if not (data / "eval.json").is_file():
-        from lmms_engine.data.demo import generate_demo_dataset
+    from lmms_engine.data.demo import GENERATOR_VERSION, generate_demo_dataset
 
+    settings = {"num_train": args.num_train, "num_eval": args.num_eval, "seed": args.data_seed,
+                "question_types": list(args.question_types), "generator_version": GENERATOR_VERSION}
+    marker = data / "settings.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == settings):
         print(f"generating {args.num_train} + {args.num_eval} demo clips in {data}", flush=True)
-        generate_demo_dataset(data, args.num_train, args.num_eval, args.data_seed, progress=False)
+        generate_demo_dataset(data, args.num_train, args.num_eval, args.data_seed,
+                              question_types=args.question_types, progress=False)
+        marker.write_text(json.dumps(settings) + "\n")
     runs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: balanced partials
-    trained = [(arm, seed) for arm, seed in runs if (out / "runs" / f"{arm}_s{seed}" / "model.safetensors").is_file()]
+
+    def is_trained(arm: str, seed: int) -> bool:
+        """Trained with exactly this run's config (other settings retrain)."""
+        run_dir = out / "runs" / f"{arm}_s{seed}"
+        config = run_dir / "config.json"
+        return ((run_dir / "model.safetensors").is_file() and config.is_file()
+                and json.loads(config.read_text()) == run_config(args, data, run_dir, arm, seed))
+
+    trained = [(arm, seed) for arm, seed in runs if is_trained(arm, seed)]
     evaluate = [(arm, seed) for arm, seed in trained
                 if args.reevaluate or not (out / "runs" / f"{arm}_s{seed}" / "result.json").is_file()]
     print(f"{len(runs)} runs: {len(trained)} trained, {len(evaluate)} of them to evaluate", flush=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmms_engine.data.dataset import load_records
-from lmms_engine.data.demo import COLORS, QUESTION_TYPES, generate_demo_dataset, main, make_sample
+from lmms_engine.data.demo import COLORS, DEFAULT_QUESTION_TYPES, generate_demo_dataset, main, make_sample
 
 NUM_TRAIN, NUM_EVAL = 24, 8
 
@@ -52,8 +52,8 @@ def test_records_are_valid_balanced_and_held_out(demo):
     assert total == NUM_TRAIN and not failures
     raw = json.loads(demo.train_path.read_text())
     types = Counter(r["question_type"] for r in raw)
-    assert types == {t: NUM_TRAIN // 4 for t in QUESTION_TYPES}
-    for qtype in QUESTION_TYPES:
+    assert types == {t: NUM_TRAIN // 4 for t in DEFAULT_QUESTION_TYPES}
+    for qtype in DEFAULT_QUESTION_TYPES:
         answers = Counter(r["answer"] for r in raw if r["question_type"] == qtype)
         assert max(answers.values()) - min(answers.values()) <= 1, (qtype, answers)
         assert len(answers) == (4 if qtype == "direction" else len(COLORS))
@@ -112,3 +112,22 @@ def test_decoded_clips_show_the_answer(demo):
             phases = [c for i, c in enumerate(seq) if i == 0 or seq[i - 1] != c]
             cycle = phases[-3:]
             assert len(set(cycle)) == 3 and answer == cycle[0], (record["id"], seq)
+
+
+def test_color_change_clips_change_colour_once_and_answer_the_asked_end(tmp_path):
+    from lmms_engine.models.video_frame_utils import MultiScaleVideoFrameLoader
+
+    demo = generate_demo_dataset(tmp_path, 12, 0, seed=3, question_types=["color_change"], progress=False)
+    raw = json.loads(demo.train_path.read_text())
+    # 6 colours x {start, end}: every colour asked once at each end
+    assert Counter((r["answer"], "start" in r["conversations"][0]["value"]) for r in raw) == \
+        {(c, at_start): 1 for c in COLORS for at_start in (True, False)}
+    loader = MultiScaleVideoFrameLoader()
+    for record in raw:
+        masks = _color_masks(loader.load_video(str(tmp_path / record["video"]), max_frames=16).frames.numpy())
+        seq = [max(COLORS, key=lambda c: masks[c][t].sum()) for t in range(16)]
+        changes = [t for t in range(1, 16) if seq[t] != seq[t - 1]]
+        assert len(changes) == 1 and 5 <= changes[0] <= 11, (record["id"], seq)
+        question = record["conversations"][0]["value"]
+        assert record["answer"] == (seq[0] if "at the start" in question else seq[-1]), (record["id"], seq)
+        assert record["options"] == list(COLORS)

@@ -47,11 +47,14 @@ class TinyConfig:
 
     ``vision_config`` / ``text_config`` update :data:`TINY_VISION_CONFIG` / :data:`TINY_TEXT_CONFIG`
     (keys of ``SiglipVisionConfig`` / ``Qwen2Config``). Ids left ``None`` come from the tokenizer, else
-    from the ``TINY_*`` constants.
+    from the ``TINY_*`` constants. ``vision_feature_layer``: the tower layer the LLM (and a shared
+    autoregressive target) reads; ``-1`` is LLaVA-OneVision's choice, ``0`` the patch embeddings, a
+    linear function of the pixels (the untrained tiny tower's deeper layers mix them randomly).
     """
 
     vision_config: dict = field(default_factory=dict)
     text_config: dict = field(default_factory=dict)
+    vision_feature_layer: int = -1
     vocab_size: int | None = None
     video_token_id: int | None = None
     image_token_id: int | None = None
@@ -85,7 +88,7 @@ def tiny_llava_config(
 
     Returns:
         ``LlavaOnevisionConfig`` with ``vision_feature_select_strategy="full"``,
-        ``vision_feature_layer=-1`` (LLaVA-OneVision's own choice) and
+        ``vision_feature_layer=-1`` (LLaVA-OneVision's own choice; see :class:`TinyConfig`) and
         ``image_grid_pinpoints=[[image_size, image_size]]`` (one tile per image at tiny sizes).
     """
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
@@ -149,7 +152,7 @@ def tiny_llava_config(
         image_token_index=ids["image_token_id"],
         video_token_index=ids["video_token_id"],
         vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
+        vision_feature_layer=tiny.vision_feature_layer,
         image_grid_pinpoints=[[size, size]],
         tie_word_embeddings=False,
     )
