@@ -340,7 +340,7 @@ class LlavaNextExport:
 def _export_plan(checkpoint: Path, output: Path, vision_tower: str | None) -> tuple[Any, int, str]:
     """Check everything that can be checked before loading weights; return (HF config, tower layers the
     LLM reads, ``mm_vision_tower``). Raises ValueError / FileNotFoundError naming the problem."""
-    from transformers import AutoConfig
+    from lmms_engine.export.processor import checkpoint_config
 
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty; give a new folder (stale shards of an earlier "
@@ -350,12 +350,7 @@ def _export_plan(checkpoint: Path, output: Path, vision_tower: str | None) -> tu
         raise ValueError(f"output folder name {llava_vid_model_name(output)!r}: {'; '.join(problems)}. lmms-eval's "
                          f"llava_vid derives the model class from this name: use e.g. "
                          f"{str(output.parent / (output.name + '-llava-qwen'))!r}")
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} holds no config.json: give a checkpoint folder saved by training")
-    config = AutoConfig.from_pretrained(checkpoint)
-    if config.model_type != "llava_onevision":
-        raise ValueError(f"{checkpoint}/config.json is a {config.model_type!r} model; a llava_onevision "
-                         f"checkpoint is needed")
+    config = checkpoint_config(checkpoint)
     reasons = llava_next_incompatibilities(config)
     if reasons:
         raise ValueError(f"{checkpoint} cannot be exported one-to-one to LLaVA-NeXT:\n- " + "\n- ".join(reasons))

@@ -357,11 +357,9 @@ def build_processing_class(tokenizer: Any, model: Any, source: str | None = None
     return CheckpointProcessor(tokenizer, files)
 
 
-def add_processor_files(checkpoint: str | os.PathLike, source: str | None = None) -> list[str]:
-    """Write the processor files into an existing ``checkpoint`` folder (saved without them): its
-    tokenizer is re-saved (portable config) and the files generated from its ``config.json`` or copied
-    from ``source``. Returns the files written."""
-    from transformers import AutoConfig, AutoTokenizer
+def checkpoint_config(checkpoint: str | os.PathLike) -> Any:
+    """The HF config of a LLaVA-OneVision ``checkpoint`` folder saved by training (clear errors otherwise)."""
+    from transformers import AutoConfig
 
     folder = Path(checkpoint)
     if not (folder / "config.json").is_file():
@@ -370,6 +368,17 @@ def add_processor_files(checkpoint: str | os.PathLike, source: str | None = None
     if config.model_type != "llava_onevision":
         raise ValueError(f"{folder}/config.json is a {config.model_type!r} model; a llava_onevision checkpoint "
                          f"is needed")
+    return config
+
+
+def add_processor_files(checkpoint: str | os.PathLike, source: str | None = None) -> list[str]:
+    """Write the processor files into an existing ``checkpoint`` folder (saved without them): its
+    tokenizer is re-saved (portable config) and the files generated from its ``config.json`` or copied
+    from ``source``. Returns the files written."""
+    from transformers import AutoTokenizer
+
+    folder = Path(checkpoint)
+    config = checkpoint_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return build_processing_class(tokenizer, config, source).save_pretrained(folder)
 
