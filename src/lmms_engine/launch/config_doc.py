@@ -40,6 +40,9 @@ EXTRA_MEANINGS: dict[str, dict[str, str]] = {
         "vision_config": "keys of SiglipVisionConfig overriding the tiny tower (64 px, patch 8, width 64, "
                          "2 layers)",
         "text_config": "keys of Qwen2Config overriding the tiny LLM (width 64, 2 layers)",
+        "vision_feature_layer": "tower layer the LLM (and a shared autoregressive target) reads: -1 = the last "
+                                "(LLaVA-OneVision's choice), 0 = the patch embeddings, a linear function of "
+                                "the pixels",
         "vocab_size": "vocabulary size; None = the tokenizer's length",
         "video_token_id": "id of <video>; None = the tokenizer's",
         "image_token_id": "id of <image>; None = the tokenizer's",
@@ -255,11 +258,11 @@ How the trainer treats the losses and checkpoints (`lmms_engine.train.Autoregres
 
 - The model returns the total loss (what is back-propagated) and its detached components. The
   language-model loss is normalised over the label tokens of the whole optimisation step (all
-  accumulation micro-batches, all ranks), as transformers does; each micro-batch's autoregressive
-  term is weighted by the same share of those tokens, so `main_loss + autoregressive_loss =
-  total_loss` holds for the objective and for every logged value. Each logged component is the mean
-  over the logging window's steps of that step's value (logged `total_loss` equals transformers'
-  `loss`); evaluation logs `eval_main_loss` etc. averaged over samples.
+  accumulation micro-batches, all ranks), as transformers does; the autoregressive term is averaged
+  over the step's videos (those with at least 2 frames, all micro-batches and ranks), so a text-only
+  micro-batch or rank does not dilute it. `main_loss + autoregressive_loss = total_loss` holds for
+  the objective and for every logged value. Each logged component is the mean over the logging
+  window's steps of that step's value (logged `total_loss` equals transformers' `loss`); evaluation logs `eval_main_loss` etc. averaged over samples.
 - With the autoregressive loss off (`sft`, `hf_trainer`, or `enable_autoregressive: false`) a model
   that carries the module has it removed before training: no autoregressive parameters in the
   optimiser, no extra compute, none in the checkpoints.
