@@ -18,7 +18,7 @@ launcher (``python -m lmms_engine.launch.cli``, one subprocess per run, one intr
    measured on the held-out clips. The baseline's own predictor never trained, so the probe is the
    like-for-like comparison: how well the next frame can be read from the LLM's hidden states.
 
-Outputs: per run ``OUT/runs/<arm>_s<seed>/`` (config, log, checkpoint, eval/, probe.json); overall
+Outputs: per run ``OUT/runs/<arm>_s<seed>/`` (run_config.json, train.log, the model, eval/, result.json); overall
 ``OUT/summary.json``, the plot (``--plot``, default docs/ablation.png) and the ``ablation`` section of
 benchmarks/RESULTS.md. Finished runs are skipped when the script is run again (resumable).
 
@@ -46,6 +46,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ar_causal": {"loss_weight": 0.1, "use_frame_causal_mask": True},
     "ar_nomask": {"loss_weight": 0.1, "use_frame_causal_mask": False},
 }
+#: The launcher config of a run, in its run folder (the trained model's own config.json sits beside it).
+RUN_CONFIG = "run_config.json"
 PREDICTOR = {"embedding_dim": 64, "num_hist": 3, "num_heads": 4, "num_layers": 2}
 
 
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="output/ablation", help="work folder (data, runs, summary)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--data-seed", type=int, default=0, help="demo dataset seed (same data for every run)")
     p.add_argument("--num-train", type=int, default=1200)
     p.add_argument("--num-eval", type=int, default=200)
@@ -104,7 +106,7 @@ def run_config(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, se
 def start_training(args: argparse.Namespace, data: Path, run_dir: Path, arm: str, seed: int) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)  # a previous run's, with other settings
-    config = run_dir / "config.json"
+    config = run_dir / RUN_CONFIG
     config.write_text(json.dumps(run_config(args, data, run_dir, arm, seed), indent=1) + "\n")
     log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed when the process is reaped
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     def is_trained(arm: str, seed: int) -> bool:
         """Trained with exactly this run's config (other settings retrain)."""
         run_dir = out / "runs" / f"{arm}_s{seed}"
-        config = run_dir / "config.json"
+        config = run_dir / RUN_CONFIG
         return ((run_dir / "model.safetensors").is_file() and config.is_file()
                 and json.loads(config.read_text()) == run_config(args, data, run_dir, arm, seed))
 
