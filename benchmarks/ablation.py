@@ -213,6 +213,26 @@ def spread(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def sign_flip_p(differences: list[float]) -> float:
+    """Two-sided p-value of an exact paired permutation test: the share of the 2^n sign patterns whose
+    mean difference is at least as far from 0 as the observed one (no normality assumed)."""
+    import itertools
+
+    observed = abs(statistics.fmean(differences))
+    means = [abs(statistics.fmean(d * s for d, s in zip(differences, signs)))
+             for signs in itertools.product((1, -1), repeat=len(differences))]
+    return sum(m >= observed - 1e-12 for m in means) / len(means)
+
+
+def paired(records: list[dict], arm: str, metric: Any) -> dict[str, Any] | None:
+    """``metric(arm's run) - metric(baseline run)`` per seed both have: spread and sign-flip p."""
+    base = {r["seed"]: metric(r) for r in records if r["arm"] == "baseline"}
+    diffs = [metric(r) - base[r["seed"]] for r in records if r["arm"] == arm and r["seed"] in base]
+    if len(diffs) < 2:
+        return None
+    return {**spread(diffs), "p": sign_flip_p(diffs), "higher": sum(d > 0 for d in diffs)}
+
+
 def summarize(records: list[dict]) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for arm in dict.fromkeys(r["arm"] for r in records):
@@ -234,6 +254,11 @@ def summarize(records: list[dict]) -> dict[str, Any]:
                                             / r["probe"]["full_history"]["mean_target_mse"] for r in rs]),
             "final_main_loss": spread([r["final_main_loss"] for r in rs]),
         }
+        if arm != "baseline":
+            arms[arm]["vs_baseline"] = {
+                "accuracy": paired(records, arm, lambda r: r["accuracy"]),
+                "probe_ratio": paired(records, arm, lambda r: r["probe"]["full_history"]["ratio"]),
+            }
     return {"chance_accuracy": records[0]["chance_accuracy"], "arms": arms}
 
 
@@ -274,6 +299,17 @@ def markdown(args: argparse.Namespace, summary: dict, records: list[dict]) -> st
     for arm, a in arms.items():
         lines.append(f"| {arm} | {fmt(a['probe_ratio'], 2)} | {fmt(a['probe_vs_mean_target'], 2)} | "
                      f"{fmt(a['own_ratio'], 2)} | {fmt(a['own_vs_mean_target'], 2)} |")
+    compared = [(arm, a["vs_baseline"]) for arm, a in arms.items() if a.get("vs_baseline", {}).get("accuracy")]
+    if compared:
+        lines += ["", "Against the baseline, paired by seed (same initialisation and data order): the per-seed "
+                  "difference, how many seeds are higher, and the two-sided p-value of an exact sign-flip "
+                  "permutation test:", "",
+                  "| arm | accuracy − baseline | seeds higher | p | probe ratio − baseline | seeds higher | p |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, v in compared:
+            acc, probe = v["accuracy"], v["probe_ratio"]
+            lines.append(f"| {arm} | {fmt(acc)} | {acc['higher']}/{acc['n']} | {acc['p']:.2f} | "
+                         f"{fmt(probe, 2)} | {probe['higher']}/{probe['n']} | {probe['p']:.2f} |")
     lines += ["", "Per run (offset-3 MSE):", "", "| arm | seed | accuracy | probe | own predictor | copy-last | "
               "mean target | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
