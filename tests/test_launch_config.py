@@ -102,14 +102,15 @@ def test_good_config_is_typed(data_dir):
     ("config.resume_from_checkpoint", "out/checkpoint-7",
      r"resume_from_checkpoint: checkpoint folder 'out/checkpoint-7' does not exist"),
     ("config.fsdp", "full_shard", r"config\.fsdp: FSDP through the Trainer needs GPUs"),
+    ("config.use_liger_kernel", True, r"config\.use_liger_kernel: Liger kernels are Triton GPU kernels"),
 ])
 def test_bad_values_fail_with_clear_messages(data_dir, path, value, message):
     raw = edited(data_dir, path, value)
-    if path == "config.fsdp":
+    if path in ("config.fsdp", "config.use_liger_kernel"):
         import torch
 
         if torch.cuda.is_available():
-            pytest.skip("FSDP is allowed where there is a GPU")
+            pytest.skip("allowed where there is a GPU")
     with pytest.raises(ConfigError, match=message):
         check_pipeline(raw, "bad.yaml")
 

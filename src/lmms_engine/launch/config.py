@@ -378,6 +378,9 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
     if args.get("fsdp") and not has_accelerator():
         raise ConfigError(f"{where}.fsdp: FSDP through the Trainer needs GPUs (accelerate does not enable it for "
                           f"CPU processes, which would silently train with DDP); remove fsdp/fsdp_config here")
+    if args.get("use_liger_kernel") and not has_accelerator():
+        raise ConfigError(f"{where}.use_liger_kernel: Liger kernels are Triton GPU kernels; on this machine (no GPU) "
+                          f"they would fail at the first step: remove use_liger_kernel or set it to false")
     return TrainerBlockConfig(trainer_type, model_config, dataset_config, args, resume, where)
 
 
