@@ -48,6 +48,8 @@ from typing import Any, Mapping
 
 import torch
 
+from lmms_engine.export.processor import _processor_info, checkpoint_config, make_tokenizer_config_portable
+
 logger = logging.getLogger(__name__)
 
 #: The SigLIP checkpoint LLaVA-OneVision/LLaVA-Video were trained from (config.mm_vision_tower).
@@ -88,9 +90,7 @@ def _text_rope_theta(text: Any) -> tuple[float | None, str]:
 
 
 def _layout(config: Any) -> Any:
-    from lmms_engine.data.preprocess import ProcessorInfo
-
-    return ProcessorInfo.from_model_config(config).layout
+    return _processor_info(config).layout
 
 
 def used_tower_layers(config: Any) -> int | None:
@@ -108,10 +108,9 @@ def llava_next_incompatibilities(config: Any) -> list[str]:
 
     ``config``: a LLaVA-OneVision HF config as our checkpoints store it (``video_layout`` included).
     """
-    from lmms_engine.data.preprocess import ProcessorInfo
-
     reasons: list[str] = []
-    layout = _layout(config)
+    info = _processor_info(config)
+    layout = info.layout
     vision, text = config.vision_config, config.text_config
     if layout.add_faster_video:
         reasons.append("add_faster_video=True: lmms-eval's llava_vid forces add_faster_video=False, LLaVA-NeXT's "
@@ -127,7 +126,6 @@ def llava_next_incompatibilities(config: Any) -> list[str]:
         reasons.append(f"vision tower image_size={vision.image_size}, patch_size={vision.patch_size}: LLaVA-NeXT's "
                        f"SigLIP wrapper asserts 729 patches (384 px, 14 px patches) and its image processor "
                        f"resizes frames to 384 px")
-    info = ProcessorInfo.from_model_config(config)
     if info.image_mean != (0.5, 0.5, 0.5) or info.image_std != (0.5, 0.5, 0.5):
         reasons.append(f"image mean/std {info.image_mean}/{info.image_std}: LLaVA-NeXT's SigLIP image processor "
                        f"normalises with 0.5/0.5")
@@ -340,7 +338,6 @@ class LlavaNextExport:
 def _export_plan(checkpoint: Path, output: Path, vision_tower: str | None) -> tuple[Any, int, str]:
     """Check everything that can be checked before loading weights; return (HF config, tower layers the
     LLM reads, ``mm_vision_tower``). Raises ValueError / FileNotFoundError naming the problem."""
-    from lmms_engine.export.processor import checkpoint_config
 
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty; give a new folder (stale shards of an earlier "
@@ -404,7 +401,6 @@ def export_llava_next(
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from lmms_engine.export.processor import make_tokenizer_config_portable
     from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
 
     checkpoint, output = Path(checkpoint), Path(output_dir)
@@ -435,42 +431,25 @@ def export_llava_next(
     return LlavaNextExport(output, config, len(state), dropped, model_args)
 
 
-def _parse_size(size: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
-    for unit, factor in units.items():
-        if size.upper().endswith(unit):
-            return int(float(size[: -len(unit)]) * factor)
-    return int(size)
-
-
 def _save_sharded(state: Mapping[str, torch.Tensor], output: Path, max_shard_size: str, save_file: Any) -> None:
-    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards with the index transformers reads."""
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards with the index transformers reads
+    (the split is huggingface_hub's, the one ``save_pretrained`` uses)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(dict(state), max_shard_size=max_shard_size)
     seen: set[int] = set()
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        storage = tensor.untyped_storage().data_ptr()
-        # safetensors refuses tensors that share memory: write a second view of a storage as a copy
-        shards[-1][name] = tensor.clone() if storage in seen else tensor.contiguous()
-        seen.add(storage)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(output / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(output / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            tensor = state[name]
+            storage = tensor.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory: write a second view of a storage as a copy
+            shard[name] = tensor.clone() if storage in seen else tensor.contiguous()
+            seen.add(storage)
+        save_file(shard, str(output / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def read_llava_next_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
