@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"num_train": args.num_train, "num_eval": args.num_eval, "seed": args.data_seed,
                 "question_types": list(args.question_types), "generator_version": GENERATOR_VERSION}
-    marker = data / "settings.json"
+    marker = out / "data_settings.json"  # beside the data: the demo generator refuses files it did not write
     if not (marker.is_file() and json.loads(marker.read_text()) == settings):
         print(f"generating {args.num_train} + {args.num_eval} demo clips in {data}", flush=True)
         generate_demo_dataset(data, args.num_train, args.num_eval, args.data_seed,

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmms_engine.launch.config import DemoDataConfig
     from lmms_engine.launch.pipeline import ensure_demo_data
 
-    demo = DemoDataConfig(output_dir=str(ROOT / "output" / "quickstart" / "data"))
+    # Its own folder: other settings written into output/quickstart/data would replace the quickstart's data.
+    demo = DemoDataConfig(output_dir=str(ROOT / "output" / "bench" / "packing_data"))
     ensure_demo_data(demo)
     results: dict[bool, list[dict]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -246,7 +246,8 @@ def test_an_evaluate_block_with_a_misspelled_key_fails_before_training(tmp_path,
 
 def test_demo_data_is_reused_only_when_made_by_the_same_settings_and_generator(tmp_path):
     from lmms_engine.launch.config import DemoDataConfig
-    from lmms_engine.launch.pipeline import DEMO_MARKER, ensure_demo_data
+    from lmms_engine.data.demo import DEMO_MARKER
+    from lmms_engine.launch.pipeline import ensure_demo_data
 
     config = DemoDataConfig(output_dir=str(tmp_path / "data"), num_train=2, num_eval=1)
     assert ensure_demo_data(config) is True

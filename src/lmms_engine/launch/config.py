@@ -405,6 +405,12 @@ def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
         where = f"{source}: block {i} ({block_type}).config"
         if block_type == "demo_data":
             config = from_mapping(DemoDataConfig, item.get("config"), where)
+            from lmms_engine.data.demo import check_demo_folder
+
+            try:  # a user's files there are never replaced: refused now, not after a --dry-run said OK
+                check_demo_folder(config.output_dir)
+            except ValueError as err:
+                raise ConfigError(f"{where}.output_dir: {err}") from err
             generated |= config.outputs()
         elif block_type == "evaluate":
             from lmms_engine.eval.config import EvaluateConfig  # files are checked when it runs: an

@@ -289,7 +289,9 @@ def render_config_reference() -> str:
         HEADER,
         "## `demo_data` block\n\nGenerates the demo dataset (moving coloured shapes; questions about motion, order and "
         "colour) unless `output_dir` already holds one made with the same settings. Writes `train.json`, "
-        "`eval.json` and `videos/`.\n",
+        "`eval.json`, `videos/` and the marker `demo_config.json` (its settings). It never deletes or overwrites what "
+        "it did not write: a folder holding anything else (or a `train.json` without the marker) is a config "
+        "error, also with `overwrite: true`; replacing a demo dataset made with other settings is logged.\n",
         field_table(DemoDataConfig, meanings_for(DemoDataConfig)),
         "",
         TRAINER_SECTION,

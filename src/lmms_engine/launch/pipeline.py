@@ -20,8 +20,6 @@ from lmms_engine.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEMO_MARKER = "demo_config.json"
-
 
 @dataclass
 class RunSummary:
@@ -73,19 +71,32 @@ class RunSummary:
 # ------------------------------------------------------------------------------------------ demo data
 def ensure_demo_data(config: DemoDataConfig) -> bool:
     """Generate the demo dataset unless ``config.output_dir`` already holds one made with the same
-    settings; return whether it was generated. Written to a temporary sibling folder, then renamed."""
-    from lmms_engine.data.demo import GENERATOR_VERSION, generate_demo_dataset
+    settings; return whether it was generated. Written to a temporary sibling folder, then renamed.
+
+    A folder holding anything the demo generator did not write is refused (ConfigError), whatever
+    ``overwrite`` says: only a demo dataset of ours is ever replaced, and replacing one made with other
+    settings is logged with both settings.
+    """
+    from lmms_engine.data.demo import DEMO_MARKER, GENERATOR_VERSION, check_demo_folder, generate_demo_dataset
 
     out = Path(config.output_dir)
+    try:
+        check_demo_folder(out)
+    except ValueError as err:
+        raise ConfigError(f"demo_data.output_dir: {err}") from err
     settings = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "overwrite")}
     settings["generator_version"] = GENERATOR_VERSION
     marker = out / DEMO_MARKER
-    if not config.overwrite and marker.is_file() and config.train_path.is_file() and config.eval_path.is_file():
+    previous = None
+    if marker.is_file():
         try:
-            if json.loads(marker.read_text()) == settings:
-                return False
+            previous = json.loads(marker.read_text())
         except json.JSONDecodeError:
-            pass
+            previous = None
+    if not config.overwrite and previous == settings and config.train_path.is_file() and config.eval_path.is_file():
+        return False
+    if previous is not None and previous != settings:
+        logger.warning("replacing the demo dataset in %s made with %s by one made with %s", out, previous, settings)
     staging = out.with_name(f".{out.name}.incomplete")
     shutil.rmtree(staging, ignore_errors=True)
     logger.info("generating the demo dataset (%d + %d clips) in %s", config.num_train, config.num_eval, out)
