@@ -12,7 +12,7 @@ It saves with ``save_pretrained`` and reloads with ``AutoTokenizer.from_pretrain
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -61,16 +61,22 @@ DEFAULT_CORPUS: tuple[str, ...] = (
 )
 
 
-def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024, *,
+                         special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                         chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``corpus`` (default: a built-in English snippet set).
 
     ``vocab_size`` counts the 256 byte symbols and the special tokens; training stops early when the
     corpus has no more merges, so ``len(tokenizer)`` may be smaller. Deterministic for a given corpus.
     Returns a ``PreTrainedTokenizerFast`` with pad = eos = ``<|endoftext|>`` and a Qwen2-style chat
-    template.
+    template. ``special_tokens`` (ids 0, 1, ... in this order; ``<|endoftext|>`` first) and
+    ``chat_template`` replace the defaults (the Qwen-VL tiny checkpoints use Qwen's vision tokens).
     """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), "
+    special_tokens = list(special_tokens)
+    if not special_tokens or special_tokens[0] != PAD_TOKEN:
+        raise ValueError(f"special_tokens must start with {PAD_TOKEN!r} (pad and eos), got {special_tokens[:1]}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size must be >= {256 + len(special_tokens)} (256 bytes + special tokens), "
                          f"got {vocab_size}")
     texts = list(DEFAULT_CORPUS if corpus is None else corpus)
     backend = Tokenizer(models.BPE())
@@ -79,7 +85,7 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -88,12 +94,12 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
         tokenizer_object=backend,
         eos_token=PAD_TOKEN,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START, IM_END, VIDEO_TOKEN, IMAGE_TOKEN],
+        additional_special_tokens=special_tokens[1:],
         padding_side="right",
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
