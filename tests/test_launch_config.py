@@ -211,7 +211,7 @@ def test_docs_config_reference_is_current():
 
 def test_a_bare_yaml_no_where_a_string_is_expected_says_to_quote_it(tmp_path):
     data = tmp_path / "train.json"
-    data.write_text("[]")
+    data.write_text('[{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]')
     config = tmp_path / "no.yaml"
     config.write_text("- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {}\n"
                       f"    save_strategy: no\n    dataset_config: {{data_path: {data}}}\n")

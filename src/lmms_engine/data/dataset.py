@@ -55,8 +55,11 @@ from lmms_engine.data.records import (
     BAD_RECORD_REASONS,
     BadRecordError,
     ConversationRecord,
+    DataFileError,
     Turn,
+    default_video_folder,
     iter_raw_records,
+    no_usable_records,
     parse_record,
     record_location,
 )
@@ -478,7 +481,7 @@ def _read_records(
     video_token: str,
     on_bad_record: Literal["raise", "skip"],
 ) -> tuple[list[ConversationRecord], int, list[BadRecordError]]:
-    folder = Path(video_folder) if video_folder is not None else Path(path).resolve().parent
+    folder = default_video_folder(path, video_folder)
     records, failures, total = [], [], 0
     for index, line, obj in iter_raw_records(path):
         total += 1
@@ -541,7 +544,7 @@ def build_dataset(
     records, total, failures = _read_records(path, config.video_folder, processor_info.video_token,
                                              config.on_bad_record)
     if not records:
-        raise ValueError(f"{path}: no usable records ({total} read, {len(failures)} bad)")
+        raise DataFileError(no_usable_records(path, total, failures))
     return VideoSFTDataset(records, config, tokenizer, processor_info, source=str(path),
                            num_raw_records=total, parse_failures=failures)
 

@@ -46,6 +46,7 @@ METADATA_KEYS: tuple[str, ...] = ("id", "question_type", "answer", "options", "s
 #: Reason codes of bad records, with what each means.
 BAD_RECORD_REASONS: dict[str, str] = {
     "invalid_json": "the line is not valid JSON",
+    "invalid_text": "the line is not valid UTF-8, or a string holds a lone surrogate (\\ud800-\\udfff)",
     "not_an_object": "the record is not a JSON object",
     "unknown_field": "the record has a key that is neither a conversation, video nor metadata key",
     "no_conversation": "the record has no 'conversations' or 'messages', or has both",
@@ -109,47 +110,141 @@ def record_location(path: str | Path, index: int, line: int | None = None) -> st
     return f"{path}: record {index}" + (f" (line {line})" if line is not None else "")
 
 
-def iter_raw_records(path: str | Path) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield ``(index, line, obj)`` for each record of a JSON list or JSONL file.
+class DataFileError(ValueError):
+    """A data file that cannot be used as a whole (not UTF-8, not JSON, not a list or JSONL, no records,
+    no usable record); the message names the file and what would be valid."""
 
-    A JSONL line that is not valid JSON yields a :class:`BadRecordError` as ``obj`` (so the caller can
-    skip it); a JSON list file that does not parse, or a JSON file that is not a list, raises ValueError.
-    Blank JSONL lines are ignored (and not counted as records).
+
+_EXPECTED = "expected a JSON list of records ([{...}, {...}]) or JSONL (one record per line)"
+
+
+def _utf8_error(err: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
+    """``"byte 0x.. at line L, column C is not valid UTF-8"`` for a decoding error in ``data``."""
+    position = offset + err.start
+    line = data.count(b"\n", 0, position) + 1
+    column = position - (data.rfind(b"\n", 0, position) + 1) + 1
+    return f"byte 0x{data[position]:02x} at line {line}, column {column} is not valid UTF-8"
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield ``(index, line, obj)`` for each record of a JSON list or JSONL file (UTF-8, with or without
+    a byte-order mark).
+
+    A JSONL line that is not valid UTF-8 or not valid JSON yields a :class:`BadRecordError` as ``obj``
+    (so the caller can skip it); a file that is not a JSON list or JSONL as a whole (invalid UTF-8 or
+    JSON in a list, a single object, a JSON value that is no list, no record at all) raises
+    :class:`DataFileError`. Blank JSONL lines are ignored (and not counted as records).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+        data = data[3:]
+    if not data.strip():
+        raise DataFileError(f"{path}: the file is empty; {_EXPECTED}")
+    if data.lstrip()[:1] == b"[":
         try:
-            data = json.loads(text)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataFileError(f"{path}: {_utf8_error(err, data)}; a JSON list is read as one document, "
+                                f"so the whole file is unusable (re-encode it as UTF-8)") from err
+        try:
+            whole = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); expected a JSON list of records or JSONL") from err
-        for index, obj in enumerate(data):
+            raise DataFileError(f"{path}: not valid JSON ({err}); {_EXPECTED}") from err
+        if not isinstance(whole, list):
+            raise DataFileError(f"{path}: a JSON {type(whole).__name__}, not a list of records; {_EXPECTED}")
+        if not whole:
+            raise DataFileError(f"{path}: an empty list ([]): no records; {_EXPECTED}")
+        for index, obj in enumerate(whole):
             yield index, None, obj
         return
-    if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:
-        try:  # a single pretty-printed record is neither a list nor JSONL: say so, not "invalid JSON on line 1"
-            whole = json.loads(text)
-        except json.JSONDecodeError:
+    lines = data.split(b"\n")
+    if len([line for line in lines if line.strip()]) > 1 or path.suffix != ".jsonl":
+        try:  # one object (pretty-printed, or a .json file holding one) is neither a list nor JSONL: say so
+            whole = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             whole = None
         if isinstance(whole, dict):
-            raise ValueError(f"{path}: holds one JSON object written over several lines; expected a JSON list "
-                             "of records ([{...}, {...}]) or JSONL (one record per line)")
-    index = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+            raise DataFileError(f"{path}: holds a single JSON object, not a list of records; {_EXPECTED} "
+                                f"(a one-record JSONL file is named .jsonl)")
+        if whole is not None and not isinstance(whole, list):
+            raise DataFileError(f"{path}: a JSON {type(whole).__name__}, not a list of records; {_EXPECTED}")
+    index, offset = 0, 0
+    for line_no, raw in enumerate(lines, start=1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
             continue
+        where = record_location(path, index, line_no)
         try:
-            obj = json.loads(line)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            obj = BadRecordError("invalid_text", where, _utf8_error(err, data, start))
         except json.JSONDecodeError as err:
-            obj = BadRecordError("invalid_json", record_location(path, index, line_no), f"invalid JSON: {err}")
+            obj = BadRecordError("invalid_json", where, f"invalid JSON: {err}")
         yield index, line_no, obj
         index += 1
 
 
+def default_video_folder(data_path: str | Path, video_folder: str | Path | None) -> Path:
+    """The folder relative video paths of ``data_path``'s records start from: ``video_folder``, else
+    the data file's own folder."""
+    return Path(video_folder) if video_folder is not None else Path(data_path).resolve().parent
+
+
+def check_records_file(
+    path: str | Path,
+    *,
+    video_folder: str | Path | None = None,
+    on_bad_record: str = "raise",
+    video_token: str = "<video>",
+) -> ConversationRecord:
+    """Read ``path`` up to its first usable record and return it (cheap: the launcher calls this while
+    checking a config, before any model loads).
+
+    Raises :class:`DataFileError` when the file as a whole cannot be used or holds no usable record,
+    and, with ``on_bad_record="raise"``, the :class:`BadRecordError` of a bad record met before it.
+    """
+    folder = default_video_folder(path, video_folder)
+    failures: list[BadRecordError] = []
+    for index, line, obj in iter_raw_records(path):
+        try:
+            return parse_record(obj, record_location(path, index, line), video_folder=folder,
+                                video_token=video_token, index=index)
+        except BadRecordError as err:
+            if on_bad_record == "raise":
+                raise
+            failures.append(err)
+    raise DataFileError(no_usable_records(path, len(failures), failures))
+
+
+def no_usable_records(path: str | Path, total: int, failures: list[BadRecordError]) -> str:
+    """The message for a file none of whose ``total`` records can be used (the first reasons shown)."""
+    shown = "; ".join(str(err) for err in failures[:3])
+    return f"{path}: no usable records ({total} read, {len(failures)} bad" + (f", e.g. {shown})" if shown else ")")
+
+
 def _bad(reason: str, where: str, detail: str) -> BadRecordError:
     return BadRecordError(reason, where, detail)
+
+
+def _check_text(obj: Any, where: str, key: str = "") -> None:
+    """Every string in ``obj`` must be encodable as UTF-8: JSON's ``"\\ud800"`` escape parses to a lone
+    surrogate, which no tokenizer (and no UTF-8 file) can take."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _bad("invalid_text", where, f"{key or 'a string'} holds a lone surrogate "
+                                              f"{obj[err.start]!r} at character {err.start}") from None
+    elif isinstance(obj, Mapping):
+        for name, value in obj.items():
+            _check_text(name, where, key)
+            _check_text(value, where, f"{key}.{name}" if key else str(name))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _check_text(value, where, f"{key}[{i}]")
 
 
 def _optional_seconds(value: Any, key: str, where: str) -> float | None:
@@ -277,6 +372,7 @@ def parse_record(
         raise obj
     if not isinstance(obj, Mapping):
         raise _bad("not_an_object", where, f"expected a JSON object, got {type(obj).__name__}")
+    _check_text(obj, where)
     if "image" in obj or "images" in obj:
         raise _bad("image_unsupported", where, "the record has an 'image' field; only videos are supported")
     has_llava, has_openai = "conversations" in obj, "messages" in obj
@@ -338,8 +434,12 @@ __all__ = [
     "METADATA_KEYS",
     "BadRecordError",
     "ConversationRecord",
+    "DataFileError",
     "Turn",
+    "check_records_file",
+    "default_video_folder",
     "iter_raw_records",
+    "no_usable_records",
     "parse_record",
     "record_location",
 ]

@@ -123,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lmms_engine.launch.cli`` and of the ``lmms-video`` script."""
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from lmms_engine.data.records import BadRecordError, DataFileError
     from lmms_engine.launch.config import load_pipeline_config
     from lmms_engine.utils.config import ConfigError
 
@@ -131,14 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except (BadRecordError, DataFileError) as err:  # data files are read up to a first usable record
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         if _rank() == 0:
             print(_describe(pipeline))
         return 0
 
+    from lmms_engine.data.dataset import BadRecordBudgetError
     from lmms_engine.launch.pipeline import run_pipeline
-
-    from lmms_engine.data.records import BadRecordError
     from lmms_engine.video.decode import VideoReadError
 
     try:
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         finish_distributed()
         return 2
-    except (BadRecordError, VideoReadError) as err:
+    except (BadRecordError, DataFileError, BadRecordBudgetError, VideoReadError) as err:
         # Bad data found while building the dataset: the message names the record, file and cause.
         print(f"data error: {err}", file=sys.stderr)
         finish_distributed()

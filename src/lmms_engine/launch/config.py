@@ -308,6 +308,15 @@ def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
     folder = dataset_config.video_folder
     if folder is not None and Path(folder).resolve() not in generated and not Path(folder).is_dir():
         raise ConfigError(f"{where}.video_folder: folder {folder!r} does not exist")
+    from lmms_engine.data.records import check_records_file
+
+    for key in ("data_path", "eval_data_path"):
+        value = getattr(dataset_config, key)
+        if value is not None and Path(value).expanduser().resolve() not in generated:
+            # Read up to the first usable record: a file that is no list/JSONL, empty, or without a usable
+            # record is a data error now, not after the model is built (DataFileError / BadRecordError).
+            check_records_file(Path(value).expanduser(), video_folder=folder,
+                               on_bad_record=dataset_config.on_bad_record)
     return dataset_config
 
 
