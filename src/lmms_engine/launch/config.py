@@ -163,6 +163,31 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping whose keys are unique: the same key twice is an error, never "the last one wins"."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            first = seen[key]
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} "
+                              f"appears twice in one mapping (first on line {first.line + 1}); keep one")
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"key {twice[0]!r} appears twice in one JSON object; keep one")
+    return dict(pairs)
+
+
 def parse_value(text: str) -> Any:
     """A YAML scalar or flow value (``5``, ``2e-5``, ``true``, ``null``, ``[a, b]``, ``{k: v}``)."""
     return yaml.load(text, Loader=_Loader) if text.strip() else ""
@@ -173,11 +198,19 @@ def read_config_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: byte 0x{data[err.start]:02x} on line {line} is not valid UTF-8; save the "
+                          f"config as UTF-8") from err
     try:
         if path.suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_json_object)
         return yaml.load(text, Loader=_Loader)
+    except ConfigError as err:  # a duplicate key
+        raise ConfigError(f"{path}: {err}") from err
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
 
@@ -360,13 +393,10 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
             f"model_config.enable_autoregressive is true; use trainer_type: autoregressive_trainer, or set "
             f"enable_autoregressive: false"
         )
-    if TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive is None \
-            and model_config.autoregressive_config is None and model_config.model_name_or_path is None:
-        raise ConfigError(
-            f"{where}: trainer_type autoregressive_trainer but model_config neither enables the autoregressive "
-            f"module nor configures it; set model_config.enable_autoregressive: true (and an "
-            f"autoregressive_config), or use trainer_type: sft"
-        )
+    if TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive is None:
+        # The defaults agree: autoregressive_trainer (the default) attaches the module, with the default
+        # autoregressive_config unless one is given (embedding_dim = the vision tower's width).
+        model_config = dataclasses.replace(model_config, enable_autoregressive=True)
     dataset_config = _check_dataset(raw.get("dataset_config"), f"{where}.dataset_config", generated)
     args = {key: value for key, value in raw.items() if key not in TRAINER_KEYS}
     resume = _check_resume(args.pop(RESUME_KEY, None), f"{where}.{RESUME_KEY}")
@@ -378,12 +408,20 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
         if not isinstance(value, WIDER_TYPES[key]):
             raise ConfigError(f"{where}.{key}: expected {' or '.join(t.__name__ for t in WIDER_TYPES[key])}, "
                               f"got {value!r} ({type(value).__name__})")
-    from_mapping(TrainingArguments, {k: v for k, v in args.items() if k not in wide}, where)
-    if wide:
-        try:
-            TrainingArguments(**args)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{where}: {err}") from err
+    try:  # built here, as the run builds it: transformers' own checks (and deepspeed's) now, not later
+        training = from_mapping(TrainingArguments, {k: v for k, v in args.items() if k not in wide}, where)
+        if wide:
+            training = TrainingArguments(**args)
+    except ConfigError:
+        raise
+    except ImportError as err:
+        missing = "deepspeed" if args.get("deepspeed") else "a package"
+        raise ConfigError(f"{where}: TrainingArguments need {missing} that is not installed: {err}"
+                          + (f"; install it (pip install deepspeed) or remove deepspeed: {args['deepspeed']!r}"
+                             if args.get("deepspeed") else "")) from err
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+    _check_training_values(training, args, where, dataset_config)
     if args.get("fsdp") and not has_accelerator():
         raise ConfigError(f"{where}.fsdp: FSDP through the Trainer needs GPUs (accelerate does not enable it for "
                           f"CPU processes, which would silently train with DDP); remove fsdp/fsdp_config here")
@@ -391,6 +429,87 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
         raise ConfigError(f"{where}.use_liger_kernel: Liger kernels are Triton GPU kernels; on this machine (no GPU) "
                           f"they would fail at the first step: remove use_liger_kernel or set it to false")
     return TrainerBlockConfig(trainer_type, model_config, dataset_config, args, resume, where)
+
+
+def _check_training_values(training: Any, given: Mapping[str, Any], where: str, dataset_config: Any) -> None:
+    """What transformers accepts but cannot train with, or fails on only once the model is built."""
+    import math
+
+    lr = training.learning_rate
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"{where}.learning_rate: {lr!r} is not a finite number >= 0 (e.g. 2.0e-5)")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training, key) < 1:
+            raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(training, key)}")
+    for key, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy"),
+                          ("eval_steps", "eval_strategy")):
+        value = getattr(training, key)
+        if value is not None and not value > 0 and (key in given or _strategy(training, strategy) != "no"):
+            raise ConfigError(f"{where}.{key}: must be > 0 (a number of steps, or a fraction of the run below 1), "
+                              f"got {value}")
+    if _strategy(training, "eval_strategy") != "no" and dataset_config.eval_data_path is None:
+        raise ConfigError(f"{where}.eval_strategy: {_strategy(training, 'eval_strategy')!r} needs held-out data: set "
+                          f"dataset_config.eval_data_path, or eval_strategy: 'no'")
+    _check_report_to(training.report_to, given.get("report_to"), where)
+    _check_writable(training.output_dir, f"{where}.output_dir")
+
+
+def _strategy(training: Any, key: str) -> str:
+    value = getattr(training, key)
+    return str(getattr(value, "value", value))
+
+
+def _check_report_to(resolved: Any, given: Any, where: str) -> None:
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    if given in (None, "all", "none", ["all"], ["none"]):
+        return
+    valid = list(INTEGRATION_TO_CALLBACK)
+    available = set(get_available_reporting_integrations())
+    for name in resolved or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{where}.report_to: unknown integration {name!r}{suggest(str(name), valid)}; "
+                              f"valid: none, all, {', '.join(valid)}")
+        if name not in available:
+            raise ConfigError(f"{where}.report_to: {name!r} is not installed here (pip install {name}); "
+                              f"installed: {', '.join(sorted(available)) or 'none'}; or report_to: none")
+
+
+def _check_writable(folder: str, where: str) -> None:
+    """``folder`` exists as a writable folder, or can be created (its nearest existing parent is one)."""
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{where}: {folder!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    import tempfile
+
+    try:  # a real write (os.access says yes to root on read-only mounts); the probe file is removed at once
+        with tempfile.TemporaryFile(dir=probe, prefix=".lmms-write-check-"):
+            pass
+    except OSError as err:
+        what = "is not writable" if probe == path else f"cannot be created: {str(probe)!r} is not writable"
+        raise ConfigError(f"{where}: {folder!r} {what} ({err.strerror}); choose another output_dir") from err
+
+
+def _check_output_dirs(blocks: list[Block]) -> None:
+    """Two trainer blocks writing one output_dir would overwrite each other's model and checkpoints; a
+    later block that resumes from the earlier one's checkpoint continues it deliberately."""
+    seen: dict[Path, Block] = {}
+    for block in blocks:
+        if block.type != "trainer":
+            continue
+        out = Path(block.config.training_args.get("output_dir", "trainer_output")).expanduser().resolve()
+        if out in seen and not block.config.resume_from_checkpoint:
+            raise ConfigError(f"{block.where}.output_dir: {str(out)!r} is also the output_dir of "
+                              f"{seen[out].where}; the second run would overwrite the first one's model and "
+                              f"checkpoints: give each trainer block its own output_dir (or resume_from_checkpoint "
+                              f"to continue the same run)")
+        seen.setdefault(out, block)
 
 
 def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
@@ -429,6 +548,7 @@ def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
         blocks.append(Block(block_type, config, where))
     if not any(b.type in ("trainer", "evaluate") for b in blocks):
         raise ConfigError(f"{source}: no 'trainer' or 'evaluate' block; nothing would run")
+    _check_output_dirs(blocks)
     return PipelineConfig(blocks, source)
 
 

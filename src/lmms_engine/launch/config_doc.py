@@ -198,8 +198,18 @@ number); data files, video folders, local model folders and checkpoints must exi
 earlier `demo_data` block writes count as present); the video-layout keys may not disagree between
 `model_config` and `model_config.autoregressive_config`; `autoregressive_config.embedding_dim` must
 equal the vision tower's width (64 for the tiny model, 1152 for SigLIP-so400m); `fsdp` needs an
-accelerator. The process exits with status 2 and the message on stderr. Relative paths are relative
-to the current directory.
+accelerator. The same key twice in one mapping is an error (never "the last one wins"), and so is a
+config file that is not UTF-8. `TrainingArguments` are built during the check, as the run builds them
+(so `deepspeed` without DeepSpeed installed fails here), and what transformers accepts but no run
+survives is refused: a negative or NaN `learning_rate`, a batch size or `gradient_accumulation_steps`
+below 1, `save_steps`/`logging_steps`/`eval_steps` <= 0, an unknown or uninstalled `report_to`
+integration (with the nearest name), `eval_strategy` other than `no` without
+`dataset_config.eval_data_path`, an `output_dir` that cannot be created or written, and two trainer
+blocks with one `output_dir` (unless the later one resumes the earlier run). Each data file is read up
+to its first usable record (not UTF-8, not a JSON list or JSONL, empty, `[]`, a single object, or no
+usable record: a `data error:`). The process exits with status 2 and the message on stderr (`config
+error:` or `data error:`). A run that will log no training step (`logging_steps` larger than the run)
+says so in a warning when training starts. Relative paths are relative to the current directory.
 
 `--set KEY=VALUE` (repeatable) changes a key of every trainer block before the checks: a dotted path
 inside `config` (`--set max_steps=10`, `--set model_config.autoregressive_config.loss_weight=0.05`),
@@ -233,7 +243,7 @@ Besides the keys below, `config` takes every field of `transformers.TrainingArgu
 
 | key | type | default | meaning |
 |---|---|---|---|
-| `trainer_type` | 'autoregressive_trainer' \\| 'hf_trainer' \\| 'sft' | `'autoregressive_trainer'` | `autoregressive_trainer` trains with the autoregressive loss (the model must have the module: `model_config.enable_autoregressive: true` or an `autoregressive_config`); with `enable_autoregressive: false` it is the plain-SFT baseline through the same trainer. `hf_trainer` / `sft`: no autoregressive loss (a module the model carries is removed before training); `enable_autoregressive: true` with them is an error. All use `AutoregressiveTrainer` (transformers' Trainer), so logs, checkpoints and the loss plot are the same. |
+| `trainer_type` | 'autoregressive_trainer' \\| 'hf_trainer' \\| 'sft' | `'autoregressive_trainer'` | `autoregressive_trainer` trains with the autoregressive loss: with `model_config.enable_autoregressive` unset the module is attached (with `autoregressive_config`, or its defaults), so a config with only `dataset_config` trains it; with `enable_autoregressive: false` it is the plain-SFT baseline through the same trainer. `hf_trainer` / `sft`: no autoregressive loss (a module the model carries is removed before training); `enable_autoregressive: true` with them is an error. All use `AutoregressiveTrainer` (transformers' Trainer), so logs, checkpoints and the loss plot are the same. |
 | `model_config` | mapping | `{}` (the tiny model) | [below](#model_config) |
 | `dataset_config` | mapping | **required** | [below](#dataset_config) |
 | `resume_from_checkpoint` | str \\| bool \\| null | `null` | a `checkpoint-N` folder, or `true`: the newest complete checkpoint in `output_dir` (start fresh if there is none). Resuming restores weights (the autoregressive module included), optimizer, LR schedule, RNG and data position: the resumed run logs the same losses as an uninterrupted one. |

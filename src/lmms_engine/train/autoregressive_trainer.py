@@ -38,7 +38,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmms_engine.train.callbacks import JsonlLogCallback, LossPlotCallback
+from lmms_engine.train.callbacks import JsonlLogCallback, LossPlotCallback, NothingLoggedWarningCallback
 from lmms_engine.train.checkpointing import (
     load_checkpoint_weights,
     publish_checkpoint,
@@ -110,6 +110,7 @@ class AutoregressiveTrainer(Trainer):
                 "needs GPUs (or another accelerator): remove fsdp/fsdp_config to train with DDP"
             )
         add_throughput_logging(self)
+        self.add_callback(NothingLoggedWarningCallback())
         if log_file:
             self.add_callback(JsonlLogCallback(log_file))
         if plot_loss:

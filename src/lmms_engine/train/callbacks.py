@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from transformers import TrainerCallback
 from lmms_engine.train.loss_plot import LOSS_PLOT_NAME, plot_loss_curves
 
 LOG_FILE_NAME = "train_log.jsonl"
+logger = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,4 +61,23 @@ class LossPlotCallback(TrainerCallback):
         self.last_path = plot_loss_curves(state.log_history, Path(args.output_dir) / self.file_name)
 
 
-__all__ = ["JsonlLogCallback", "LOG_FILE_NAME", "LossPlotCallback"]
+class NothingLoggedWarningCallback(TrainerCallback):
+    """Warn at the start of training when the run will log no training step (``logging_steps`` larger
+    than the steps left, e.g. the default 500 on a run of 96 steps): no losses, no curve, no log lines."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+        every = state.logging_steps or args.logging_steps
+        if strategy != "steps" or args.logging_first_step or not every or state.max_steps <= 0:
+            return
+        every = math.ceil(every)
+        if state.max_steps // every > state.global_step // every:
+            return
+        if state.is_world_process_zero:
+            logger.warning("no training step will be logged: logging_steps=%s but the run trains steps %d-%d; "
+                           "losses, train_log.jsonl and the loss curve stay empty: set logging_steps (e.g. %d)",
+                           args.logging_steps, state.global_step + 1, state.max_steps,
+                           max(1, (state.max_steps - state.global_step) // 10))
+
+
+__all__ = ["JsonlLogCallback", "LOG_FILE_NAME", "LossPlotCallback", "NothingLoggedWarningCallback"]
