@@ -89,8 +89,8 @@ class DatasetConfig:
         truncation: ``turns`` (keep whole leading exchanges that fit) or ``drop`` (drop over-long samples).
         padding_side: ``right`` or ``left``, used by the collator.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
-        decode_threads: FFmpeg threads per video decode; 0 = one per core. With several DataLoader
-            workers, 1 or 2 avoids oversubscribing the cores.
+        decode_threads: threads per video read (parallel keyframe intervals, then FFmpeg threads);
+            0 = auto: the cores divided among the DataLoader workers (1 each when workers >= cores).
         decode_timeout: seconds one video read may take; null = no limit. A read that blocks (a pipe
             nobody writes, a stalled network mount) or runs longer is abandoned and the record replaced
             and counted under ``decode_timeout``, so one file never hangs the job. Also bounds each
@@ -137,7 +137,7 @@ class DatasetConfig:
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or null, got {self.max_length}")
         if self.decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
+            raise ValueError(f"decode_threads must be >= 0 (0 = auto), got {self.decode_threads}")
         if self.decode_timeout is not None and not self.decode_timeout > 0:
             raise ValueError(f"decode_timeout must be a number of seconds > 0, or null for no limit, "
                              f"got {self.decode_timeout}")

@@ -59,13 +59,15 @@ class MultiScaleVideoFrameLoader:
     """Loads sampled video frames as uint8 RGB tensors, at one or several scales, and pools features.
 
     Args:
-        num_threads: FFmpeg decoder threads per video; 0 = FFmpeg's choice (one per core). In a
-            DataLoader with many workers, 1 or 2 avoids oversubscribing the cores.
+        num_threads: threads per video read: independent keyframe intervals decode in parallel
+            decoder contexts, then FFmpeg threads inside them (``lmms_engine.video.decode``); 0 = auto:
+            the cores, shared out among the DataLoader's workers inside one (one thread each when
+            workers >= cores, the measured best there); 1 = one single-threaded decoder.
     """
 
     def __init__(self, num_threads: int = 0) -> None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
-            raise ValueError(f"num_threads must be an integer >= 0 (0 = FFmpeg auto), got {num_threads!r}")
+            raise ValueError(f"num_threads must be an integer >= 0 (0 = auto), got {num_threads!r}")
         self.num_threads = num_threads
 
     def load_video(
