@@ -120,13 +120,16 @@ def test_packed_batch_gives_the_unpacked_losses_logits_and_gradients(tok, sample
             assert grads[name].abs().sum() > 0, name
         assert len(grads) == (len(GRAD_PARAMS) if train else 0)
 
-    # the trainer's token-normalised loss (num_items_in_batch) agrees too
+    # the trainer's step-normalised loss (units of a step 3x this batch) agrees too
     items = int((padded["labels"][:, 1:] != P).sum())
     assert items == int((packed["labels"][:, 1:] != P).sum())
+    units = {k: 3 * v for k, v in model.count_loss_units(padded).items()}
+    assert units == {k: 3 * v for k, v in model.count_loss_units(packed).items()}
+    assert int(units["language_model"]) == 3 * items
     model.eval()
     with torch.no_grad():
-        a = model(**padded, num_items_in_batch=items * 3).loss
-        b = model(**packed, num_items_in_batch=items * 3).loss
+        a = model(**padded).loss_terms.objective(units)
+        b = model(**packed).loss_terms.objective(units)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
 
 

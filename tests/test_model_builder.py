@@ -83,11 +83,14 @@ def test_autoregressive_loss_components_and_shared_features() -> None:
     assert out.vision_features.shape == (2, 4, 64, 64)
     assert torch.equal(out.vision_features[1, 3], torch.zeros(64, 64))  # padding frame: never encoded
 
-    # Gradient accumulation: the AR term is scaled by this batch's share of the label tokens.
+    # Gradient accumulation: every term normalised by a step with 4x this batch's units gives 1/4.
     local = int((batch["labels"][:, 1:] != -100).sum())
-    scaled = model(**batch, num_items_in_batch=4 * local)
-    torch.testing.assert_close(scaled.loss.detach(), scaled.loss_components["total_loss"] / 4)
-    torch.testing.assert_close(scaled.loss_components["main_loss"], parts["main_loss"])
+    units = out.loss_terms.counts()
+    assert int(units["language_model"]) == local
+    assert {k: int(v) for k, v in model.count_loss_units(batch).items()} == {k: int(v) for k, v in units.items()}
+    scaled = out.loss_terms.objective({k: 4 * v for k, v in units.items()})
+    torch.testing.assert_close(scaled.detach(), parts["total_loss"] / 4)
+    torch.testing.assert_close(out.loss_terms.parts()["main_loss"].detach(), parts["main_loss"])
 
 
 def test_text_only_batch_with_autoregressive_module() -> None:

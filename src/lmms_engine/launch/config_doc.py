@@ -266,13 +266,15 @@ DeepSpeed: `deepspeed: path/to/ds_config.json` where DeepSpeed is installed.
 
 How the trainer treats the losses and checkpoints (`lmms_engine.train.AutoregressiveTrainer`):
 
-- The model returns the total loss (what is back-propagated) and its detached components. The
-  language-model loss is normalised over the label tokens of the whole optimisation step (all
-  accumulation micro-batches, all ranks), as transformers does; the autoregressive term is averaged
-  over the step's videos (those with at least 2 frames, all micro-batches and ranks), so a text-only
-  micro-batch or rank does not dilute it. `main_loss + autoregressive_loss = total_loss` holds for
-  the objective and for every logged value. Each logged component is the mean over the logging
-  window's steps of that step's value (logged `total_loss` equals transformers' `loss`); evaluation logs `eval_main_loss` etc. averaged over samples.
+- The model returns raw loss sums and their counts (`loss_terms`); the trainer normalises them over
+  the whole optimisation step (all accumulation micro-batches, all ranks, counted before the step):
+  the language-model loss over the step's label tokens, as transformers does, and the autoregressive
+  term over the step's supervised target tokens, so a text-only micro-batch or rank dilutes nothing
+  and the step does not depend on how its samples are split. `main_loss + autoregressive_loss =
+  total_loss` holds for the objective and for every logged value. Each logged component is the mean
+  over the logging window's steps of that step's value (logged `total_loss` equals transformers'
+  `loss`); `ar_mse`, `ar_copy_last_mse`, `ar_fast_loss`, `ar_slow_loss` average over the steps that
+  had targets. Evaluation logs `eval_main_loss` etc. averaged over samples.
 - With the autoregressive loss off (`sft`, `hf_trainer`, or `enable_autoregressive: false`) a model
   that carries the module has it removed before training: no autoregressive parameters in the
   optimiser, no extra compute, none in the checkpoints.

@@ -10,6 +10,9 @@ from lmms_engine.utils.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "LlavaVideoForConditionalGeneration": "llava_video",
     "LlavaVideoCausalLMOutput": "llava_video",
+    "LossTerm": "loss_terms",
+    "LossTerms": "loss_terms",
+    "SupportsLossTerms": "loss_terms",
     "ModelConfig": "builder",
     "build_model": "builder",
     "TinyConfig": "tiny",

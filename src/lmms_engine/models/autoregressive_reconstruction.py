@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
+from lmms_engine.models.loss_terms import LossTerm, autoregressive_mean
 from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.masks import frame_causal_mask
 from lmms_engine.video.pooling import pooled_side, spatial_pool
@@ -58,7 +59,10 @@ class AutoregressiveLossOutput:
             same supervised tokens (detached).
         fast_loss, slow_loss: ``loss_weight * mse`` of each stream when ``use_fast_slow_frames`` (detached;
             zero for a stream without targets), else None.
-        num_targets: supervised target tokens (for averaging across accumulation steps and ranks).
+        num_targets: supervised target tokens, all streams.
+        terms: per stream (``"all"``, or ``"fast"`` and ``"slow"``), the raw :class:`LossTerm` of the loss
+            contract: squared error per supervised target token (mean over ``embedding_dim``) summed, and
+            the number of supervised target tokens (see :mod:`lmms_engine.models.loss_terms`).
     """
 
     loss: torch.Tensor
@@ -67,6 +71,7 @@ class AutoregressiveLossOutput:
     fast_loss: torch.Tensor | None
     slow_loss: torch.Tensor | None
     num_targets: int
+    terms: dict[str, LossTerm] = field(default_factory=dict)
 
 
 class PredictorBlock(nn.Module):
@@ -466,44 +471,83 @@ class AutoregressiveReconstructionModule(nn.Module):
         frames = torch.where(valid[..., None, None], spatial_pool(frames, ratio, mode), fast_frames)
         return frames, valid | fast_valid, layout.fast.pool_stride, mode
 
-    def frame_streams(self, num_frames: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """The temporal sequences the predictor runs on: ``[("all", frames)]``, or the fast and slow
-        streams (frame indices into ``[0, num_frames)``) when ``use_fast_slow_frames``."""
+    def stream_names(self) -> tuple[str, ...]:
+        """Names of the temporal streams: ``("all",)`` or ``("fast", "slow")``."""
+        return ("fast", "slow") if self.config.use_fast_slow_frames else ("all",)
+
+    def _stream_frames(self, num_frames: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         cfg = self.config
         if not cfg.use_fast_slow_frames:
             return [("all", torch.arange(num_frames, device=device))]
         streams = []
         for name, stride, wanted in (("fast", cfg.fast_stride, cfg.num_fast), ("slow", cfg.slow_stride, cfg.num_slow)):
             count = min(wanted, (num_frames - 1) // stride + 1)
-            if count < wanted:
-                self._warn_once(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
-                                f"(a span of {(wanted - 1) * stride + 1} frames) but the video has {num_frames}; "
-                                f"using {count}", stacklevel=4)
             streams.append((name, torch.arange(count, device=device) * stride))
         return streams
 
-    def _windows(self, valid: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Windows to train on, grouped by length: ``{W: (sample index [n], start frame [n])}``."""
+    def frame_streams(self, num_frames: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """The temporal sequences the predictor runs on: ``[("all", frames)]``, or the fast and slow
+        streams (frame indices into ``[0, num_frames)``) when ``use_fast_slow_frames``."""
+        cfg = self.config
+        streams = self._stream_frames(num_frames, device)
+        if cfg.use_fast_slow_frames:
+            for (name, idx), stride, wanted in zip(streams, (cfg.fast_stride, cfg.slow_stride),
+                                                   (cfg.num_fast, cfg.num_slow)):
+                if len(idx) < wanted:
+                    self._warn_once(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
+                                    f"(a span of {(wanted - 1) * stride + 1} frames) but the video has "
+                                    f"{num_frames}; using {len(idx)}", stacklevel=4)
+        return streams
+
+    def _window_candidates(self, valid: torch.Tensor, warn: bool = True) -> list[tuple[list[int], int]]:
+        """Per sample of ``valid`` ``[B, K]``: (start frames of its usable windows, window length); a
+        sample with no full window but ``n >= 2`` leading frames has one shorter window, none below."""
         valid = valid.cpu()
         b, k = valid.shape
         full = self.config.num_hist + 1
-        found: dict[int, list[tuple[int, int]]] = {}
         ok = valid.unfold(1, full, 1).all(-1) if k >= full else torch.zeros(b, 0, dtype=torch.bool)
+        found: list[tuple[list[int], int]] = []
         for sample in range(b):
             starts = ok[sample].nonzero().flatten().tolist()
             length = full
             if not starts:
                 lead = int(valid[sample].long().cumprod(0).sum())
-                if lead < 2:
-                    continue
-                self._warn_once("short", f"a frame sequence with {lead} usable frames is shorter than "
-                                f"num_hist + 1 = {full}: using a window of {lead} frames ({lead - 1} history)",
-                                stacklevel=5)
-                starts, length = [0], lead
+                starts, length = ([0], lead) if lead >= 2 else ([], 0)
+                if starts and warn:
+                    self._warn_once("short", f"a frame sequence with {lead} usable frames is shorter than "
+                                    f"num_hist + 1 = {full}: using a window of {lead} frames ({lead - 1} history)",
+                                    stacklevel=6)
+            found.append((starts, length))
+        return found
+
+    def _windows(self, valid: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Windows to train on, grouped by length: ``{W: (sample index [n], start frame [n])}``."""
+        found: dict[int, list[tuple[int, int]]] = {}
+        for sample, (starts, length) in enumerate(self._window_candidates(valid)):
+            if not starts:
+                continue
             if self.config.window == "random":
                 starts = [starts[int(torch.randint(len(starts), ()))]]
             found.setdefault(length, []).extend((sample, s) for s in starts)
         return {w: (torch.tensor([s for s, _ in v]), torch.tensor([i for _, i in v])) for w, v in found.items()}
+
+    def supervised_target_counts(self, video_num_frames: list[int], tokens_per_frame: int) -> dict[str, int]:
+        """Supervised target tokens per stream that :meth:`compute_autoregressive_loss` will count for
+        videos of ``video_num_frames`` frames (all present) on a predictor grid of ``tokens_per_frame``
+        tokens, without running anything: ``{stream name: tokens}``. The trainer counts a step's units
+        with it before the step's first forward."""
+        max_frames = max(video_num_frames, default=0)
+        frames = torch.tensor(video_num_frames, dtype=torch.long)
+        per_window = (lambda length: length - 1) if self.config.use_frame_causal_mask else (lambda length: 1)
+        counts = {}
+        for name, idx in self._stream_frames(max(max_frames, 1), torch.device("cpu")):
+            valid = idx[None, :] < frames[:, None]
+            total = 0
+            for starts, length in self._window_candidates(valid, warn=False):
+                windows = min(len(starts), 1) if self.config.window == "random" else len(starts)
+                total += windows * per_window(length) * tokens_per_frame
+            counts[name] = total
+        return counts
 
     def _stream_sums(self, tokens, targets, valid, stride: int, mode: str):
         """(squared error sum, copy-last squared error sum, supervised tokens) of one frame sequence."""
@@ -527,31 +571,29 @@ class AutoregressiveReconstructionModule(nn.Module):
         return sq, base, count
 
     def _combine(self, results: dict, return_output: bool):
+        """Per-stream :class:`LossTerm` s (squared error per target token, mean over the embedding, summed
+        over the supervised tokens) and, from them, the batch's own loss and metrics."""
         dim = self.config.embedding_dim
-        weight = self.config.loss_weight
-        mses, bases = {}, {}
+        zero = None
+        terms: dict[str, LossTerm] = {}
         for name, (sq, base, count) in results.items():
-            if count:
-                mses[name] = sq / (count * dim)
-                bases[name] = base.detach() / (count * dim)
-        num_targets = sum(count for _, _, count in results.values())
-        if mses:
-            mse = torch.stack(list(mses.values())).mean()
-            copy_last = torch.stack(list(bases.values())).mean()
-        else:
-            # Nothing supervised: a zero that still reaches every predictor parameter (DDP waits otherwise).
-            mse = sum(p.sum() for p in self.predictor.parameters()) * 0.0
-            copy_last = mse.detach().clone()
-        loss = weight * mse
+            if sq is None:
+                if zero is None:  # a zero that still reaches every predictor parameter (DDP waits otherwise)
+                    zero = sum(p.sum() for p in self.predictor.parameters()).float() * 0.0
+                sq, base = zero, zero.detach()
+            terms[name] = LossTerm(total=sq / dim, count=torch.tensor(count, device=sq.device),
+                                   baseline=base.detach() / dim)
+        own = {name: term.count for name, term in terms.items()}
+        mse = autoregressive_mean(terms, own)
+        loss = self.config.loss_weight * mse
         if not return_output:
             return loss
-        fast = slow = None
-        if self.config.use_fast_slow_frames:
-            zero = torch.zeros((), device=mse.device)
-            fast = (weight * mses["fast"]).detach() if "fast" in mses else zero
-            slow = (weight * mses["slow"]).detach() if "slow" in mses else zero
-        return AutoregressiveLossOutput(loss=loss, mse=mse.detach(), copy_last_mse=copy_last, fast_loss=fast,
-                                        slow_loss=slow, num_targets=num_targets)
+        weight = self.config.loss_weight
+        streams = {name: (weight * t.total / t.count.clamp(min=1)).detach() for name, t in terms.items()}
+        return AutoregressiveLossOutput(
+            loss=loss, mse=mse.detach(), copy_last_mse=autoregressive_mean(terms, own, baseline=True),
+            fast_loss=streams.get("fast"), slow_loss=streams.get("slow"),
+            num_targets=sum(count for _, _, count in results.values()), terms=terms)
 
 
 def create_autoregressive_reconstruction_module(

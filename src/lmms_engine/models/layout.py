@@ -65,8 +65,19 @@ class VideoLayoutConfig:
         """Slow frames are pooled at the stride; fast frames (faster video only) at twice it."""
         return not self.add_faster_video or frame_index % self.faster_token_stride == 0
 
+    @property
+    def fast_pool_stride(self) -> int:
+        """Pool stride of fast frames (faster video): twice ``mm_spatial_pool_stride`` (LLaVA-Video)."""
+        return 2 * self.mm_spatial_pool_stride
+
     def frame_stride(self, frame_index: int) -> int:
-        return self.mm_spatial_pool_stride * (1 if self.is_slow_frame(frame_index) else 2)
+        return self.mm_spatial_pool_stride if self.is_slow_frame(frame_index) else self.fast_pool_stride
+
+    def uniform_grid_side(self, patch_side: int) -> int:
+        """The one grid every frame can be pooled to: the fast frames' with faster video, else the grid
+        of every frame (the autoregressive predictor's grid)."""
+        stride = self.fast_pool_stride if self.add_faster_video else self.mm_spatial_pool_stride
+        return pooled_side(patch_side, stride, self.mm_spatial_pool_mode)
 
     def frame_grid_side(self, patch_side: int, frame_index: int) -> int:
         """Pooled grid side of frame ``frame_index`` for a tower with ``patch_side x patch_side`` patches."""

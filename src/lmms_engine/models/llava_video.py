@@ -27,6 +27,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
 from lmms_engine.models.layout import (
     ROLE_FASTER,
     ROLE_NEWLINE,
@@ -74,12 +75,18 @@ class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
     """Outputs of :class:`LlavaVideoForConditionalGeneration`.
 
     Attributes (beyond the HF causal-LM outputs):
-        loss: the total loss (language model + weighted autoregressive loss). With ``num_items_in_batch``
-            it is scaled like HF's loss: ``total_loss * n_label_tokens_here / num_items_in_batch``.
-        loss_components: detached scalars, each a mean over this batch: ``main_loss``, ``total_loss``
-            and, with the autoregressive module, ``autoregressive_loss`` (weighted), ``ar_mse``,
-            ``ar_copy_last_mse`` and ``ar_fast_loss``/``ar_slow_loss`` when fast/slow is on;
-            ``main_loss + autoregressive_loss == total_loss``.
+        loss: this batch's objective under its own counts: the token mean of the language-model loss
+            plus ``loss_weight`` times the autoregressive term's mean over its supervised target tokens
+            (:meth:`~lmms_engine.models.loss_terms.LossTerms.objective`). Training with several
+            micro-batches or ranks normalises ``loss_terms`` over the whole step instead (the trainer).
+        loss_terms: the raw sums and counts (:class:`~lmms_engine.models.loss_terms.LossTerms`): LM
+            token-loss sum and label-token count, and per autoregressive stream the squared-error sum
+            and supervised-target-token count.
+        loss_components: detached values of this batch alone, from ``loss_terms``: ``main_loss``,
+            ``total_loss`` and, with the autoregressive module, ``autoregressive_loss`` (weighted),
+            ``ar_mse``, ``ar_copy_last_mse`` and ``ar_fast_loss``/``ar_slow_loss`` when fast/slow is on
+            (NaN for a metric without targets in the batch); ``main_loss + autoregressive_loss ==
+            total_loss``.
         video_token_layout: where each frame's tokens sit in the sequences (packed rows: one entry per
             video, positions flat in the ``R * L`` tokens; see ``forward``'s ``video_row``).
         vision_features: ``[B, T, P, D_vision]`` (packed rows: ``[V, T, P, D_vision]``) detached tower
@@ -87,6 +94,7 @@ class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
             frames); only when the autoregressive module reuses them (shared target encoder), else None.
     """
 
+    loss_terms: LossTerms | None = None
     loss_components: dict[str, torch.Tensor] | None = None
     video_token_layout: VideoTokenLayout | None = None
     vision_features: torch.Tensor | None = None
@@ -119,6 +127,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
     Always frozen: the vision tower's ``post_layernorm`` and ``head`` (the LLM reads hidden states
     before them; DDP rejects parameters that never get a gradient).
     """
+
+    #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -398,7 +409,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
 
         slow_side = layout_cfg.frame_grid_side(side, 0)
         slow_stride = layout_cfg.mm_spatial_pool_stride
-        fast_stride = 2 * slow_stride
+        fast_stride = layout_cfg.fast_pool_stride
         fast_side = pooled_side(side, fast_stride, layout_cfg.mm_spatial_pool_mode) \
             if layout_cfg.add_faster_video else 0
         slow_pos = torch.full((batch, max_frames, slow_side * slow_side), -1, dtype=torch.long, device=device)
@@ -537,6 +548,22 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             zero = zero + self.faster_token.sum()
         return inputs_embeds + (zero * 0.0).to(inputs_embeds.dtype)
 
+    # ------------------------------------------------------------------ loss units
+    def count_loss_units(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Units of the loss terms ``forward`` will return for ``batch`` (a collated batch with
+        ``labels``), counted without running anything: label tokens after the shift and, with the
+        autoregressive module, supervised target tokens per stream (from ``video_num_frames``). Keys as
+        :meth:`~lmms_engine.models.loss_terms.LossTerms.counts`; the trainer sums them over a step."""
+        labels = batch["labels"]
+        module = getattr(self, "autoregressive_module", None)
+        autoregressive: dict[str, int] = {}
+        if module is not None:
+            num_frames, _, _ = self._videos_of_batch(labels.shape[0], batch.get("pixel_values_videos"),
+                                                     batch.get("video_num_frames"), batch.get("video_row"))
+            side = self.video_layout.uniform_grid_side(self.patch_side)
+            autoregressive = module.supervised_target_counts([n for n in num_frames if n], side * side)
+        return unit_counts(label_token_count(labels), autoregressive)
+
     # ------------------------------------------------------------------ forward
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -554,9 +581,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: int | torch.Tensor | None = None,
         video_row: torch.LongTensor | None = None,
-        num_videos_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> LlavaVideoCausalLMOutput:
         """Forward on a collated batch.
@@ -571,10 +596,6 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 past ``video_num_frames``; None when no sample has a video.
             video_num_frames: ``[B]`` real frames per sample (0 = no video); None = all ``T``.
             pixel_values, image_sizes: LLaVA-OneVision image inputs, handled as transformers does.
-            num_items_in_batch: label tokens of the whole (accumulated, global) batch, as the HF
-                Trainer passes it; the LM loss is then a sum over tokens divided by it and the
-                autoregressive term is scaled by this batch's share of those tokens (unless
-                ``num_videos_in_batch`` is given).
             video_row: ``[V]`` packed batches only: the row of each video. ``pixel_values_videos`` is
                 then ``[V, T, 3, H, W]`` and ``video_num_frames`` ``[V]``; pass ``position_ids`` ``[R, L]``
                 restarting at 0 for each sample and no ``attention_mask``: transformers then masks
@@ -582,15 +603,16 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 per video, positions flat in the ``R * L`` tokens (``row * L + column``), and
                 ``separator_mask`` ``[R, L]``; ``vision_features`` are ``[V, T, P, D_vision]``.
                 Absent: video ``b`` belongs to row ``b``, at most one per row.
-            num_videos_in_batch: videos of at least 2 frames in the whole (accumulated, global) batch, as
-                ``AutoregressiveTrainer`` passes it; the autoregressive term (a mean over this batch's
-                videos) is then scaled by this batch's share of them, so each step averages it over its
-                videos however they are split into ranks and micro-batches.
             logits_to_keep, cache, use_cache, position_ids, inputs_embeds: as in transformers.
 
         Returns:
-            :class:`LlavaVideoCausalLMOutput`.
+            :class:`LlavaVideoCausalLMOutput`; with ``labels``, ``loss_terms`` holds the raw sums and counts
+            of the loss contract (:mod:`lmms_engine.models.loss_terms`) and ``loss`` their normalisation
+            by this batch's own counts. Nothing is scaled for gradient accumulation or ranks here.
         """
+        if "num_items_in_batch" in kwargs:
+            raise TypeError("num_items_in_batch is not taken: the forward returns raw loss sums and counts "
+                            "(output.loss_terms); normalise them over the step with LossTerms.objective(units)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is None and (pixel_values_videos is not None or pixel_values is not None):
@@ -629,41 +651,18 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        loss = None
-        components: dict[str, torch.Tensor] | None = None
+        loss = terms = components = None
         if labels is not None:
-            main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
-            share = None
-            main_mean = main
-            if num_items_in_batch is not None:
-                # HF's loss is sum / num_items_in_batch; report the per-batch mean, scale the AR term alike.
-                local_items = (labels[..., 1:] != -100).sum().to(main.device, main.dtype)
-                total_items = torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype)
-                share = local_items / total_items
-                main_mean = main * total_items / local_items.clamp(min=1)
-            loss = main
-            components = {"main_loss": main_mean.detach()}
-            total_mean = main_mean
+            ar_terms: dict[str, LossTerm] = {}
             if module is not None:
                 if layout is None:
                     raise ValueError("the autoregressive loss needs input_ids to locate the video tokens")
-                ar = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout,
-                                                 packed=video_row is not None)
-                ar_loss = ar.loss.to(main.dtype)
-                if num_videos_in_batch is not None:
-                    share = autoregressive_videos(video_num_frames, pixel_values_videos).to(main.device, main.dtype) \
-                        / torch.as_tensor(num_videos_in_batch, device=main.device, dtype=main.dtype).clamp(min=1)
-                loss = loss + (ar_loss if share is None else ar_loss * share)
-                total_mean = total_mean + ar_loss
-                components["autoregressive_loss"] = ar_loss.detach()
-                components["ar_mse"] = _detached(ar.mse)
-                components["ar_copy_last_mse"] = _detached(ar.copy_last_mse)
-                if ar.fast_loss is not None:
-                    components["ar_fast_loss"] = _detached(ar.fast_loss)
-                if ar.slow_loss is not None:
-                    components["ar_slow_loss"] = _detached(ar.slow_loss)
-            components["total_loss"] = total_mean.detach()
+                ar_terms = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features,
+                                                       layout, packed=video_row is not None).terms
+            terms = LossTerms(language_model=token_loss_sum(logits, labels), autoregressive=ar_terms,
+                              autoregressive_weight=module.loss_weight if module is not None else 0.0)
+            loss = terms.objective()
+            components = terms.components()
 
         return LlavaVideoCausalLMOutput(
             loss=loss,
@@ -671,19 +670,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             cache=outputs.cache if hasattr(outputs, "cache") else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            loss_terms=terms,
             loss_components=components,
             video_token_layout=layout,
             vision_features=vision_features,
         )
-
-
-def autoregressive_videos(video_num_frames: torch.Tensor | None, pixel_values_videos: torch.Tensor | None) -> torch.Tensor:
-    """How many videos of a batch the autoregressive loss supervises (those with at least 2 frames)."""
-    if pixel_values_videos is None:
-        return torch.zeros((), dtype=torch.long)
-    if video_num_frames is None:
-        return torch.tensor(pixel_values_videos.shape[0] if pixel_values_videos.shape[1] >= 2 else 0)
-    return (video_num_frames >= 2).sum()
 
 
 def _with_one_absent_frame(layout: VideoTokenLayout, batch: int) -> VideoTokenLayout:
@@ -742,12 +733,6 @@ def _video_spans(hidden_states: torch.Tensor, layout: VideoTokenLayout) -> tuple
         return dataclasses.replace(index, positions=local)
 
     return spans, dataclasses.replace(layout, slow=shift(layout.slow), fast=shift(layout.fast))
-
-
-def _detached(value: torch.Tensor | float | None) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    return torch.tensor(float("nan") if value is None else float(value))
 
 
 def _vision_feature_size(config: Any) -> int:

@@ -4,13 +4,17 @@ Everything the HF Trainer does (DDP / FSDP / DeepSpeed through accelerate, gradi
 mixed precision, checkpoints and resume, ``report_to``, the progress bar) is inherited unchanged. What
 this class adds:
 
-- **Loss components.** The model's forward returns ``.loss`` (the total, what is back-propagated) and
-  ``.loss_components`` (detached per-batch means: ``main_loss``, ``autoregressive_loss``,
-  ``total_loss``, and ``ar_mse``, ``ar_copy_last_mse``, ``ar_fast_loss``, ``ar_slow_loss`` where the
-  module reports them). Every component is logged, averaged over the logging window with the weights
-  of the objective (see :mod:`lmms_engine.train.loss_window`), correct under gradient accumulation and
-  summed over ranks at logging time. Logged ``total_loss`` equals HF's ``loss``, and
-  ``main_loss + autoregressive_loss == total_loss`` per logged step (to float rounding).
+- **The loss contract** (:mod:`lmms_engine.models.loss_terms`). A model that returns ``loss_terms``
+  (raw sums and counts) and implements ``count_loss_units`` is trained on one objective per
+  optimisation step: the step's units are counted before its first forward (all micro-batches,
+  all-reduced over ranks) and each term is divided by them here, and only here, then weighted. The
+  step's gradient does not depend on how its samples are split into micro-batches and ranks. Other
+  models get HF's own loss.
+- **Loss components.** ``main_loss``, ``autoregressive_loss``, ``total_loss`` (means over the logging
+  window's steps of the step's objective parts: logged ``total_loss`` equals HF's ``loss`` and
+  ``main_loss + autoregressive_loss == total_loss``) and the reconstruction metrics ``ar_mse``,
+  ``ar_copy_last_mse``, ``ar_fast_loss``, ``ar_slow_loss`` (averaged over the steps that had targets),
+  summed over ranks at logging time (:mod:`lmms_engine.train.loss_window`).
 - **enable_autoregressive.** ``True`` requires the model to carry ``autoregressive_module``.
   ``False`` trains plain SFT through the same code path: a model built with the module has it removed
   before the optimiser and the DDP wrapper are created (warning logged), so the run has no
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +43,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lmms_engine.models.loss_terms import METRIC_NAMES, OBJECTIVE_NAMES, SupportsLossTerms
 from lmms_engine.train.callbacks import JsonlLogCallback, LossPlotCallback, NothingLoggedWarningCallback
 from lmms_engine.train.checkpointing import (
     load_checkpoint_weights,
@@ -51,12 +57,16 @@ from lmms_engine.train.throughput import add_throughput_logging
 logger = logging.getLogger(__name__)
 
 AR_MODULE_ATTR = "autoregressive_module"
-#: Model keyword with the step's number of videos the autoregressive loss supervises (all micro-batches, ranks).
-AR_VIDEOS_KWARG = "num_videos_in_batch"
-IGNORE_INDEX = -100
 #: Components in the order they are logged (any others follow, sorted).
-COMPONENT_ORDER: tuple[str, ...] = ("main_loss", "autoregressive_loss", "total_loss", "ar_mse",
-                                    "ar_copy_last_mse", "ar_fast_loss", "ar_slow_loss")
+COMPONENT_ORDER: tuple[str, ...] = OBJECTIVE_NAMES + METRIC_NAMES
+
+
+@dataclass(frozen=True)
+class StepUnits:
+    """Unit counts of every loss term over one optimisation step (all micro-batches and ranks)."""
+
+    units: dict[str, torch.Tensor]
+    micro_batches: int
 
 
 def _ordered(values: dict[str, float]) -> dict[str, float]:
@@ -109,6 +119,12 @@ class AutoregressiveTrainer(Trainer):
                 f"{self.args.device.type!r} ({self.accelerator.distributed_type}); FSDP through the Trainer "
                 "needs GPUs (or another accelerator): remove fsdp/fsdp_config to train with DDP"
             )
+        self._step_units: StepUnits | None = None
+        if self._model_counts_units():
+            if self.args.label_smoothing_factor:
+                raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with "
+                                 f"{type(self.model).__name__}, whose loss terms the trainer normalises: set it to 0")
+            self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
         add_throughput_logging(self)
         self.add_callback(NothingLoggedWarningCallback())
         if log_file:
@@ -140,72 +156,26 @@ class AutoregressiveTrainer(Trainer):
         )
 
     # ------------------------------------------------------------------ loss
-    def _label_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        """Label tokens the loss averages over (shifted labels for causal LMs, as HF counts them)."""
-        counted = labels[..., 1:] if self._loss_shifts_labels else labels
-        return (counted != IGNORE_INDEX).sum()
-
-    def _micro_batch_share(self, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor | float:
-        """This micro-batch's weight in the step's objective; shares of all ranks sum to 1 per step."""
-        world = max(self.args.world_size, 1)
-        labels = inputs.get("labels")
-        if num_items_in_batch is not None and isinstance(labels, torch.Tensor):
-            share = self._label_tokens(labels).float() / torch.as_tensor(
-                num_items_in_batch, dtype=torch.float32, device=labels.device).clamp(min=1)
-            # num_items_in_batch counts every rank's tokens only when averaging across devices.
-            if not (self.args.average_tokens_across_devices and world > 1):
-                share = share / world
-            return share
-        return 1.0 / (max(getattr(self, "current_gradient_accumulation_steps", 1), 1) * world)
+    def _model_counts_units(self) -> bool:
+        return isinstance(self.model, SupportsLossTerms)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
-        """HF's micro-batches of one step and their label-token count; with the autoregressive loss, each
-        micro-batch also gets the step's number of videos it supervises (all micro-batches and ranks) as
-        ``num_videos_in_batch``, so the model averages that term over the step's videos however they are
-        split into ranks and micro-batches (weighted by label tokens, a text-only rank would dilute the
-        video ranks' term)."""
+        """HF's micro-batches of one optimisation step; for a model of the loss contract, also the step's
+        unit counts of every loss term (all micro-batches, summed over ranks), counted before the step's
+        first forward, as HF counts ``num_items_in_batch``."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        world = max(self.args.world_size, 1)
-        if not (self.enable_autoregressive and batch_samples and (world == 1 or self.args.average_tokens_across_devices)
-                and all(isinstance(b, dict) and "video_num_frames" in b for b in batch_samples)):
-            return batch_samples, num_items_in_batch
-        from lmms_engine.models.llava_video import autoregressive_videos
-
-        videos = sum(autoregressive_videos(b["video_num_frames"], b.get("pixel_values_videos")) for b in batch_samples)
-        videos = torch.as_tensor(videos, device=device)
-        if world > 1:
-            videos = self.accelerator.gather(videos).sum()
-        videos = int(videos)
-        if videos:  # none: the autoregressive term is an exact zero, weighted as the language-model loss
+        self._step_units = None
+        if self._model_counts_units() and batch_samples and all("labels" in b for b in batch_samples):
+            totals: dict[str, torch.Tensor] = {}
             for batch in batch_samples:
-                batch[AR_VIDEOS_KWARG] = videos
+                for key, count in self.model.count_loss_units(batch).items():
+                    totals[key] = totals.get(key, 0) + count.to(device)
+            keys = sorted(totals)
+            stacked = torch.stack([totals[k].to(torch.int64) for k in keys])
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.reduce(stacked, reduction="sum")
+            self._step_units = StepUnits(dict(zip(keys, stacked.unbind(0))), len(batch_samples))
         return batch_samples, num_items_in_batch
-
-    def _video_share(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """This micro-batch's share of the step's supervised videos (None without ``num_videos_in_batch``)."""
-        total = inputs.get(AR_VIDEOS_KWARG)
-        if total is None:
-            return None
-        from lmms_engine.models.llava_video import autoregressive_videos
-
-        return autoregressive_videos(inputs.get("video_num_frames"), inputs.get("pixel_values_videos")).float() / total
-
-    def _components(self, outputs: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> dict[str, torch.Tensor]:
-        """The model's ``loss_components``; for a model without them, its loss as main = total."""
-        components = outputs.get("loss_components") if isinstance(outputs, dict) else \
-            getattr(outputs, "loss_components", None)
-        if components:
-            return dict(components)
-        raw = outputs.get("loss") if isinstance(outputs, dict) else None
-        if raw is None:
-            return {}
-        raw = raw.detach()
-        labels = inputs.get("labels")
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and isinstance(labels, torch.Tensor):
-            # HF's loss is sum / num_items_in_batch; the per-batch mean is sum / local tokens.
-            raw = raw * torch.as_tensor(num_items_in_batch, dtype=raw.dtype, device=raw.device) \
-                / self._label_tokens(labels).clamp(min=1).to(raw.dtype)
-        return {"main_loss": raw, "total_loss": raw}
 
     def compute_loss(
         self,
@@ -214,26 +184,42 @@ class AutoregressiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """HF's loss (``outputs.loss``, the total), plus recording of ``outputs.loss_components``."""
-        training = model.training
-        if training:
-            weight: torch.Tensor | float = self._micro_batch_share(inputs, num_items_in_batch)
-        else:
-            ids = inputs.get("input_ids")
-            weight = float(ids.shape[0]) if isinstance(ids, torch.Tensor) else 1.0  # HF weighs eval by samples
-        visible = dict(inputs)  # HF may pop labels (label smoothing); keep them for the share above
-        loss, outputs = super().compute_loss(model, visible, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        components = self._components(outputs, inputs, num_items_in_batch)
-        if components and training and "autoregressive_loss" in components:
-            # Each term weighted by its own share of the step: logged total_loss is main + autoregressive.
-            video_share = self._video_share(inputs)
-            autoregressive = {k: v for k, v in components.items() if k == "autoregressive_loss" or k.startswith("ar_")}
-            self._train_window.add(autoregressive, weight if video_share is None else video_share)
-            self._train_window.add({k: v for k, v in components.items()
-                                    if k not in autoregressive and k != "total_loss"}, weight)
-        elif components:
-            (self._train_window if training else self._eval_window).add(components, weight)
+        """The step's objective from the model's ``loss_terms``, and the logged components.
+
+        In training each term is normalised by its units over the whole optimisation step (counted in
+        :meth:`get_batch_samples`) and multiplied by the number of processes, which the gradient
+        averaging of DDP / FSDP divides out again: the step's gradient is that of the objective over
+        all its micro-batches and ranks however they split it. In evaluation a batch is normalised by
+        its own counts. Models without ``count_loss_units`` get HF's loss unchanged.
+        """
+        if not self._model_counts_units():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        terms = outputs["loss_terms"] if isinstance(outputs, dict) else outputs.loss_terms
+        if terms is None:
+            raise ValueError("the model returned no loss_terms: the batch needs labels")
+        step = self._step_units if model.training else None
+        if step is None:
+            if model.training:  # a micro-batch outside HF's loop: treat it as its own step
+                step = StepUnits(terms.counts(), 1)
+            else:
+                ids = inputs.get("input_ids")
+                samples = float(ids.shape[0]) if isinstance(ids, torch.Tensor) else 1.0  # HF weighs eval by samples
+                self._eval_window.add(terms.components(), samples)
+                loss = terms.objective()
+                return (loss, outputs) if return_outputs else loss
+        world = self.accelerator.num_processes
+        parts = terms.parts(step.units)
+        loss = (parts["main_loss"] + parts["autoregressive_loss"]) * world
+        share = 1.0 / (step.micro_batches * world)  # every step weighs 1 in the logging window
+        logged = {"main_loss": parts["main_loss"], "total_loss": parts["main_loss"] + parts["autoregressive_loss"]}
+        if terms.autoregressive:
+            logged["autoregressive_loss"] = parts["autoregressive_loss"]
+        for name, value in logged.items():
+            self._train_window.add_sum(name, value, share)
+        for name, (value, weight) in terms.metric_parts(step.units).items():
+            self._train_window.add_sum(name, value, weight)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,11 +1,11 @@
 """Averaging named loss components over a logging window, across gradient accumulation and ranks.
 
-Each micro-batch contributes its per-batch means (``loss_components``) with a weight: its share of the
-optimisation step's objective. Under HF's token-normalised loss (``num_items_in_batch``) the share of a
-micro-batch is ``its label tokens / label tokens of the whole step (all micro-batches, all ranks)``;
-otherwise every micro-batch of every rank has the same share. Within one step the shares of all ranks
-sum to 1, so ``sum(value * share) / sum(share)`` over a window is the mean over its steps of exactly
-the quantity the optimiser minimised (the same number HF logs as ``loss`` for the total). Values stay
+Each micro-batch adds, per component, a weighted sum and a weight (``add_sum``; ``add`` takes a mean and
+multiplies it by the weight). In training the trainer adds each micro-batch's share of the step's value
+(its loss terms normalised by the step's units, see :mod:`lmms_engine.models.loss_terms`) with weight
+``1 / (micro-batches x ranks)``, so the window holds the mean over its steps of exactly the quantity
+the optimiser minimised (the same number HF logs as ``loss`` for the total); reconstruction metrics
+are weighted by their share of the step's targets, so steps without targets do not count. Values stay
 on the device until logging time: no host sync per step.
 """
 
@@ -39,14 +39,24 @@ class LossWindow:
             value = value.reshape(())
             w = torch.as_tensor(weight, dtype=torch.float32, device=value.device).detach().reshape(())
             finite = torch.isfinite(value)
-            contribution = torch.where(finite, value * w, torch.zeros_like(value))
-            counted = torch.where(finite, w, torch.zeros_like(w))
-            if name in self._sums:
-                self._sums[name] = self._sums[name] + contribution
-                self._weights[name] = self._weights[name] + counted
-            else:
-                self._sums[name] = contribution
-                self._weights[name] = counted
+            self._accumulate(name, torch.where(finite, value * w, torch.zeros_like(value)),
+                             torch.where(finite, w, torch.zeros_like(w)))
+
+    def add_sum(self, name: str, value: torch.Tensor | float, weight: torch.Tensor | float) -> None:
+        """Add ``value`` (already weighted: this micro-batch's share of a step's value) and its ``weight``."""
+        value = torch.as_tensor(value).detach().float().reshape(())
+        w = torch.as_tensor(weight, dtype=torch.float32, device=value.device).detach().reshape(())
+        finite = torch.isfinite(value)
+        self._accumulate(name, torch.where(finite, value, torch.zeros_like(value)),
+                         torch.where(finite, w, torch.zeros_like(w)))
+
+    def _accumulate(self, name: str, contribution: torch.Tensor, counted: torch.Tensor) -> None:
+        if name in self._sums:
+            self._sums[name] = self._sums[name] + contribution
+            self._weights[name] = self._weights[name] + counted
+        else:
+            self._sums[name] = contribution
+            self._weights[name] = counted
 
     def reset(self) -> None:
         self._sums.clear()

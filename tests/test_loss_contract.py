@@ -1,0 +1,102 @@
+"""The loss contract: one optimisation step's objective does not depend on how its samples are split.
+
+The real trainer takes the same two steps (videos of 6 and 3 frames; a text-only sample and a 4-frame
+video; autoregressive loss_weight 1.0) as batch 2, as 2 micro-batches of 1 (gradient accumulation) and
+as 2 ranks x batch 1 (torchrun, gloo). The gradients before each optimiser step must agree, and the
+logged components must satisfy main + autoregressive == total == HF's loss in every split.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loss_contract_run import AUTOREGRESSIVE, FRAMES, run, samples
+from train_support import free_port
+
+TESTS = Path(__file__).resolve().parent
+TIMEOUT_S = 180
+
+
+def _result(folder: Path) -> dict:
+    return torch.load(folder / "result.pt")
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """{split name: result}; the 2-rank run starts first and overlaps the single-process runs."""
+    ranks_out = tmp_path_factory.mktemp("ranks")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(TESTS / "loss_contract_run.py"), str(ranks_out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    results = {}
+    for name, batch, accumulation in (("batch 2", 2, 1), ("2 x batch 1", 1, 2)):
+        out = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        run(batch, accumulation, out)
+        results[name] = _result(out)
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        stderr = f"no result within {TIMEOUT_S} s (a rank hangs?)"
+    assert (ranks_out / "result.pt").is_file(), stderr[-3000:]
+    results["2 ranks x batch 1"] = _result(ranks_out)
+    return results
+
+
+def test_the_data_mixes_unequal_videos_and_a_text_only_sample():
+    assert FRAMES[0] != FRAMES[1] and 0 in FRAMES and AUTOREGRESSIVE["loss_weight"] == 1.0
+
+
+@pytest.mark.parametrize("split", ["2 x batch 1", "2 ranks x batch 1"])
+def test_step_gradients_do_not_depend_on_the_split(splits, split):
+    reference, other = splits["batch 2"]["grads"], splits[split]["grads"]
+    assert len(reference) == len(other) == 2
+    for step, (want, got) in enumerate(zip(reference, other), start=1):
+        assert want.keys() == got.keys()
+        assert any(k.startswith("autoregressive_module.") for k in want)
+        for name in want:
+            scale = float(want[name].abs().max())
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * scale + 1e-12,
+                                       msg=lambda m, n=name, s=step: f"step {s}, {n}: {m}")
+
+
+@pytest.mark.parametrize("split", ["batch 2", "2 x batch 1", "2 ranks x batch 1"])
+def test_logged_components_add_up_to_the_trainers_loss(splits, split):
+    logs = splits[split]["logs"]
+    assert [e["step"] for e in logs] == [1, 2]
+    for entry, want in zip(logs, splits["batch 2"]["logs"]):
+        assert entry["main_loss"] + entry["autoregressive_loss"] == pytest.approx(entry["total_loss"], rel=1e-6)
+        assert entry["total_loss"] == pytest.approx(entry["loss"], rel=1e-5)
+        for key in ("main_loss", "autoregressive_loss", "ar_mse", "ar_copy_last_mse"):
+            assert entry[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_step_objective_is_the_token_mean_of_both_terms(splits):
+    """The logged step values equal the raw sums of the four samples, each term divided by its units."""
+    from transformers import set_seed
+
+    from lmms_engine.models.builder import build_model
+
+    set_seed(0)
+    model = build_model({"enable_autoregressive": True, "autoregressive_config": AUTOREGRESSIVE})
+    data = samples(model)
+    with torch.no_grad():
+        terms = [model(**{k: v[None] for k, v in s.items()}).loss_terms for s in data]
+    for step, entry in enumerate(splits["batch 2"]["logs"]):
+        pair = terms[2 * step: 2 * step + 2]
+        lm = sum(float(t.language_model.total) for t in pair) / sum(int(t.language_model.count) for t in pair)
+        ar_count = sum(int(t.autoregressive["all"].count) for t in pair)
+        ar = sum(float(t.autoregressive["all"].total) for t in pair) / ar_count
+        assert ar_count > 0 and all(int(t.autoregressive["all"].count) != int(pair[0].autoregressive["all"].count)
+                                    for t in pair[1:])
+        assert entry["main_loss"] == pytest.approx(lm, rel=1e-5)
+        assert entry["autoregressive_loss"] == pytest.approx(AUTOREGRESSIVE["loss_weight"] * ar, rel=1e-5)
