@@ -134,3 +134,27 @@ def test_loads_transformers_checkpoint_in_hub_format(tmp_path: Path) -> None:
     assert all(torch.equal(value, expected[key]) for key, value in faster.state_dict().items() if key != "faster_token")
     token = faster.faster_token.detach()  # new parameter: initialised like image_newline (std 1/sqrt(64))
     assert torch.isfinite(token).all() and 0.06 < float(token.std()) < 0.25
+
+
+@pytest.mark.parametrize("target_encoder", ["shared", "copy"])
+def test_bf16_model_reloads_its_float32_predictor_exactly(tmp_path: Path, target_encoder: str) -> None:
+    """A bf16 model's predictor is float32 (attached after the bf16 model exists); every reload route
+    gives back exactly the saved tensors and dtypes, so a resumed run trains at the fresh run's precision."""
+    config = {"torch_dtype": "bfloat16", "enable_autoregressive": True, "freeze_vision_tower": target_encoder == "shared",
+              "autoregressive_config": {**AR_SMALL, "target_encoder": target_encoder}}
+    torch.manual_seed(0)
+    model = build_model(config)
+    assert {p.dtype for p in model.autoregressive_module.predictor.parameters()} == {torch.float32}
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        saved = {k: weights.get_tensor(k) for k in weights.keys()}
+    assert {v.dtype for k, v in saved.items() if ".predictor." in k} == {torch.float32}
+    reloads = [build_model({**config, "model_name_or_path": str(tmp_path), "torch_dtype": dtype})
+               for dtype in ("bfloat16", "auto")]
+    reloads.append(LlavaVideoForConditionalGeneration.from_pretrained(tmp_path))
+    for reloaded in reloads:
+        state = reloaded.state_dict()
+        assert state.keys() == saved.keys()
+        for key, value in saved.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key

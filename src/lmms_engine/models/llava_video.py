@@ -130,6 +130,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
 
     #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
     accepts_loss_kwargs = False
+    #: The autoregressive predictor keeps float32 weights in a half-precision model: it is created in
+    #: float32 beside a bf16/fp16 model, so a reload must not round it (transformers' load-time rule).
+    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor"]
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
