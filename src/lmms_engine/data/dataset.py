@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,10 +271,12 @@ class VideoSFTDataset(Dataset):
                 return self._load(j)
             except _SampleFailure as failure:
                 message = f"{self.records[j].where}: {failure}"
-                if self.config.on_bad_record == "raise" and failure.reason != "too_long":
-                    raise BadRecordError(failure.reason, self.records[j].where, str(failure)) from failure
+                # Recorded also when it stops the run: the report written then lists it (the table is
+                # shared memory, so this holds when a DataLoader worker found it too).
                 self._failed[j] = _REASONS.index(failure.reason) + 1
                 self._failure_messages[j] = message
+                if self.config.on_bad_record == "raise" and failure.reason != "too_long":
+                    raise BadRecordError(failure.reason, self.records[j].where, str(failure)) from failure
                 logger.warning("skipping %s [%s]", message, failure.reason)
                 if failure.reason != "too_long":
                     self._check_bad_budget()
@@ -464,7 +467,15 @@ class VideoSFTDataset(Dataset):
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.bad_record_report().to_dict(), indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(self.bad_record_report().to_dict(), indent=2) + "\n"
+        # Written beside it, then renamed: a failed write (a full disk) never leaves a truncated report.
+        staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            staged.write_text(text, encoding="utf-8")
+            os.replace(staged, path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         return path
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -69,14 +70,32 @@ _OPENAI_ROLES = ("system", "user", "assistant")
 _VIDEO_KEYS = ("video", "video_start", "video_end")
 
 
-class BadRecordError(ValueError):
-    """A record that cannot be used. ``reason`` is a key of :data:`BAD_RECORD_REASONS`."""
+_MESSAGE = re.compile(r"^(?P<where>.*?: record \d+(?: \(line \d+\))?): (?P<detail>.*) \[(?P<reason>\w+)\]$", re.S)
 
-    def __init__(self, reason: str, where: str, detail: str) -> None:
-        super().__init__(f"{where}: {detail} [{reason}]")
+
+class BadRecordError(ValueError):
+    """A record that cannot be used. ``reason`` is a key of :data:`BAD_RECORD_REASONS`.
+
+    ``BadRecordError(message)`` (one argument) rebuilds the error from its message or from a text ending
+    with it, as torch's DataLoader does for an error raised in a worker process (it passes the worker's
+    formatted traceback): the reason and the record's location are read back from the last line.
+    """
+
+    def __init__(self, reason: str, where: str | None = None, detail: str | None = None) -> None:
+        if where is None or detail is None:
+            lines = [line for line in reason.strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else reason
+            last = last.split("BadRecordError: ", 1)[-1]
+            match = _MESSAGE.match(last)
+            reason, where, detail = (match["reason"], match["where"], match["detail"]) if match \
+                and match["reason"] in BAD_RECORD_REASONS else ("broken_video", "", last)
+        super().__init__(f"{where}: {detail} [{reason}]" if where else f"{detail} [{reason}]")
         self.reason = reason
         self.where = where
         self.detail = detail
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.reason, self.where, self.detail)
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,48 @@ def finish_distributed() -> None:
         logger.warning("ignoring an error while shutting the process group down: %s", err)
 
 
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _fail(code: int, message: str) -> int:
+    """Report an error and end this process; return ``code`` outside a process group.
+
+    In a multi-process job the other ranks may be waiting in a collective this rank will never join: a
+    barrier or an orderly teardown would wait forever. The process exits at once instead (its peers'
+    collectives then fail on the closed connections, and torchrun stops the job with a non-zero status).
+    """
+    print(message, file=sys.stderr, flush=True)
+    if not _in_process_group():
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _die_with_the_launcher() -> None:
+    """Under torchrun, end this rank when the launcher process dies (even by SIGKILL), so no rank is
+    left running or waiting after its job is gone (Linux; elsewhere nothing is done)."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the launcher is already gone
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lmms_engine.launch.cli`` and of the ``lmms-video`` script."""
     args = build_parser().parse_args(argv)
+    _die_with_the_launcher()
     _setup_logging()
     from lmms_engine.data.records import BadRecordError, DataFileError
     from lmms_engine.launch.config import load_pipeline_config
@@ -147,14 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summaries = run_pipeline(pipeline)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        finish_distributed()
-        return 2
+        return _fail(2, f"config error: {err}")
     except (BadRecordError, DataFileError, BadRecordBudgetError, VideoReadError) as err:
-        # Bad data found while building the dataset: the message names the record, file and cause.
-        print(f"data error: {err}", file=sys.stderr)
-        finish_distributed()
-        return 2
+        # Bad data (while building the dataset, or a record that stopped training under
+        # on_bad_record: raise): the message names the record, file and cause.
+        return _fail(2, f"data error: {err}")
+    except BaseException:
+        if not _in_process_group():
+            raise
+        import traceback
+
+        return _fail(1, traceback.format_exc().rstrip())
     if _rank() == 0:
         for summary in summaries:
             print(summary.describe(), flush=True)

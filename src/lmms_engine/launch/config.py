@@ -361,13 +361,16 @@ def _check_resume(value: Any, where: str) -> str | bool | None:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a checkpoint folder, true (the newest complete checkpoint in "
                           f"output_dir) or null, got {value!r}")
-    from lmms_engine.train.checkpointing import is_complete_checkpoint
+    from lmms_engine.train.checkpointing import checkpoint_problem
 
     if not Path(value).is_dir():
         raise ConfigError(f"{where}: checkpoint folder {value!r} does not exist")
-    if not is_complete_checkpoint(value):
-        raise ConfigError(f"{where}: {value!r} is not a complete checkpoint (a checkpoint-N folder holding "
-                          f"trainer_state.json)")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        hint = (f"; to start a new run from its weights, set model_config.model_name_or_path: {value!r} and no "
+                f"resume_from_checkpoint" if "save_only_model" in problem else "")
+        raise ConfigError(f"{where}: {value!r} is {problem if problem.startswith('not ') else 'unusable: ' + problem}"
+                          f"{hint}")
     return value
 
 

@@ -169,7 +169,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     from lmms_engine.export.processor import build_processing_class
     from lmms_engine.models.builder import build_model
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
-    from lmms_engine.train.checkpointing import last_complete_checkpoint
+    from lmms_engine.train.checkpointing import resumable_checkpoint
 
     args = args if args is not None else block.training_arguments()
     if limit_cpu_threads(args):
@@ -201,7 +201,10 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     )
     resume = block.resume_from_checkpoint
     if resume is True:
-        found = last_complete_checkpoint(args.output_dir)
+        try:  # the newest one that resumes exactly (damaged ones are passed over, saying so)
+            found = resumable_checkpoint(args.output_dir)
+        except ValueError as err:  # weights-only checkpoints
+            raise ConfigError(f"{block.where}.resume_from_checkpoint: {err}") from err
         resume = str(found) if found is not None else None
         if resume is None:
             logger.warning("resume_from_checkpoint: true but %s holds no complete checkpoint: starting fresh",
@@ -220,8 +223,13 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
     trainer = run.trainer
     try:
         trainer.train(resume_from_checkpoint=run.resume)
-    finally:  # also when training stops on an error (e.g. max_bad_fraction exceeded)
-        report = write_data_report(run.train_dataset, trainer.args)
+    except BaseException:  # the report also when training stops on an error (a bad record, a full disk);
+        try:  # a failure to write it must not hide that error
+            write_data_report(run.train_dataset, trainer.args)
+        except OSError as err:
+            logger.error("could not write the data report into %s: %s", trainer.args.output_dir, err)
+        raise
+    report = write_data_report(run.train_dataset, trainer.args)
     trainer.save_model()  # output_dir: weights, config, tokenizer and processor files (processing_class)
     trainer.save_state()
     output_dir = Path(trainer.args.output_dir)

@@ -141,10 +141,14 @@ class MultiScaleVideoFrameLoader:
         target_size: tuple[int, int] | None = None,
         enable_multiscale: bool = False,
         scale_factors: Sequence[float] | None = None,
+        timeout: float | None = None,
         **sampling: object,
     ) -> torch.Tensor | list[torch.Tensor]:
         """The frames of ``load_video`` alone: uint8 RGB ``[T, 3, H, W]``, or a list, one per scale.
 
+        ``timeout``: seconds the read may take, as in ``load_video`` (None = no limit, the default for a
+        direct call; the training dataset reads with ``dataset_config.decode_timeout``, 120 s by
+        default). Past it ``DecodeTimeout`` is raised, also for a read that blocks (a FIFO nobody writes).
         ``**sampling`` takes ``load_video``'s other keywords: ``fps``, ``force_sample``, ``start_time``,
         ``end_time``.
         """
@@ -155,7 +159,8 @@ class MultiScaleVideoFrameLoader:
                             f"valid sampling keywords: {sorted(allowed)}")
         return self.load_video(video_path, max_frames=max_frames, sample_rate=sample_rate,
                                target_size=target_size, enable_multiscale=enable_multiscale,
-                               scale_factors=scale_factors, **sampling).frames  # type: ignore[arg-type]
+                               scale_factors=scale_factors, timeout=timeout,
+                               **sampling).frames  # type: ignore[arg-type]
 
     @staticmethod
     def apply_spatial_pooling(video_features: torch.Tensor, stride: int = 2, mode: str = "average") -> torch.Tensor:

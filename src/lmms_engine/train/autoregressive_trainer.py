@@ -46,6 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lmms_engine.models.loss_terms import METRIC_NAMES, OBJECTIVE_NAMES, SupportsLossTerms
 from lmms_engine.train.callbacks import JsonlLogCallback, LossPlotCallback, NothingLoggedWarningCallback
 from lmms_engine.train.checkpointing import (
+    finished_run,
     load_checkpoint_weights,
     publish_checkpoint,
     remove_stale_staging,
@@ -256,7 +257,24 @@ class AutoregressiveTrainer(Trainer):
         if self.args.should_save:
             for path in remove_stale_staging(self.args.output_dir):
                 logger.warning("removed %s: a checkpoint save that never finished", path)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            done = finished_run(resume_from_checkpoint, self.args)
+            if done is not None:
+                return self._finished(str(resume_from_checkpoint), done)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _finished(self, checkpoint: str, step: int) -> Any:
+        """Resuming a run that already reached its end: train nothing, restore the checkpoint's weights
+        and state (so the final save is of the trained model, also after a kill during the final save)."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        logger.warning("%s: the run already finished (step %d of max_steps %s): nothing to train; raise "
+                       "max_steps or num_train_epochs to train further", checkpoint, step,
+                       self.args.max_steps if self.args.max_steps > 0 else "by epochs")
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
 
     def _plain_weights_load(self) -> bool:
         """Whether weights load with ``load_state_dict`` (no FSDP, DeepSpeed, SageMaker MP or PEFT)."""

@@ -89,6 +89,113 @@ def last_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (header unreadable, or shorter than its header says), or None.
+
+    Reads only the header: the file must be exactly 8 + header length + the largest tensor end offset.
+    """
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes: no safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"{path.name} is truncated ({size} bytes, its header alone claims {length})"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as err:
+        return f"{path.name} cannot be read: {err}"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{path.name} is {size} bytes but its header describes {expected} (truncated or damaged)"
+    return None
+
+
+#: Files (or folders) whose presence shows the optimizer state was saved (plain, FSDP, DeepSpeed).
+_OPTIMIZER_PREFIXES = ("optimizer", "global_step")
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from exactly, or None: not a complete checkpoint, saved with
+    ``save_only_model`` (no optimizer, scheduler or RNG state), or a weights / optimizer file that is
+    truncated (checked from safetensors headers and zip directories; nothing is loaded)."""
+    import json
+    import zipfile
+
+    path = Path(path)
+    if not is_complete_checkpoint(path):
+        return "not a complete checkpoint (a checkpoint-N folder holding trainer_state.json)"
+    names = [p.name for p in path.iterdir()]
+    if not any(name.startswith(_OPTIMIZER_PREFIXES) for name in names):
+        return ("saved with save_only_model: true (weights only: no optimizer, scheduler or RNG state), so an "
+                "exact resume is impossible")
+    weights = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weights += [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError) as err:
+            return f"{index.name} cannot be read: {err}"
+    for file in weights:
+        if not file.is_file():
+            return f"{file.name} (named by {index.name}) is missing"
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zip archives
+        file = path / name
+        if file.is_file() and not zipfile.is_zipfile(file):
+            return f"{name} is truncated or damaged (not a complete torch archive)"
+    return None
+
+
+def resumable_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that can be resumed from exactly, or None when there is none.
+
+    A newer checkpoint that is damaged (truncated weights or optimizer file) is passed over with a
+    warning naming it and why, for the previous complete one. A weights-only checkpoint
+    (``save_only_model``) raises ValueError: falling back past it would silently drop training.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in run_dir.iterdir()
+                    if (m := _CHECKPOINT_RE.match(p.name)) and is_complete_checkpoint(p)), reverse=True)
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if "save_only_model" in problem:
+            raise ValueError(f"{path}: {problem}; to start a new run from its weights, set "
+                             f"model_config.model_name_or_path: {str(path)!r} and no resume_from_checkpoint")
+        logger.warning("not resuming from %s: %s; trying the previous checkpoint", path, problem)
+    return None
+
+
+def finished_run(checkpoint: str | os.PathLike, args: Any) -> int | None:
+    """The checkpoint's step when resuming it under ``args`` would train nothing more, else None.
+
+    Finished: ``max_steps`` > 0 and the checkpoint is at or past it; or, for a run by epochs, the
+    checkpoint ended its run (its step equals its own ``max_steps``) and ``num_train_epochs`` is not raised.
+    (transformers would otherwise train one more step on every resume of a finished run.)
+    """
+    import json
+
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text())
+    step = int(state.get("global_step", 0))
+    if args.max_steps > 0:
+        return step if step >= args.max_steps else None
+    stored_max, stored_epochs = int(state.get("max_steps", 0) or 0), state.get("num_train_epochs")
+    if stored_max and step >= stored_max and stored_epochs is not None and args.num_train_epochs <= stored_epochs:
+        return step
+    return None
+
+
 def _read_safetensors(checkpoint: Path) -> dict | None:
     """The checkpoint's full state dict from ``model.safetensors`` or its sharded index; None otherwise."""
     import json
@@ -144,5 +251,5 @@ def load_checkpoint_weights(model: "Any", checkpoint: str | os.PathLike) -> "Any
     return result
 
 
-__all__ = ["STAGING_PREFIX", "load_checkpoint_weights", "is_complete_checkpoint", "last_complete_checkpoint", "publish_checkpoint",
+__all__ = ["STAGING_PREFIX", "checkpoint_problem", "finished_run", "load_checkpoint_weights", "resumable_checkpoint", "is_complete_checkpoint", "last_complete_checkpoint", "publish_checkpoint",
            "remove_stale_staging", "staging_parent"]
