@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -122,18 +122,28 @@ class FramePredictor(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def position_embedding(self, num_frames: int, pool_stride: int, pool_mode: str) -> torch.Tensor:
-        """``[num_frames, P', dim]`` for frames pooled with ``pool_stride`` / ``pool_mode``."""
-        return spatial_pool(self.pos_embed[:num_frames], pool_stride, pool_mode)
+    def position_embedding(self, num_frames: int, pool_stride: int, pool_mode: str,
+                           grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[num_frames, P', dim]`` for frames pooled with ``pool_stride`` / ``pool_mode``, or, with
+        ``grid = (h, w)`` (towers of variable frame size, e.g. Qwen-VL), the table resized bilinearly
+        to ``h x w`` (``P' = h * w``)."""
+        table = self.pos_embed[:num_frames]
+        if grid is None:
+            return spatial_pool(table, pool_stride, pool_mode)
+        side = self.patch_side
+        square = table.view(num_frames, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(square, size=tuple(grid), mode="bilinear", align_corners=False)
+        return resized.flatten(2).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor, *, pool_stride: int = 1, pool_mode: str = "average",
-                causal: bool = True) -> torch.Tensor:
+                causal: bool = True, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Predict the next frame's embeddings for every input frame.
 
         Args:
             tokens: ``[N, F, P', dim]`` projected hidden states (``input_proj`` output) of ``F`` frames.
             pool_stride, pool_mode: how the ``P'`` grid was pooled from the tower's full grid.
             causal: frame-causal mask (True) or full attention (False).
+            grid: ``(h, w)`` of the ``P' = h * w`` tokens for frames of any size (see ``position_embedding``).
 
         Returns:
             ``[N, F, P', dim]``; position ``f`` predicts frame ``f + 1``.
@@ -141,7 +151,7 @@ class FramePredictor(nn.Module):
         n, frames, patches, dim = tokens.shape
         if not 1 <= frames <= self.pos_embed.shape[0]:
             raise ValueError(f"predictor takes 1..num_hist = {self.pos_embed.shape[0]} frames, got {frames}")
-        pos = self.position_embedding(frames, pool_stride, pool_mode)
+        pos = self.position_embedding(frames, pool_stride, pool_mode, grid)
         if pos.shape[1] != patches:
             raise ValueError(f"predictor got {patches} tokens per frame, but pooling the tower's "
                              f"{self.patch_side}x{self.patch_side} grid with {pool_mode} stride {pool_stride} "
@@ -153,9 +163,18 @@ class FramePredictor(nn.Module):
         return self.norm(x).view(n, frames, patches, dim)
 
 
+#: Side of the predictor's position table for towers of variable frame size (Qwen-VL): resized to each
+#: video's merged grid (``FramePredictor.position_embedding``).
+VARIABLE_GRID_TABLE_SIDE = 16
+
+
 def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
-    """(feature size, patch grid side) of a ViT-style tower from its config."""
+    """(feature size, patch grid side) of a ViT-style tower from its config; towers of variable frame
+    size (a ``spatial_merge_size``, no ``image_size``: Qwen-VL) get :data:`VARIABLE_GRID_TABLE_SIDE`."""
     config = getattr(vision_tower, "config", None)
+    if isinstance(vision_tower, nn.Module) and config is not None and not hasattr(config, "image_size") \
+            and hasattr(config, "spatial_merge_size") and hasattr(config, "hidden_size"):
+        return int(config.hidden_size), VARIABLE_GRID_TABLE_SIDE
     names = ("hidden_size", "image_size", "patch_size")
     if not isinstance(vision_tower, nn.Module) or config is None or not all(hasattr(config, n) for n in names):
         raise TypeError(
@@ -186,7 +205,8 @@ class AutoregressiveReconstructionModule(nn.Module):
     """
 
     def __init__(self, vision_tower: nn.Module, hidden_size: int,
-                 config: Mapping | AutoregressiveConfig | None = None) -> None:
+                 config: Mapping | AutoregressiveConfig | None = None,
+                 encoder_parameters: Callable[[], Iterable[nn.Parameter]] | None = None) -> None:
         super().__init__()
         if not isinstance(config, AutoregressiveConfig):
             config = AutoregressiveConfig.from_dict(config)
@@ -201,9 +221,12 @@ class AutoregressiveReconstructionModule(nn.Module):
         self.config = config
         self.hidden_size = hidden_size
         self.patch_side = patch_side
+        # The parameters that shape the targets (the whole tower unless the model says otherwise, e.g. a
+        # Qwen-VL encoder without its merger): "auto" and the frozen-target checks read these.
+        object.__setattr__(self, "_encoder_parameters", encoder_parameters or vision_tower.parameters)
         mode = config.target_encoder
         if mode == "auto":
-            mode = "copy" if any(p.requires_grad for p in vision_tower.parameters()) else "shared"
+            mode = "copy" if any(p.requires_grad for p in self._encoder_parameters()) else "shared"
         self.target_encoder_mode: str = mode
         # Not registered: the model owns the tower; in copy mode it is the source for re-syncing.
         object.__setattr__(self, "_source_tower", vision_tower)
@@ -353,6 +376,42 @@ class AutoregressiveReconstructionModule(nn.Module):
             results[name] = self._stream_sums(tokens[:, idx], targets[:, idx], valid[:, idx], stride, mode)
         return self._combine(results, return_output)
 
+    def compute_grid_loss(
+        self,
+        videos: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]],
+    ) -> AutoregressiveLossOutput:
+        """The loss over videos of different frame grids (Qwen-VL), as one batch.
+
+        Each entry is ``(frame_hidden [N, T, h*w, hidden_size], targets [N, T, h*w, embedding_dim],
+        valid [N, T], (h, w))``: the LLM's hidden states at each frame's tokens (raster order), their
+        detached targets, which frames are present, and the grid. Windows, streams, masks and the loss
+        are those of :meth:`compute_autoregressive_loss`; squared errors and counts are summed over all
+        entries before the loss is formed. No entry (a text-only batch) gives the exact zero that
+        reaches every predictor parameter.
+        """
+        weight_dtype = self.predictor.input_proj.weight.dtype
+        results: dict[str, tuple] = {}
+        for frame_hidden, targets, valid, grid in videos:
+            if frame_hidden.shape[:3] != targets.shape[:3] or frame_hidden.shape[-1] != self.hidden_size \
+                    or targets.shape[-1] != self.config.embedding_dim or frame_hidden.shape[2] != grid[0] * grid[1]:
+                raise ValueError(f"grid entry: hidden states {tuple(frame_hidden.shape)} and targets "
+                                 f"{tuple(targets.shape)} do not fit a {grid[0]}x{grid[1]} grid of "
+                                 f"[hidden {self.hidden_size}] -> [embedding {self.config.embedding_dim}]")
+            self._check_encoder_frozen(stacklevel=4)
+            tokens = self.predictor.input_proj(frame_hidden.to(weight_dtype))
+            for name, idx in self.frame_streams(frame_hidden.shape[1], valid.device):
+                sq, base, count = self._stream_sums(tokens[:, idx], targets[:, idx].float().detach(), valid[:, idx],
+                                                    1, "average", grid=tuple(grid))
+                if name not in results:
+                    results[name] = (sq, base, count)
+                elif sq is not None:
+                    prev = results[name]
+                    results[name] = (sq if prev[0] is None else prev[0] + sq,
+                                     base if prev[1] is None else prev[1] + base, prev[2] + count)
+        if not results:
+            results = {name: (None, None, 0) for name in self.stream_names()}
+        return self._combine(results, True)
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
@@ -367,7 +426,7 @@ class AutoregressiveReconstructionModule(nn.Module):
                 self.target_encoder.requires_grad_(False)
                 self._warn_once("unfrozen", "the target encoder copy had trainable parameters (requires_grad_ "
                                 "was called on the whole model); it was frozen again", stacklevel)
-        elif any(p.requires_grad for p in self._source_tower.parameters()):
+        elif any(p.requires_grad for p in self._encoder_parameters()):
             self._warn_once("shared-trains", "target_encoder='shared' but the vision tower trains: targets "
                             "drift with it; use target_encoder='copy' for fixed targets", stacklevel)
 
@@ -549,7 +608,7 @@ class AutoregressiveReconstructionModule(nn.Module):
             counts[name] = total
         return counts
 
-    def _stream_sums(self, tokens, targets, valid, stride: int, mode: str):
+    def _stream_sums(self, tokens, targets, valid, stride: int, mode: str, grid: tuple[int, int] | None = None):
         """(squared error sum, copy-last squared error sum, supervised tokens) of one frame sequence."""
         causal = self.config.use_frame_causal_mask
         sq = base = None
@@ -559,7 +618,7 @@ class AutoregressiveReconstructionModule(nn.Module):
             frame_idx = starts[:, None] + torch.arange(length, device=tokens.device)
             rows = samples[:, None]
             pred = self.predictor(tokens[rows, frame_idx[:, :-1]], pool_stride=stride, pool_mode=mode,
-                                  causal=causal)
+                                  causal=causal, grid=grid)
             target, previous = targets[rows, frame_idx[:, 1:]], targets[rows, frame_idx[:, :-1]]
             if not causal:  # only the last position never sees its target frame
                 pred, target, previous = pred[:, -1:], target[:, -1:], previous[:, -1:]
@@ -600,13 +659,16 @@ def create_autoregressive_reconstruction_module(
     vision_tower: nn.Module,
     hidden_size: int,
     config: Mapping | AutoregressiveConfig | None = None,
+    encoder_parameters: Callable[[], Iterable[nn.Parameter]] | None = None,
 ) -> AutoregressiveReconstructionModule:
     """Build the module for a model whose LLM has ``hidden_size`` and whose vision tower is ``vision_tower``.
 
     ``config``: an :class:`AutoregressiveConfig`, a plain dict of its keys (checked: unknown keys, types,
     values) or None for the defaults. ``embedding_dim`` must equal the tower's feature size.
+    ``encoder_parameters``: the tower's parameters that produce the targets (default: all of them), for
+    ``target_encoder: auto`` and the frozen-target checks.
     """
-    return AutoregressiveReconstructionModule(vision_tower, hidden_size, config)
+    return AutoregressiveReconstructionModule(vision_tower, hidden_size, config, encoder_parameters)
 
 
 __all__ = [

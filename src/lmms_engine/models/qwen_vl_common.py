@@ -1,0 +1,461 @@
+"""What the Qwen-VL families (Qwen2.5-VL, Qwen3-VL) share: video features, targets, positions, freezing.
+
+:class:`QwenVideoMixin` is mixed into a subclass of transformers' ``*ForConditionalGeneration`` of each
+family (:mod:`lmms_engine.models.qwen2_5_vl`, :mod:`lmms_engine.models.qwen3_vl`): same modules, same
+parameter names, so those checkpoints load as they are and what the engine saves loads in plain
+transformers (``AutoModelForImageTextToText``); the autoregressive module's weights are extra keys
+that plain transformers reports as unexpected and ignores.
+
+The reading of the autoregressive loss for these models (also in docs/design.md):
+
+- one "frame" = one temporal group (``temporal_patch_size`` = 2 video frames, one Conv3d patch depth);
+- inputs: the LLM's final hidden states at the group's ``<|video_pad|>`` tokens, in their order
+  (raster order of the merged ``h/2 x w/2`` grid);
+- targets: the frozen vision encoder's output before the merger (the last block's hidden states,
+  ``vision_config.hidden_size`` wide: 1280 for Qwen2.5-VL, 1152 for Qwen3-VL), averaged over each 2x2
+  merge window, so each LLM token has exactly one target. Qwen2.5-VL runs its blocks on
+  window-reordered merge units; the targets are put back in raster order first
+  (:func:`raster_merge_units`);
+- ``target_encoder: shared`` reuses the main forward's vision output (no second vision forward);
+  ``copy`` runs a frozen deep copy of the vision encoder on the same patches.
+
+Positions: transformers' own rope-index function (``model.get_rope_index``) on each sample; packed rows
+(``position_ids`` restarting at 0 per sample, no attention mask) get it per sample, and the text
+positions as the first of four rows so the attention mask stays block-diagonal.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import ModelOutput
+
+from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
+from lmms_engine.utils.config import ConfigError
+
+CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
+CONFIG_AR_KEY = "autoregressive_config"
+
+
+@dataclasses.dataclass
+class QwenVideoCausalLMOutput(ModelOutput):
+    """Outputs of the engine's Qwen-VL models.
+
+    Attributes:
+        loss: as :class:`~lmms_engine.models.llava_video.LlavaVideoCausalLMOutput`'s.
+        logits: ``[B, L, V]``.
+        loss_components: detached scalars (``main_loss``, ``autoregressive_loss``, ``total_loss``, ``ar_*``).
+        video_token_positions: per video, ``[t, h/2 * w/2]`` flat indices (``row * L + column``) of its
+            ``<|video_pad|>`` tokens, one row per temporal group.
+        vision_targets: per video, ``[t, h/2 * w/2, D_vision]`` detached targets (pre-merger features
+            pooled per merge window), only when the autoregressive module reuses them.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+    loss_components: dict[str, torch.Tensor] | None = None
+    video_token_positions: list[torch.Tensor] | None = None
+    vision_targets: list[torch.Tensor] | None = None
+
+
+def raster_merge_units(features: torch.Tensor, grid_thw: torch.Tensor, vision_config: Any) -> torch.Tensor:
+    """Qwen2.5-VL's pre-merger features (window order) -> raster order of the merge units.
+
+    ``features`` ``[N, D]`` as the vision encoder's ``last_hidden_state``; its blocks ran on merge units
+    permuted by ``get_vision_window_index`` (the merger's output is permuted back by transformers; the
+    blocks' output is not).
+    """
+    from transformers.vision_utils import get_vision_window_index
+
+    unit = vision_config.spatial_merge_size ** 2
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vision_config.spatial_merge_size,
+                                              window_size=vision_config.window_size,
+                                              patch_size=vision_config.patch_size)
+    reverse = torch.argsort(window_index.to(features.device))
+    return features.view(-1, unit, features.shape[-1])[reverse].reshape(features.shape)
+
+
+def merge_window_mean(features: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """``[N, D]`` patch features in raster merge-unit order -> ``[N / m^2, D]``, one per LLM token."""
+    unit = merge_size ** 2
+    return features.view(-1, unit, features.shape[-1]).mean(1)
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the ``(start, end)`` column spans of its samples (a span starts where positions restart at 0)."""
+    spans = []
+    for row in position_ids.tolist():
+        starts = [c for c, p in enumerate(row) if p == 0] or [0]
+        if starts[0] != 0:
+            starts = [0] + starts
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    return spans
+
+
+def register_weight_renaming(cls: type, parent: type) -> None:
+    """Give ``cls`` its transformers parent's checkpoint key renaming (hub Qwen2.5-VL checkpoints store
+    ``visual.*`` / ``model.layers.*``); transformers applies renamings to its classes and registered names."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    mapping = get_checkpoint_conversion_mapping(parent.__name__)
+    if mapping is not None and get_checkpoint_conversion_mapping(cls.__name__) is None:
+        register_checkpoint_conversion_mapping(cls.__name__, mapping)
+
+
+def qwen_model_class(model_type: str) -> type:
+    """The engine's class for a Qwen-VL ``model_type``."""
+    if model_type == "qwen2_5_vl":
+        from lmms_engine.models.qwen2_5_vl import Qwen2_5_VLVideoForConditionalGeneration
+
+        return Qwen2_5_VLVideoForConditionalGeneration
+    if model_type == "qwen3_vl":
+        from lmms_engine.models.qwen3_vl import Qwen3VLVideoForConditionalGeneration
+
+        return Qwen3VLVideoForConditionalGeneration
+    raise ValueError(f"{model_type!r} is not a Qwen-VL family the engine trains (qwen2_5_vl, qwen3_vl)")
+
+
+class QwenVideoMixin:
+    """Video training additions for a Qwen-VL ``*ForConditionalGeneration`` (module docstring).
+
+    Subclasses set :attr:`family` and implement :meth:`_targets_in_raster_order`.
+    """
+
+    family: str = ""
+    #: whether ``second_per_grid_ts`` is a model input (Qwen2.5-VL)
+    uses_second_per_grid: bool = False
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        if getattr(config, CONFIG_AR_ENABLE_KEY, False):
+            stored = dict(getattr(config, CONFIG_AR_KEY, None) or {})
+            if stored.get("target_encoder") == "shared":
+                self.vision_tower_parameters_requires_grad(False)
+            self.attach_autoregressive_module(stored)
+        else:
+            setattr(config, CONFIG_AR_ENABLE_KEY, False)
+            setattr(config, CONFIG_AR_KEY, None)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, then frozen parts frozen again (loading re-creates them)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._refreeze()
+        return loaded
+
+    def save_pretrained(self, save_directory: Any, *args: Any, save_original_format: bool = False,
+                        **kwargs: Any) -> Any:
+        """Save with the parameter names of ``state_dict()`` (loaded by transformers and by the Trainer's
+        resume alike)."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (``model.visual``; its ``merger`` is the projector)."""
+        return self.model.visual
+
+    def projector_modules(self) -> list[nn.Module]:
+        """The merger (and Qwen3-VL's deepstack mergers): the projector of LLaVA's wording."""
+        visual = self.model.visual
+        mods = [visual.merger]
+        deepstack = getattr(visual, "deepstack_merger_list", None)
+        if deepstack is not None:
+            mods.append(deepstack)
+        return mods
+
+    def vision_tower_parameters(self) -> Iterator[nn.Parameter]:
+        """The vision encoder's parameters outside the projector modules."""
+        skip = {id(p) for m in self.projector_modules() for p in m.parameters()}
+        return (p for p in self.model.visual.parameters() if id(p) not in skip)
+
+    def vision_tower_parameters_requires_grad(self, flag: bool) -> None:
+        for param in self.vision_tower_parameters():
+            param.requires_grad_(flag)
+
+    def set_trainable(self, *, vision_tower: bool, projector: bool, language_model: bool) -> None:
+        """``requires_grad`` per part, with the keys of LLaVA-OneVision: ``vision_tower`` = the vision
+        encoder's blocks and patch embedding, ``projector`` = the merger(s), ``language_model`` = the LLM
+        and ``lm_head``. The autoregressive predictor always trains; its target encoder never does."""
+        module = getattr(self, "autoregressive_module", None)
+        if vision_tower and module is not None and module.target_encoder_mode == "shared":
+            raise ConfigError("the autoregressive module shares the vision tower as its frozen target encoder "
+                              "(target_encoder: shared); a trainable vision tower needs target_encoder: copy")
+        self.vision_tower_parameters_requires_grad(vision_tower)
+        for mod in self.projector_modules():
+            mod.requires_grad_(projector)
+        self.model.language_model.requires_grad_(language_model)
+        self.lm_head.requires_grad_(language_model)
+
+    def _refreeze(self) -> None:
+        module = getattr(self, "autoregressive_module", None)
+        if module is None:
+            return
+        if module.target_encoder is not None:
+            module.target_encoder.requires_grad_(False)
+        if module.target_encoder_mode == "shared":
+            self.vision_tower_parameters_requires_grad(False)
+
+    def attach_autoregressive_module(self, config: Mapping[str, Any] | Any) -> nn.Module:
+        """Create ``self.autoregressive_module`` over the vision encoder (call after freezing:
+        ``target_encoder: auto`` reads the encoder's ``requires_grad``). ``embedding_dim`` defaults to the
+        vision width; the LLaVA-NeXT layout keys have no meaning for Qwen-VL and are refused."""
+        from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module
+
+        cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        where = "autoregressive_config"
+        for key in ("enable_multiscale_pooling", "add_faster_video"):
+            if cfg.get(key):
+                raise ConfigError(f"{where}.{key}: the LLaVA-NeXT video-token layout does not apply to {self.family} "
+                                  f"(one token per 2x2 merge window); remove it")
+        for key, allowed in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full")):
+            if key in cfg and cfg[key] != allowed:
+                raise ConfigError(f"{where}.{key}={cfg[key]!r}: {self.family} targets are the vision encoder's last "
+                                  f"block output before the merger; remove the key")
+        width = int(self.config.vision_config.hidden_size)
+        cfg.setdefault("embedding_dim", width)
+        module = create_autoregressive_reconstruction_module(self.model.visual, self.config.text_config.hidden_size,
+                                                             cfg, encoder_parameters=self.vision_tower_parameters)
+        self.autoregressive_module = module
+        stored = module.config.to_dict()
+        stored["target_encoder"] = module.target_encoder_mode
+        setattr(self.config, CONFIG_AR_ENABLE_KEY, True)
+        setattr(self.config, CONFIG_AR_KEY, stored)
+        return module
+
+    # ------------------------------------------------------------------ vision
+    def _targets_in_raster_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The encoder's ``last_hidden_state`` ``[N, D]`` in raster merge-unit order."""
+        raise NotImplementedError
+
+    def video_targets(self, features: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per video ``[t, h/2 * w/2, D]``: pre-merger features, raster order, mean per merge window."""
+        merge = self.config.vision_config.spatial_merge_size
+        pooled = merge_window_mean(self._targets_in_raster_order(features, grid_thw), merge)
+        sizes = [int(t * h * w) // merge ** 2 for t, h, w in grid_thw.tolist()]
+        out = []
+        for piece, (t, _, _) in zip(torch.split(pooled, sizes), grid_thw.tolist()):
+            out.append(piece.reshape(int(t), -1, piece.shape[-1]))
+        return out
+
+    def _copy_targets(self, module: nn.Module, pixel_values_videos: torch.Tensor,
+                      video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        encoder = module.target_encoder
+        with torch.no_grad():
+            out = encoder(pixel_values_videos.to(next(encoder.parameters()).dtype), grid_thw=video_grid_thw,
+                          return_dict=True)
+        return [t.detach() for t in self.video_targets(out.last_hidden_state, video_grid_thw)]
+
+    def video_token_positions(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per video ``[t, h/2 * w/2]`` flat positions (``row * L + col``) of its ``<|video_pad|>`` tokens.
+
+        The video tokens of the batch, in row-major order, belong to the videos in order (as
+        transformers fills them); their count must match ``video_grid_thw``.
+        """
+        merge = self.config.vision_config.spatial_merge_size
+        flat = (input_ids.reshape(-1) == self.config.video_token_id).nonzero().squeeze(1)
+        sizes = [int(t * h * w) // merge ** 2 for t, h, w in video_grid_thw.tolist()]
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"input_ids hold {flat.numel()} video tokens (id {self.config.video_token_id}) but "
+                             f"video_grid_thw {video_grid_thw.tolist()} needs {sum(sizes)}")
+        return [piece.view(int(t), -1) for piece, (t, _, _) in zip(torch.split(flat, sizes), video_grid_thw.tolist())]
+
+    def _visual_trains(self) -> bool:
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
+
+    def _touch_visual_parameters(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """A batch without video: in training with trainable visual parameters, one blank 2x2-patch frame
+        pair goes through the encoder and an exact zero depending on it is added (DDP ranks must reach the
+        same parameters in backward)."""
+        visual = self.model.visual
+        vc = self.config.vision_config
+        merge = vc.spatial_merge_size
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        grid = torch.tensor([[1, merge, merge]], device=inputs_embeds.device)
+        out = visual(inputs_embeds.new_zeros(merge * merge, patch_dim), grid_thw=grid, return_dict=True)
+        zero = out.pooler_output.sum()
+        for feature in getattr(out, "deepstack_features", None) or []:
+            zero = zero + feature.sum()
+        return inputs_embeds + (zero * 0.0).to(inputs_embeds.dtype)
+
+    # ------------------------------------------------------------------ positions
+    def rope_positions(self, input_ids: torch.Tensor, mm_types: torch.Tensor, position_ids: torch.Tensor,
+                       video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None) -> torch.Tensor:
+        """Packed rows: ``[4, R, L]``, row 0 the given text positions, rows 1-3 M-RoPE from the model's
+        ``get_rope_index`` per sample (each sample's span starts where ``position_ids`` restart)."""
+        rows, length = input_ids.shape
+        out = torch.zeros(3, rows, length, dtype=torch.long, device=input_ids.device)
+        merge = self.config.vision_config.spatial_merge_size
+        grids = video_grid_thw.tolist() if video_grid_thw is not None else []
+        tokens = [int(t * h * w) // merge ** 2 for t, h, w in grids]
+        seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1.0] * len(grids)
+        video = 0
+        for r, spans in enumerate(packed_segments(position_ids)):
+            for start, end in spans:
+                ids = input_ids[r:r + 1, start:end]
+                types = mm_types[r:r + 1, start:end]
+                count = int((types == 2).sum())
+                first = video
+                while count > 0 and video < len(grids):
+                    count -= tokens[video]
+                    video += 1
+                if count != 0:
+                    raise ValueError(f"row {r}, columns {start}-{end}: the video tokens do not match whole videos "
+                                     f"of video_grid_thw")
+                kwargs: dict[str, Any] = {}
+                if video > first:
+                    kwargs["video_grid_thw"] = video_grid_thw[first:video]
+                    if self.uses_second_per_grid:
+                        kwargs["second_per_grid_ts"] = torch.tensor(seconds[first:video])
+                positions, _ = self.model.get_rope_index(ids, mm_token_type_ids=types, **kwargs)
+                out[:, r, start:end] = positions[:, 0]
+        return torch.cat([position_ids[None].to(out.device), out], dim=0)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        video_num_frames: torch.Tensor | None = None,
+        video_row: torch.Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        num_videos_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> QwenVideoCausalLMOutput:
+        """Forward on a collated batch (:class:`~lmms_engine.data.qwen_dataset.QwenVideoCollator`).
+
+        Args:
+            input_ids: ``[B, L]`` with ``<|video_pad|>`` runs as transformers' processor expands them.
+            attention_mask: ``[B, L]`` (left or right padding); None for packed rows.
+            labels: ``[B, L]``, -100 = ignored (shifted inside).
+            pixel_values_videos: ``[sum t*h*w, 3*2*p*p]`` patches of every video, in token order.
+            video_grid_thw: ``[V, 3]``. second_per_grid_ts: ``[V]`` (Qwen2.5-VL's temporal position scale).
+            mm_token_type_ids: ``[B, L]``; None = derived from ``input_ids`` (2 at ``<|video_pad|>``).
+            position_ids: None (the model's rope index, with the attention mask), or ``[R, L]`` text positions
+                restarting at 0 per packed sample (M-RoPE then computed per sample), or ready 3-D/4-D ids.
+            video_num_frames, video_row: the collator's bookkeeping (temporal groups per sample / video and
+                the row of each packed video); not needed by the computation.
+            num_items_in_batch, num_videos_in_batch: the step's label tokens / supervised videos, as the
+                trainer passes them (see :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`).
+        """
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None and labels is not None:
+            use_cache = False
+        if input_ids is not None and mm_token_type_ids is None:
+            mm_token_type_ids = token_types(input_ids, self.config.video_token_id, self.config.image_token_id)
+        has_video = pixel_values_videos is not None
+        if has_video and (video_grid_thw is None or input_ids is None):
+            raise ValueError("pixel_values_videos need video_grid_thw and input_ids (to find the <|video_pad|> tokens)")
+        if position_ids is not None and position_ids.dim() == 2 and input_ids is not None and attention_mask is None:
+            position_ids = self.rope_positions(input_ids, mm_token_type_ids, position_ids,
+                                               video_grid_thw if has_video else None,
+                                               second_per_grid_ts if has_video else None)
+        module = getattr(self, "autoregressive_module", None)
+        encoder_outputs: dict[str, Any] = {}
+        targets = None
+        if has_video:
+            video_out = self.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+            encoder_outputs["video"] = video_out
+            if module is not None and labels is not None and module.target_encoder_mode == "shared":
+                targets = [t.detach() for t in self.video_targets(video_out.last_hidden_state.detach(), video_grid_thw)]
+        elif input_ids is not None and inputs_embeds is None and self._visual_trains():
+            inputs_embeds = self._touch_visual_parameters(self.get_input_embeddings()(input_ids))
+            if position_ids is None:  # what transformers gives text-only rows from input_ids
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        model_kwargs: dict[str, Any] = dict(
+            input_ids=input_ids if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=encoder_outputs or None, **kwargs)
+        if self.uses_second_per_grid:
+            model_kwargs["second_per_grid_ts"] = second_per_grid_ts
+        outputs = self.model(**model_kwargs)
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+
+        loss, components = None, None
+        positions = None
+        if labels is not None:
+            positions = self.video_token_positions(input_ids, video_grid_thw) if has_video else []
+            loss, components = self._losses(logits, labels, hidden, positions, targets, pixel_values_videos,
+                                            video_grid_thw, module, num_items_in_batch, num_videos_in_batch)
+        return QwenVideoCausalLMOutput(loss=loss, logits=logits, cache=getattr(outputs, "cache", None),
+                                       hidden_states=getattr(outputs, "hidden_states", None),
+                                       attentions=getattr(outputs, "attentions", None),
+                                       loss_components=components, video_token_positions=positions,
+                                       vision_targets=targets)
+
+    def _losses(self, logits, labels, hidden, positions, targets, pixel_values_videos, video_grid_thw, module,
+                num_items_in_batch, num_videos_in_batch):
+        main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                  num_items_in_batch=num_items_in_batch)
+        share = None
+        main_mean = main
+        if num_items_in_batch is not None:
+            local = (labels[..., 1:] != -100).sum().to(main.device, main.dtype)
+            total = torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype)
+            share = local / total
+            main_mean = main * total / local.clamp(min=1)
+        loss = main
+        components = {"main_loss": main_mean.detach()}
+        total_mean = main_mean
+        if module is not None:
+            if targets is None and pixel_values_videos is not None:
+                targets = self._copy_targets(module, pixel_values_videos, video_grid_thw)
+            ar = self._autoregressive_output(module, hidden, positions, targets or [], video_grid_thw)
+            ar_loss = ar.loss.to(main.dtype)
+            if num_videos_in_batch is not None:
+                videos = sum(int(p.shape[0] >= 2) for p in positions)
+                share = torch.as_tensor(videos / max(float(num_videos_in_batch), 1.0), device=main.device,
+                                        dtype=main.dtype)
+            loss = loss + (ar_loss if share is None else ar_loss * share)
+            total_mean = total_mean + ar_loss
+            components["autoregressive_loss"] = ar_loss.detach()
+            components["ar_mse"] = ar.mse.detach()
+            components["ar_copy_last_mse"] = ar.copy_last_mse.detach()
+            if ar.fast_loss is not None:
+                components["ar_fast_loss"] = ar.fast_loss.detach()
+                components["ar_slow_loss"] = ar.slow_loss.detach()
+        components["total_loss"] = total_mean.detach()
+        return loss, components
+
+    def _autoregressive_output(self, module: nn.Module, hidden: torch.Tensor, positions: list[torch.Tensor],
+                               targets: list[torch.Tensor], video_grid_thw: torch.Tensor | None) -> Any:
+        """The module's loss over every video: ``[1, t, h/2*w/2, hidden]`` states at each group's tokens,
+        targets ``[1, t, h/2*w/2, D]``, on that video's merged grid."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        merge = self.config.vision_config.spatial_merge_size
+        videos = []
+        grids = video_grid_thw.tolist() if video_grid_thw is not None else []
+        for pos, target, (_, h, w) in zip(positions, targets, grids):
+            frames = flat[pos.reshape(-1)].view(1, pos.shape[0], pos.shape[1], -1)
+            valid = torch.ones(1, pos.shape[0], dtype=torch.bool, device=hidden.device)
+            videos.append((frames, target[None].to(hidden.device), valid, (int(h) // merge, int(w) // merge)))
+        return module.compute_grid_loss(videos)
+
+
+__all__ = ["qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
+           "packed_segments", "raster_merge_units"]
