@@ -108,6 +108,12 @@ class DatasetConfig:
         packing: pack several samples into each row of a batch (position ids restart per sample, no
             attention across samples; the loss equals the unpacked batch's).
         packing_length: longest packed row in tokens; None = ``max_length`` (required when that is None).
+        video_min_pixels, video_max_pixels, video_total_pixels: Qwen-VL checkpoints only: per-frame area
+            bounds and the whole video's area budget in pixels (``smart_resize``,
+            :mod:`lmms_engine.data.qwen_vision`); None = qwen-vl-utils' defaults: 128 and 768 LLM tokens'
+            worth of pixels per frame (``128 * 28 * 28`` and ``768 * 28 * 28`` for Qwen2.5-VL, factor 32 for
+            Qwen3-VL), 0.9 x 128000 tokens' worth in total. For Qwen-VL, ``fps: null`` samples at Qwen's
+            2 fps (capped at ``max_frames``).
     """
 
     data_path: str
@@ -127,6 +133,9 @@ class DatasetConfig:
     drop_long_before_loading: bool = False
     packing: bool = False
     packing_length: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_total_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if not self.data_path:
@@ -149,6 +158,10 @@ class DatasetConfig:
             raise ValueError(f"packing_length must be >= 1 or null, got {self.packing_length}")
         if self.packing and self.packing_length is None and self.max_length is None:
             raise ValueError("packing needs a row length: set packing_length or max_length")
+        for name in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a number of pixels >= 1 or null, got {value}")
 
 
 @dataclass

@@ -232,5 +232,18 @@ class QwenVideoCollator(VideoSFTCollator):
         return out
 
 
-__all__ = ["QwenProcessorInfo", "QwenVideoCollator", "QwenVideoSFTDataset", "build_qwen_dataset",
+def build_qwen_data(model_config: Any, dataset_config: DatasetConfig, tokenizer: Any, with_eval: bool
+                    ) -> tuple[QwenVideoSFTDataset, QwenVideoSFTDataset | None, QwenVideoCollator]:
+    """The train dataset, the eval dataset (``with_eval``) and the collator for a Qwen-VL model config."""
+    from lmms_engine.data.collator import build_collator
+
+    processing = QwenVideoProcessing.for_model(model_config, min_pixels=dataset_config.video_min_pixels,
+                                               max_pixels=dataset_config.video_max_pixels,
+                                               total_pixels=dataset_config.video_total_pixels)
+    train = build_qwen_dataset(dataset_config, tokenizer, processing, split="train")
+    evaluation = build_qwen_dataset(dataset_config, tokenizer, processing, split="eval") if with_eval else None
+    return train, evaluation, QwenVideoCollator(**dataclasses.asdict(build_collator(dataset_config, tokenizer)))
+
+
+__all__ = ["QwenProcessorInfo", "build_qwen_data", "QwenVideoCollator", "QwenVideoSFTDataset", "build_qwen_dataset",
            "check_video_template"]

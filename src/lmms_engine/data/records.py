@@ -14,6 +14,9 @@ OpenAI-style::
                                                {"type": "text", "text": "What happens?"}]},
                   {"role": "assistant", "content": [{"type": "text", "text": "A red square moves left."}]}]}
 
+(the Qwen / transformers chat-template part ``{"type": "video", "video": "clips/a.mp4"}`` is accepted
+in place of ``video_url``.)
+
 Rules (every violation is a :class:`BadRecordError` naming the file, the record index and the reason):
 
 - Roles: an optional ``system`` turn, then ``user``/``assistant`` alternating, starting with ``user`` and
@@ -320,11 +323,14 @@ def _openai_turns(messages: Any, where: str, video_token: str) -> tuple[list[Tur
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
                 pieces.append(part["text"])
-            elif kind == "video_url" and set(part) <= {"type", "video_url", "video_start", "video_end"}:
-                url = part.get("video_url")
-                url = url.get("url") if isinstance(url, Mapping) and set(url) <= {"url"} else None
+            elif kind in ("video_url", "video") and set(part) <= {"type", kind, "video_start", "video_end"}:
+                # OpenAI's {"video_url": {"url": p}}, or Qwen / transformers' chat-template {"video": p}
+                url = part.get(kind)
+                if kind == "video_url":
+                    url = url.get("url") if isinstance(url, Mapping) and set(url) <= {"url"} else None
                 if not isinstance(url, str) or not url:
-                    raise _bad("bad_turn", where, f"message {i} part {j}: video_url must be {{'url': '<path>'}}")
+                    shape = "{'url': '<path>'}" if kind == "video_url" else "'<path>'"
+                    raise _bad("bad_turn", where, f"message {i} part {j}: {kind} must be {shape}")
                 if role != "user":
                     raise _bad("bad_turn", where, f"message {i} part {j}: videos belong in user messages, not {role}")
                 videos.append({"video": url.removeprefix("file://"), "video_start": part.get("video_start"),
@@ -333,7 +339,7 @@ def _openai_turns(messages: Any, where: str, video_token: str) -> tuple[list[Tur
             elif kind in ("image_url", "image"):
                 raise _bad("image_unsupported", where, f"message {i} part {j} is an image; only videos are supported")
             else:
-                raise _bad("bad_turn", where, f"message {i} part {j} is not a text or video_url part: {part!r}")
+                raise _bad("bad_turn", where, f"message {i} part {j} is not a text, video_url or video part: {part!r}")
         turns.append(Turn(role, "\n".join(pieces)))
     return turns, videos
 

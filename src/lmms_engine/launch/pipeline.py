@@ -168,6 +168,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     from lmms_engine.data.preprocess import ProcessorInfo
     from lmms_engine.export.processor import build_processing_class
     from lmms_engine.models.builder import build_model
+    from lmms_engine.models.qwen_vl_common import is_qwen_model
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
     from lmms_engine.train.checkpointing import resumable_checkpoint
 
@@ -184,19 +185,32 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
             f"set model_config.enable_autoregressive: true (with an autoregressive_config), or use "
             f"trainer_type: sft"
         )
-    info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
-    train_dataset = build_dataset(block.dataset_config, tokenizer, info, split="train")
-    eval_dataset = None
-    if block.dataset_config.eval_data_path is not None and args.eval_strategy != "no":
-        eval_dataset = build_dataset(block.dataset_config, tokenizer, info, split="eval")
+    data = block.dataset_config
+    with_eval = data.eval_data_path is not None and args.eval_strategy != "no"
+    if is_qwen_model(model):
+        from lmms_engine.data.qwen_dataset import build_qwen_data
+
+        train_dataset, eval_dataset, collator = build_qwen_data(model.config, data, tokenizer, with_eval)
+        processing_class = tokenizer
+    else:
+        qwen_keys = [k for k in ("video_min_pixels", "video_max_pixels", "video_total_pixels")
+                     if getattr(data, k) is not None]
+        if qwen_keys:
+            raise ConfigError(f"{block.where}: dataset_config.{qwen_keys[0]} applies to Qwen-VL checkpoints only "
+                              f"(this model is {model.config.model_type}); remove it")
+        info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
+        train_dataset = build_dataset(data, tokenizer, info, split="train")
+        eval_dataset = build_dataset(data, tokenizer, info, split="eval") if with_eval else None
+        collator = build_collator(data, tokenizer)
+        # tokenizer + LLaVA-OneVision processor files in every checkpoint (AutoProcessor, lmms-eval llava_hf)
+        processing_class = build_processing_class(tokenizer, model, block.model_config.model_name_or_path)
     trainer = AutoregressiveTrainer(
         model=model,
         args=args,
-        data_collator=build_collator(block.dataset_config, tokenizer),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        # tokenizer + LLaVA-OneVision processor files in every checkpoint (AutoProcessor, lmms-eval llava_hf)
-        processing_class=build_processing_class(tokenizer, model, block.model_config.model_name_or_path),
+        processing_class=processing_class,
         enable_autoregressive=enable,
     )
     resume = block.resume_from_checkpoint

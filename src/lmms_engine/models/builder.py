@@ -26,8 +26,6 @@ from lmms_engine.utils.config import ConfigError, from_mapping
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
-
 logger = logging.getLogger(__name__)
 
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
@@ -41,15 +39,18 @@ class ModelConfig:
     """The ``model_config`` block.
 
     Attributes:
-        model_name_or_path: LLaVA-OneVision checkpoint in HF format (local folder or hub id, e.g.
-            ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``); None builds the tiny offline model.
+        model_name_or_path: a checkpoint in HF format (local folder or hub id): LLaVA-OneVision (e.g.
+            ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``), Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct``) or
+            Qwen3-VL (``Qwen/Qwen3-VL-8B-Instruct``), picked by its ``model_type``; None builds the tiny
+            offline LLaVA-OneVision model (tiny Qwen-VL folders: ``python -m lmms_engine.models.qwen_tiny``).
         tiny_config: overrides of the tiny model (:class:`~lmms_engine.models.tiny.TinyConfig`); only
             without ``model_name_or_path``.
         torch_dtype: parameter dtype; ``auto`` = the checkpoint's (float32 for the tiny model).
         attn_implementation: LLM/tower attention kernel; None = transformers' default (sdpa).
         mm_spatial_pool_stride, mm_spatial_pool_mode, mm_newline_position, add_faster_video,
             faster_token_stride: the video-token layout (:class:`VideoLayoutConfig`); None = the
-            checkpoint's stored value, else the default.
+            checkpoint's stored value, else the default. LLaVA-OneVision only (a config error for Qwen-VL,
+            whose layout is one token per 2x2 merge window).
         freeze_vision_tower: default True (LLaVA-OneVision/LLaVA-Video fine-tuning mostly keeps SigLIP
             fixed; it also lets the autoregressive targets share the tower). The tower's unused
             ``post_layernorm``/``head`` are frozen in every case (DDP).
@@ -149,50 +150,12 @@ def _check_tokenizer(hf_config: Any, tokenizer: "PreTrainedTokenizerBase", where
             )
 
 
-def build_model(
-    model_config: ModelConfig | Mapping[str, Any] | None = None,
-    tokenizer: "PreTrainedTokenizerBase | None" = None,
-) -> "LlavaVideoForConditionalGeneration":
-    """Build (or load) the video LLM described by ``model_config``.
-
-    Args:
-        model_config: a :class:`ModelConfig` or its dict form (the YAML block).
-        tokenizer: for the tiny model, gives the vocabulary size and special ids; for a checkpoint, its
-            ``<video>``/``<image>`` ids must match the checkpoint's and the embeddings grow when it has
-            more tokens than the checkpoint's vocabulary.
-
-    Returns:
-        :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`, in train mode.
-    """
-    from transformers import AutoConfig
-
-    from lmms_engine.models.llava_video import (
-        CONFIG_AR_ENABLE_KEY,
-        CONFIG_AR_KEY,
-        CONFIG_LAYOUT_KEY,
-        LlavaVideoForConditionalGeneration,
-    )
-    from lmms_engine.models.tiny import tiny_llava_config
-
-    if isinstance(model_config, ModelConfig):
-        cfg = model_config
-    else:
-        cfg = from_mapping(ModelConfig, model_config, "model_config")
-    tiny = cfg.model_name_or_path is None
-    if tiny:
-        hf_config = tiny_llava_config(tokenizer, cfg.tiny_config)
-    else:
-        hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
-        if hf_config.model_type != "llava_onevision":
-            raise ConfigError(
-                f"model_config.model_name_or_path={cfg.model_name_or_path!r} is a {hf_config.model_type!r} "
-                f"checkpoint; a LLaVA-OneVision (llava_onevision) checkpoint is needed"
-            )
-        if tokenizer is not None:
-            _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))
-
-    layout = resolve_video_layout(cfg, getattr(hf_config, CONFIG_LAYOUT_KEY, None))
-    setattr(hf_config, CONFIG_LAYOUT_KEY, layout.to_dict())
+def autoregressive_plan(cfg: ModelConfig, hf_config: Any) -> tuple[bool, bool, dict[str, Any]]:
+    """``(enable, restore, autoregressive_config)`` for the checkpoint config ``hf_config`` (updated in
+    place): ``restore`` = the checkpoint holds the module's weights, so the model builds it inside
+    ``__init__`` with the stored target mode; otherwise an enabled module is attached after freezing.
+    The same rule for every model family."""
+    from lmms_engine.models.llava_video import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
 
     stored_enabled = bool(getattr(hf_config, CONFIG_AR_ENABLE_KEY, False))
     stored_ar = dict(getattr(hf_config, CONFIG_AR_KEY, None) or {}) if stored_enabled else {}
@@ -202,7 +165,6 @@ def build_model(
     ar_config = {**stored_ar, **dict(cfg.autoregressive_config or {})}
     restore = enable and stored_enabled
     if restore:
-        # The checkpoint holds the module's weights: build it inside __init__ with the stored target mode.
         asked = (cfg.autoregressive_config or {}).get("target_encoder", "auto")
         stored_mode = stored_ar.get("target_encoder")
         if asked != "auto" and asked != stored_mode:
@@ -221,20 +183,18 @@ def build_model(
     else:
         setattr(hf_config, CONFIG_AR_ENABLE_KEY, False)
         setattr(hf_config, CONFIG_AR_KEY, None)
+    return enable, restore, ar_config
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.torch_dtype, tiny)}
-    if cfg.attn_implementation is not None:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    if tiny:
-        model = LlavaVideoForConditionalGeneration._from_config(hf_config, **kwargs)
-    else:
-        model = LlavaVideoForConditionalGeneration.from_pretrained(cfg.model_name_or_path, config=hf_config, **kwargs)
 
+def finish_model(model: Any, cfg: ModelConfig, tokenizer: Any, enable: bool, restore: bool,
+                 ar_config: dict[str, Any]) -> Any:
+    """After loading, for every family: grow the vocabulary to the tokenizer's, freeze per
+    ``model_config``, attach the autoregressive module (after freezing), activation checkpointing, train
+    mode."""
     if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
         logger.warning("growing the vocabulary from %d to the tokenizer's %d tokens",
                        model.config.text_config.vocab_size, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
-
     model.set_trainable(
         vision_tower=not cfg.freeze_vision_tower,
         projector=not cfg.freeze_projector,
@@ -248,4 +208,65 @@ def build_model(
     return model
 
 
-__all__ = ["LAYOUT_FIELDS", "ModelConfig", "build_model", "resolve_video_layout"]
+def build_model(
+    model_config: ModelConfig | Mapping[str, Any] | None = None,
+    tokenizer: "PreTrainedTokenizerBase | None" = None,
+) -> Any:
+    """Build (or load) the video LLM described by ``model_config``.
+
+    The family follows the checkpoint's ``model_type``: ``llava_onevision`` (and the tiny model) ->
+    :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`; ``qwen2_5_vl`` /
+    ``qwen3_vl`` -> :func:`lmms_engine.models.qwen_vl_common.build_qwen_model`.
+
+    Args:
+        model_config: a :class:`ModelConfig` or its dict form (the YAML block).
+        tokenizer: for the tiny model, gives the vocabulary size and special ids; for a checkpoint, its
+            video/image placeholder ids must match the checkpoint's and the embeddings grow when it has
+            more tokens than the checkpoint's vocabulary.
+
+    Returns:
+        The family's model class, in train mode.
+    """
+    from transformers import AutoConfig
+
+    from lmms_engine.data.qwen_vision import QWEN_FAMILIES
+    from lmms_engine.models.llava_video import CONFIG_LAYOUT_KEY, LlavaVideoForConditionalGeneration
+    from lmms_engine.models.tiny import tiny_llava_config
+
+    if isinstance(model_config, ModelConfig):
+        cfg = model_config
+    else:
+        cfg = from_mapping(ModelConfig, model_config, "model_config")
+    tiny = cfg.model_name_or_path is None
+    if tiny:
+        hf_config = tiny_llava_config(tokenizer, cfg.tiny_config)
+    else:
+        hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+        if hf_config.model_type in QWEN_FAMILIES:
+            from lmms_engine.models.qwen_vl_common import build_qwen_model
+
+            return build_qwen_model(cfg, hf_config, tokenizer)
+        if hf_config.model_type != "llava_onevision":
+            raise ConfigError(
+                f"model_config.model_name_or_path={cfg.model_name_or_path!r} is a {hf_config.model_type!r} "
+                f"checkpoint; supported: LLaVA-OneVision (llava_onevision), Qwen2.5-VL (qwen2_5_vl), "
+                f"Qwen3-VL (qwen3_vl)"
+            )
+        if tokenizer is not None:
+            _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))
+
+    layout = resolve_video_layout(cfg, getattr(hf_config, CONFIG_LAYOUT_KEY, None))
+    setattr(hf_config, CONFIG_LAYOUT_KEY, layout.to_dict())
+    enable, restore, ar_config = autoregressive_plan(cfg, hf_config)
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.torch_dtype, tiny)}
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if tiny:
+        model = LlavaVideoForConditionalGeneration._from_config(hf_config, **kwargs)
+    else:
+        model = LlavaVideoForConditionalGeneration.from_pretrained(cfg.model_name_or_path, config=hf_config, **kwargs)
+    return finish_model(model, cfg, tokenizer, enable, restore, ar_config)
+
+
+__all__ = ["LAYOUT_FIELDS", "ModelConfig", "autoregressive_plan", "build_model", "finish_model", "resolve_video_layout"]

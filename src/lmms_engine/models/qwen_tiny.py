@@ -60,7 +60,9 @@ def tiny_qwen_tokenizer(family: str) -> "PreTrainedTokenizerFast":
 
     _check_family(family)
     system = "You are a helpful assistant." if family == "qwen2_5_vl" else None
-    return build_tiny_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, chat_template=qwen_chat_template(system))
+    tokenizer = build_tiny_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, chat_template=qwen_chat_template(system))
+    tokenizer.eos_token = "<|im_end|>"  # as Qwen's instruct tokenizers: generation stops at the end of a turn
+    return tokenizer
 
 
 def tiny_qwen_config(family: str, tokenizer: Any) -> "PretrainedConfig":

@@ -126,6 +126,39 @@ def qwen_model_class(model_type: str) -> type:
     raise ValueError(f"{model_type!r} is not a Qwen-VL family the engine trains (qwen2_5_vl, qwen3_vl)")
 
 
+def build_qwen_model(cfg: Any, hf_config: Any, tokenizer: Any = None) -> Any:
+    """:func:`~lmms_engine.models.builder.build_model` for a Qwen-VL checkpoint (``cfg`` a ``ModelConfig``).
+
+    LLaVA-NeXT layout keys are a :class:`ConfigError` naming the family; the tokenizer's
+    ``<|video_pad|>`` must be the checkpoint's ``video_token_id``. Freezing keys and the autoregressive
+    settings mean what they mean for LLaVA-OneVision.
+    """
+    from lmms_engine.models.builder import LAYOUT_FIELDS, _torch_dtype, autoregressive_plan, finish_model
+
+    family = hf_config.model_type
+    where = f"model_config.model_name_or_path={cfg.model_name_or_path!r} ({family})"
+    for key in LAYOUT_FIELDS:
+        if getattr(cfg, key) is not None:
+            raise ConfigError(f"model_config.{key}: the LLaVA-NeXT video-token layout does not apply to {where}, "
+                              f"which has one token per 2x2 merge window of each temporal group; remove the key")
+    if tokenizer is not None:
+        token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        if token_id != hf_config.video_token_id:
+            raise ConfigError(f"the tokenizer's '<|video_pad|>' id {token_id} differs from {where}'s video_token_id="
+                              f"{hf_config.video_token_id}; use the checkpoint's own tokenizer")
+    enable, restore, ar_config = autoregressive_plan(cfg, hf_config)
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.torch_dtype, False)}
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = qwen_model_class(family).from_pretrained(cfg.model_name_or_path, config=hf_config, **kwargs)
+    return finish_model(model, cfg, tokenizer, enable, restore, ar_config)
+
+
+def is_qwen_model(model: Any) -> bool:
+    """Whether ``model`` is one of the engine's Qwen-VL models."""
+    return isinstance(model, QwenVideoMixin)
+
+
 class QwenVideoMixin:
     """Video training additions for a Qwen-VL ``*ForConditionalGeneration`` (module docstring).
 
@@ -457,5 +490,5 @@ class QwenVideoMixin:
         return module.compute_grid_loss(videos)
 
 
-__all__ = ["qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
+__all__ = ["build_qwen_model", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
            "packed_segments", "raster_merge_units"]

@@ -258,7 +258,9 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            if self.flops is None:
+            vision = getattr(model.config, "vision_config", None)
+            if self.flops is None and hasattr(vision, "image_size"):
+                # Fixed-size towers only (LLaVA-OneVision); Qwen-VL frames vary in size: no FLOPs or MFU.
                 self.flops = ModelFlops.from_model(model)
             self.video_token_id = getattr(model.config, "video_token_id", None)
             text_config = getattr(model.config, "text_config", model.config)
