@@ -1,0 +1,68 @@
+"""Shared pieces of the Qwen-VL tests: one tiny checkpoint per family, coded clips and a small dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clips import make_clip
+
+torch.set_num_threads(1)
+
+#: A small autoregressive module (the tiny towers are 64 wide); two temporal groups of history.
+QWEN_AR: dict[str, Any] = {"num_hist": 2, "loss_weight": 0.5, "num_heads": 4, "num_layers": 1}
+_CACHE: dict[str, Path] = {}
+
+
+def tiny_checkpoint(tmp_path_factory: Any, family: str) -> Path:
+    """The tiny ``family`` checkpoint, written once per session."""
+    if family not in _CACHE:
+        from lmms_engine.models.qwen_tiny import write_tiny_qwen_checkpoint
+
+        _CACHE[family] = write_tiny_qwen_checkpoint(tmp_path_factory.mktemp(family) / "checkpoint", family)
+    return _CACHE[family]
+
+
+def small_processing(config: Any) -> Any:
+    """Frames of at most 4 x 4 LLM tokens per group (tiny clips stay tiny)."""
+    from lmms_engine.data.qwen_vision import QwenVideoProcessing
+
+    f = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    return QwenVideoProcessing.for_model(config, min_pixels=4 * f * f, max_pixels=8 * f * f)
+
+
+def qwen_records(folder: Path) -> Path:
+    """Three records: two videos of different sizes and lengths (LLaVA form, Qwen content part), one text-only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_clip(folder / "a.mp4", 30, fps=10, size=(48, 96))
+    make_clip(folder / "b.mp4", 20, fps=10, size=(96, 48))
+    records = [
+        {"conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                           {"from": "gpt", "value": "A square moves."}], "video": "a.mp4"},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "b.mp4"},
+                                                   {"type": "text", "text": "Describe it."}]},
+                      {"role": "assistant", "content": "The shape moves left."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    path = folder / "records.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def qwen_dataset(checkpoint: Path, records: Path, **config: Any) -> Any:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmms_engine.data.qwen_dataset import build_qwen_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    processing = small_processing(AutoConfig.from_pretrained(checkpoint))
+    return build_qwen_dataset({"data_path": str(records), "max_frames": 8, **config}, tokenizer, processing)
+
+
+def collate(dataset: Any, indices: list[int], **collator: Any) -> dict[str, torch.Tensor]:
+    from lmms_engine.data.qwen_dataset import QwenVideoCollator
+
+    return QwenVideoCollator(pad_token_id=dataset.tokenizer.pad_token_id, **collator)([dataset[i] for i in indices])
