@@ -140,6 +140,11 @@ def test_packing_equals_padding(tmp_path_factory, records, family):
         b = model(**packed)
     for name in ("main_loss", "autoregressive_loss", "ar_mse"):
         assert torch.allclose(a.loss_components[name], b.loss_components[name], atol=1e-5), name
+    # the units the trainer counts before the step are the ones the forward sums over
+    for inputs, out in ((padded, a), (packed, b)):
+        counted = model.count_loss_units(inputs)
+        assert {k: int(v) for k, v in counted.items()} == {k: int(v) for k, v in out.loss_terms.counts().items()}
+    assert int(a.loss_terms.autoregressive["all"].count) == (2 + 1) * 6  # a: 3 groups, 2 windows; b: 2 groups
     # the packed row's logits at each sample's tokens equal the padded ones
     lengths = padded["attention_mask"].sum(1).tolist()
     order = [0, 1, 2]  # first-fit decreasing: all three fit in one row, longest first

@@ -36,6 +36,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.modeling_outputs import ModelOutput
 
 from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
+from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
 from lmms_engine.utils.config import ConfigError
 
 CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
@@ -47,9 +48,13 @@ class QwenVideoCausalLMOutput(ModelOutput):
     """Outputs of the engine's Qwen-VL models.
 
     Attributes:
-        loss: as :class:`~lmms_engine.models.llava_video.LlavaVideoCausalLMOutput`'s.
+        loss: this batch's objective under its own counts (``loss_terms.objective()``).
         logits: ``[B, L, V]``.
-        loss_components: detached scalars (``main_loss``, ``autoregressive_loss``, ``total_loss``, ``ar_*``).
+        loss_terms: the raw sums and counts of the loss contract (:mod:`lmms_engine.models.loss_terms`):
+            LM token-loss sum and label-token count, per autoregressive stream the squared-error sum and
+            supervised-target-token count; the trainer normalises them over the whole step.
+        loss_components: detached values of this batch alone (``main_loss``, ``autoregressive_loss``,
+            ``total_loss``, ``ar_*``).
         video_token_positions: per video, ``[t, h/2 * w/2]`` flat indices (``row * L + column``) of its
             ``<|video_pad|>`` tokens, one row per temporal group.
         vision_targets: per video, ``[t, h/2 * w/2, D_vision]`` detached targets (pre-merger features
@@ -61,6 +66,7 @@ class QwenVideoCausalLMOutput(ModelOutput):
     cache: Any = None
     hidden_states: Any = None
     attentions: Any = None
+    loss_terms: LossTerms | None = None
     loss_components: dict[str, torch.Tensor] | None = None
     video_token_positions: list[torch.Tensor] | None = None
     vision_targets: list[torch.Tensor] | None = None
@@ -168,6 +174,10 @@ class QwenVideoMixin:
     family: str = ""
     #: whether ``second_per_grid_ts`` is a model input (Qwen2.5-VL)
     uses_second_per_grid: bool = False
+    #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
+    accepts_loss_kwargs = False
+    #: The predictor keeps float32 weights in a half-precision model, also across a reload.
+    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor"]
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -374,8 +384,6 @@ class QwenVideoMixin:
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        num_videos_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> QwenVideoCausalLMOutput:
         """Forward on a collated batch (:class:`~lmms_engine.data.qwen_dataset.QwenVideoCollator`).
@@ -391,9 +399,13 @@ class QwenVideoMixin:
                 restarting at 0 per packed sample (M-RoPE then computed per sample), or ready 3-D/4-D ids.
             video_num_frames, video_row: the collator's bookkeeping (temporal groups per sample / video and
                 the row of each packed video); not needed by the computation.
-            num_items_in_batch, num_videos_in_batch: the step's label tokens / supervised videos, as the
-                trainer passes them (see :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`).
+
+        Returns:
+            :class:`QwenVideoCausalLMOutput`; nothing is scaled for gradient accumulation or ranks here.
         """
+        if "num_items_in_batch" in kwargs:
+            raise TypeError("num_items_in_batch is not taken: the forward returns raw loss sums and counts "
+                            "(output.loss_terms); normalise them over the step with LossTerms.objective(units)")
         cache = cache if cache is not None else past_key_values
         if use_cache is None and labels is not None:
             use_cache = False
@@ -429,51 +441,49 @@ class QwenVideoMixin:
         hidden = outputs.last_hidden_state
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
 
-        loss, components = None, None
-        positions = None
+        loss = terms = components = positions = None
         if labels is not None:
             positions = self.video_token_positions(input_ids, video_grid_thw) if has_video else []
-            loss, components = self._losses(logits, labels, hidden, positions, targets, pixel_values_videos,
-                                            video_grid_thw, module, num_items_in_batch, num_videos_in_batch)
+            terms = self._loss_terms(logits, labels, hidden, positions, targets, pixel_values_videos, video_grid_thw,
+                                     module)
+            loss = terms.objective()
+            components = terms.components()
         return QwenVideoCausalLMOutput(loss=loss, logits=logits, cache=getattr(outputs, "cache", None),
                                        hidden_states=getattr(outputs, "hidden_states", None),
                                        attentions=getattr(outputs, "attentions", None),
-                                       loss_components=components, video_token_positions=positions,
+                                       loss_terms=terms, loss_components=components,
+                                       video_token_positions=positions,
                                        vision_targets=targets)
 
-    def _losses(self, logits, labels, hidden, positions, targets, pixel_values_videos, video_grid_thw, module,
-                num_items_in_batch, num_videos_in_batch):
-        main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                  num_items_in_batch=num_items_in_batch)
-        share = None
-        main_mean = main
-        if num_items_in_batch is not None:
-            local = (labels[..., 1:] != -100).sum().to(main.device, main.dtype)
-            total = torch.as_tensor(num_items_in_batch, device=main.device, dtype=main.dtype)
-            share = local / total
-            main_mean = main * total / local.clamp(min=1)
-        loss = main
-        components = {"main_loss": main_mean.detach()}
-        total_mean = main_mean
+    def _loss_terms(self, logits: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor,
+                    positions: list[torch.Tensor], targets: list[torch.Tensor] | None,
+                    pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                    module: nn.Module | None) -> LossTerms:
+        """The raw sums and counts of the loss contract (:mod:`lmms_engine.models.loss_terms`)."""
+        ar_terms: dict[str, LossTerm] = {}
         if module is not None:
             if targets is None and pixel_values_videos is not None:
                 targets = self._copy_targets(module, pixel_values_videos, video_grid_thw)
-            ar = self._autoregressive_output(module, hidden, positions, targets or [], video_grid_thw)
-            ar_loss = ar.loss.to(main.dtype)
-            if num_videos_in_batch is not None:
-                videos = sum(int(p.shape[0] >= 2) for p in positions)
-                share = torch.as_tensor(videos / max(float(num_videos_in_batch), 1.0), device=main.device,
-                                        dtype=main.dtype)
-            loss = loss + (ar_loss if share is None else ar_loss * share)
-            total_mean = total_mean + ar_loss
-            components["autoregressive_loss"] = ar_loss.detach()
-            components["ar_mse"] = ar.mse.detach()
-            components["ar_copy_last_mse"] = ar.copy_last_mse.detach()
-            if ar.fast_loss is not None:
-                components["ar_fast_loss"] = ar.fast_loss.detach()
-                components["ar_slow_loss"] = ar.slow_loss.detach()
-        components["total_loss"] = total_mean.detach()
-        return loss, components
+            ar_terms = self._autoregressive_output(module, hidden, positions, targets or [], video_grid_thw).terms
+        return LossTerms(language_model=token_loss_sum(logits, labels), autoregressive=ar_terms,
+                         autoregressive_weight=module.loss_weight if module is not None else 0.0)
+
+    def count_loss_units(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Units of the loss terms ``forward`` returns for ``batch``, without running it: label tokens
+        after the shift and, with the autoregressive module, supervised target tokens per stream (each
+        video: its temporal groups on its own merged grid, from ``video_grid_thw``)."""
+        labels = batch["labels"]
+        module = getattr(self, "autoregressive_module", None)
+        autoregressive: dict[str, int] = {}
+        if module is not None:
+            autoregressive = {name: 0 for name in module.stream_names()}
+            grids = batch.get("video_grid_thw")
+            merge = self.config.vision_config.spatial_merge_size
+            for t, h, w in (grids.tolist() if grids is not None else []):
+                counts = module.supervised_target_counts([int(t)], int(h * w) // merge ** 2)
+                for name, count in counts.items():
+                    autoregressive[name] += count
+        return unit_counts(label_token_count(labels), autoregressive)
 
     def _autoregressive_output(self, module: nn.Module, hidden: torch.Tensor, positions: list[torch.Tensor],
                                targets: list[torch.Tensor], video_grid_thw: torch.Tensor | None) -> Any:
