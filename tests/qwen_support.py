@@ -35,7 +35,7 @@ def small_processing(config: Any) -> Any:
 
 
 def qwen_records(folder: Path) -> Path:
-    """Three records: two videos of different sizes and lengths (LLaVA form, Qwen content part), one text-only."""
+    """Four records: videos of different sizes and lengths (LLaVA form, Qwen content part, a time range), one text-only."""
     folder.mkdir(parents=True, exist_ok=True)
     make_clip(folder / "a.mp4", 30, fps=10, size=(48, 96))
     make_clip(folder / "b.mp4", 20, fps=10, size=(96, 48))
@@ -46,10 +46,27 @@ def qwen_records(folder: Path) -> Path:
                                                    {"type": "text", "text": "Describe it."}]},
                       {"role": "assistant", "content": "The shape moves left."}]},
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yes"}]},
+        {"conversations": [{"from": "human", "value": "Where does it go? <video>"},
+                           {"from": "gpt", "value": "Right."}], "video": "a.mp4", "video_start": 1.0},
     ]
     path = folder / "records.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def qwen_trainer_block(checkpoint: Path, records: Path, **overrides: Any) -> dict[str, Any]:
+    """A trainer block (YAML form) on the tiny checkpoint with the autoregressive loss."""
+    block: dict[str, Any] = {
+        "trainer_type": "autoregressive_trainer",
+        "model_config": {"model_name_or_path": str(checkpoint), "enable_autoregressive": True,
+                         "autoregressive_config": dict(QWEN_AR)},
+        "dataset_config": {"data_path": str(records), "max_frames": 8, "video_min_pixels": 3136,
+                           "video_max_pixels": 6272},
+        "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 3, "report_to": "none",
+        "disable_tqdm": True, "seed": 0, "per_device_train_batch_size": 2,
+    }
+    block.update(overrides)
+    return block
 
 
 def qwen_dataset(checkpoint: Path, records: Path, **config: Any) -> Any:

@@ -198,8 +198,10 @@ def test_real_model_configs_check_offline(name):
     sets = [] if importlib.util.find_spec("tensorboard") else ["report_to=none"]
     pipeline = load_pipeline_config(REPO / "examples" / "real" / name, sets)
     (block,) = pipeline.of_type("trainer")
-    assert block.model_config.model_name_or_path == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
-    assert block.model_config.autoregressive_config["embedding_dim"] == 1152  # SigLIP-so400m
+    path = block.model_config.model_name_or_path
+    assert path == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf" or path.startswith(("Qwen/Qwen2.5-VL-", "Qwen/Qwen3-VL-"))
+    # the vision width: SigLIP-so400m's and Qwen3-VL's 1152, Qwen2.5-VL's 1280
+    assert block.model_config.autoregressive_config["embedding_dim"] == (1280 if "Qwen2.5-VL" in path else 1152)
     assert block.training_args["bf16"] is True and block.trains_autoregressive
 
 
