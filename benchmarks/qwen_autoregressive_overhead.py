@@ -137,7 +137,8 @@ def main() -> None:
     lines = ["## Autoregressive loss on Qwen2.5-VL / Qwen3-VL (`benchmarks/qwen_autoregressive_overhead.py`)", "",
              machine_line(), "", f"Tiny models, one training step (forward, backward, AdamW) on 2 videos of 4 temporal "
              f"groups x 4 x 6 tokens + a text-only sample, 1 thread; {args.rounds} rounds x {args.steps} steps, "
-             "median (min-max over rounds) of the per-round medians, both setups in the same run:", "",
+             "median (min-max over rounds) of the per-round medians, both setups in the same run (the machine is shared: "
+             "read the ratio, measured round by round, rather than the absolute times):", "",
              "| family | video tokens | step with AR (ms) | step without (ms) | ratio with / without |",
              "|---|---|---|---|---|"]
     for row in rows:

@@ -196,3 +196,16 @@ def test_builder_errors_and_freezing(tmp_path_factory):
     assert model.autoregressive_module.target_encoder_mode == "copy"  # the tower trains: a frozen copy
     assert not any(p.requires_grad for p in model.autoregressive_module.target_encoder.parameters())
     assert model.autoregressive_module.config.embedding_dim == 64
+
+
+def test_fps_default_count_sampling_and_time_ranges(tmp_path_factory, records):
+    checkpoint = tiny_checkpoint(tmp_path_factory, "qwen3_vl")
+    by_fps = qwen_dataset(checkpoint, records)  # fps null: Qwen's 2 fps -> 3 s = 6 frames = 3 groups
+    by_count = qwen_dataset(checkpoint, records, force_sample=True, max_frames=4)  # exactly 4 frames
+    assert by_fps[0]["video_grid_thw"][0, 0] == 3 and by_count[0]["video_grid_thw"][0, 0] == 2
+    # record 3: a.mp4 from 1.0 s: frames at 1.0, 1.5, 2.0, 2.5 s -> groups at 1.25 and 2.25 s
+    ranged = by_fps[3]
+    assert ranged["video_grid_thw"][0, 0] == 2
+    text = by_fps.tokenizer.decode(ranged["input_ids"])
+    assert "<1.2 seconds><|vision_start|>" in text and "<2.2 seconds><|vision_start|>" in text
+    assert "<0.2 seconds>" not in text
