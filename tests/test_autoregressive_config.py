@@ -83,3 +83,12 @@ def test_not_a_mapping_and_direct_construction_are_checked():
         AutoregressiveConfig(num_hist="3")
     with pytest.raises(ValueError, match="window: invalid value 'some'"):
         AutoregressiveConfig(window="some")
+
+
+def test_vision_feature_layer_takes_what_the_model_takes_a_layer_or_a_list():
+    assert AutoregressiveConfig.from_dict({"vision_feature_layer": [-2, -1]}).vision_feature_layer == [-2, -1]
+    assert AutoregressiveConfig(vision_feature_layer=(0, 1)).vision_feature_layer == [0, 1]
+    with pytest.raises(ConfigError, match=r"vision_feature_layer: expected int or list\[int\], got \['a'\]"):
+        AutoregressiveConfig.from_dict({"vision_feature_layer": ["a"]})
+    with pytest.raises(ConfigError, match="vision_feature_layer"):
+        AutoregressiveConfig.from_dict({"vision_feature_layer": 1.5})

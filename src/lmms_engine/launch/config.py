@@ -290,8 +290,9 @@ def _vision_feature_size(model_config: Any) -> int | None:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
-    layer = getattr(config, "vision_feature_layer", -1)
-    return vision.hidden_size * (len(layer) if isinstance(layer, (list, tuple)) else 1)
+    from lmms_engine.models.vision import feature_size
+
+    return feature_size(vision.hidden_size, getattr(config, "vision_feature_layer", -1))
 
 
 def _check_model(raw: Any, where: str) -> Any:

@@ -42,7 +42,7 @@ EXTRA_MEANINGS: dict[str, dict[str, str]] = {
         "text_config": "keys of Qwen2Config overriding the tiny LLM (width 64, 2 layers)",
         "vision_feature_layer": "tower layer the LLM (and a shared autoregressive target) reads: -1 = the last "
                                 "(LLaVA-OneVision's choice), 0 = the patch embeddings, a linear function of "
-                                "the pixels",
+                                "the pixels; a list of layers is read concatenated",
         "vocab_size": "vocabulary size; None = the tokenizer's length",
         "video_token_id": "id of <video>; None = the tokenizer's",
         "image_token_id": "id of <image>; None = the tokenizer's",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, get_type_hints
 
-from lmms_engine.utils.config import ConfigError, from_mapping
+from lmms_engine.utils.config import ConfigError, coerce, from_mapping
 from lmms_engine.video.pooling import POOL_MODES, check_pool_args
 
 TargetEncoderMode = Literal["auto", "shared", "copy"]
@@ -52,8 +52,9 @@ class AutoregressiveConfig:
         window: ``all`` trains on every window of ``num_hist + 1`` frames (unfold), ``random`` on one
             random window per sample.
         vision_feature_layer, vision_feature_select_strategy: where targets are read from the tower
-            (``hidden_states[vision_feature_layer]``; ``default`` drops the first token, ``full`` keeps
-            all); the model sets them from its own config.
+            (``hidden_states[vision_feature_layer]``, a list of layers concatenated as the model reads
+            them; ``default`` drops the first token, ``full`` keeps all); the model sets them from its
+            own config.
     """
 
     embedding_dim: int = 1152
@@ -75,7 +76,7 @@ class AutoregressiveConfig:
     dropout: float = 0.0
     mlp_ratio: float = 4.0
     window: WindowMode = "all"
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: FeatureSelectStrategy = "full"
 
     def __post_init__(self) -> None:
@@ -121,23 +122,11 @@ class AutoregressiveConfig:
 
 
 def _check_field_types(config: AutoregressiveConfig) -> None:
-    """Type-check direct construction too (``from_dict`` already checks dict input)."""
+    """Type-check direct construction too (``from_dict`` already checks dict input), with the rules
+    ``from_mapping`` applies (:func:`~lmms_engine.utils.config.coerce`)."""
     hints = get_type_hints(type(config))
     for f in fields(config):
-        value, tp = getattr(config, f.name), hints[f.name]
-        if get_origin(tp) is Literal:
-            if value not in get_args(tp):
-                raise ValueError(f"{f.name}: invalid value {value!r}; valid: "
-                                 f"{', '.join(repr(a) for a in get_args(tp))}")
-            continue
-        ok = (isinstance(value, bool) if tp is bool
-              else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
-              else isinstance(value, tp) and not isinstance(value, bool) if tp is int
-              else isinstance(value, tp))
-        if not ok:
-            raise ValueError(f"{f.name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-        if tp is float:
-            setattr(config, f.name, float(value))
+        setattr(config, f.name, coerce(getattr(config, f.name), hints[f.name], f.name))
 
 
 __all__ = ["AutoregressiveConfig", "ConfigError", "LAYOUT_KEYS", "TargetEncoderMode", "WindowMode"]

@@ -38,6 +38,7 @@ from lmms_engine.models.layout import (
     VideoTokenTemplate,
     build_video_template,
 )
+from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.pooling import pooled_side, spatial_pool
@@ -199,8 +200,12 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
     @property
     def patch_side(self) -> int:
         """Side of the tower's square patch grid (``image_size // patch_size``)."""
-        vision = self.config.vision_config
-        return vision.image_size // vision.patch_size
+        return patch_grid_side(self.config.vision_config)
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Width of the tower features the projector reads (``vision_feature_layer``; a list concatenates)."""
+        return feature_size(self.config.vision_config.hidden_size, self.config.vision_feature_layer)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -269,7 +274,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                     f"are read where the LLM reads its features: remove the key"
                 )
             cfg[key] = model_value
-        cfg.setdefault("embedding_dim", _vision_feature_size(self.config))
+        cfg.setdefault("embedding_dim", self.vision_feature_size)
         if cfg.get("enable_multiscale_pooling"):
             layout = self.video_layout.to_dict()
             for key in ("mm_spatial_pool_stride", "mm_spatial_pool_mode", "add_faster_video"):
@@ -298,17 +303,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             ``(features [N, P, D_vision], projected [N, P, D_text])``: tower features at
             ``vision_feature_layer`` (after ``vision_feature_select_strategy``) and their projection.
         """
-        layer = self.config.vision_feature_layer
         tower = self.model.vision_tower
-        frames = frames.to(dtype=tower.dtype)
-        # a bare int would be read as a flag: layer 0 (the patch embeddings) is falsy and returned nothing
-        out = tower(frames, output_hidden_states=True, return_dict=True)
-        if isinstance(layer, int):
-            features = out.hidden_states[layer]
-        else:
-            features = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
+        features = select_features(tower, frames.to(dtype=tower.dtype), self.config.vision_feature_layer,
+                                   self.config.vision_feature_select_strategy)
         return features, self.model.multi_modal_projector(features)
 
     def _videos_of_batch(
@@ -365,17 +362,19 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             if found[r] == expected:
                 continue
             grid = f"under the layout {layout_cfg.to_dict()} with a {side}x{side} patch grid"
+            hint = ("; a video is never cut: truncate whole exchanges (dataset truncation: turns) or drop the "
+                    "sample, and expand <video> for the model's layout")
             if not packed:
                 n = num_frames[r]
                 reason = f"a {n}-frame video {grid}" if n else "no video"
                 raise ValueError(
                     f"sample {r} of the batch: expected {expected} video tokens (id {self.config.video_token_id}) "
-                    f"for {reason}, found {found[r]} in input_ids"
+                    f"for {reason}, found {found[r]} in input_ids{hint}"
                 )
             listed = ", ".join(f"video {v} ({num_frames[v]} frames, {counts[v]} tokens)" for v in videos)
             raise ValueError(
                 f"row {r} of the packed batch: expected {expected} video tokens (id {self.config.video_token_id}) "
-                f"for {listed or 'no video'} {grid}, found {found[r]} in input_ids"
+                f"for {listed or 'no video'} {grid}, found {found[r]} in input_ids{hint}"
             )
         runs: list[torch.Tensor] = []
         cursor = [0] * len(found)
@@ -484,7 +483,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         else:
             if keep_features:
                 features_out = torch.zeros(batch, max_frames, self._tokens_per_frame(),
-                                           _vision_feature_size(self.config), dtype=inputs_embeds.dtype, device=device)
+                                           self.vision_feature_size, dtype=inputs_embeds.dtype, device=device)
             inputs_embeds = self._touch_visual_parameters(inputs_embeds)
 
         layout = VideoTokenLayout(
@@ -519,7 +518,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             layout = _with_one_absent_frame(layout, batch)
             if shared:
                 vision_features = hidden_states.new_zeros(batch, 1, self._tokens_per_frame(),
-                                                          _vision_feature_size(self.config))
+                                                          self.vision_feature_size)
             else:
                 size = self.config.vision_config.image_size
                 pixel_values_videos = hidden_states.new_zeros(batch, 1, 3, size, size)
@@ -736,12 +735,6 @@ def _video_spans(hidden_states: torch.Tensor, layout: VideoTokenLayout) -> tuple
         return dataclasses.replace(index, positions=local)
 
     return spans, dataclasses.replace(layout, slow=shift(layout.slow), fast=shift(layout.fast))
-
-
-def _vision_feature_size(config: Any) -> int:
-    layer = config.vision_feature_layer
-    width = config.vision_config.hidden_size
-    return width if isinstance(layer, int) else width * len(layer)
 
 
 def _target_is_shared(module: nn.Module) -> bool:

@@ -49,12 +49,13 @@ class TinyConfig:
     (keys of ``SiglipVisionConfig`` / ``Qwen2Config``). Ids left ``None`` come from the tokenizer, else
     from the ``TINY_*`` constants. ``vision_feature_layer``: the tower layer the LLM (and a shared
     autoregressive target) reads; ``-1`` is LLaVA-OneVision's choice, ``0`` the patch embeddings, a
-    linear function of the pixels (the untrained tiny tower's deeper layers mix them randomly).
+    linear function of the pixels (the untrained tiny tower's deeper layers mix them randomly); a list
+    of layers is read concatenated.
     """
 
     vision_config: dict = field(default_factory=dict)
     text_config: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list[int] = -1
     vocab_size: int | None = None
     video_token_id: int | None = None
     image_token_id: int | None = None

@@ -39,11 +39,14 @@ def check_keys(data: Mapping[str, Any], valid: typing.Iterable[str], where: str)
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is typing.Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple, dict) and get_args(tp):
+        return f"{get_origin(tp).__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return ``value`` checked against the annotation ``tp`` (ints accepted for floats)."""
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp`` (ints accepted for floats); ConfigError
+    naming ``where`` otherwise."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -51,7 +54,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         errors = []
         for option in get_args(tp):
             try:
-                return _coerce(value, option, where)
+                return coerce(value, option, where)
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, "
@@ -71,10 +74,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
-            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_tp = args[0] if args else Any
-            items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+            items = [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin in (dict, typing.Mapping) or tp is dict:
         if not isinstance(value, Mapping):
@@ -125,7 +128,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     check_keys(data, fields, where)
     hints = get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+    kwargs = {key: coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
     missing = [name for name, f in fields.items() if name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
