@@ -1,11 +1,12 @@
 """One optimisation-step gradient of the real trainer on a fixed mixed data set, however it is split.
 
-``run(batch, accumulation, out)`` trains the tiny model with the autoregressive loss for two
+``run(batch, accumulation, out, autoregressive=None, logging_steps=1)`` trains the tiny model with the autoregressive loss for two
 optimisation steps at learning rate 0 (the weights stay fixed, so every step's gradient is taken at
 the same point) on four samples: step 1 = videos of 6 and 3 frames, step 2 = a text-only sample and a
 4-frame video. Before each optimiser step it records every parameter's gradient; rank 0 saves them
 with the training log to ``out``. Under ``torchrun --nproc_per_node=2`` (gloo) each rank takes one
-sample per step (accelerate hands batch ``i`` to rank ``i % 2``).
+sample per step (accelerate hands batch ``i`` to rank ``i % 2``). ``autoregressive`` overrides keys of
+:data:`AUTOREGRESSIVE`.
 
 Run as a script: ``python -m torch.distributed.run --nproc_per_node=2 loss_contract_run.py OUT``.
 """
@@ -48,7 +49,7 @@ def samples(model: Any) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def run(batch: int, accumulation: int, out: Path) -> None:
+def run(batch: int, accumulation: int, out: Path, autoregressive: dict | None = None, logging_steps: int = 1) -> None:
     from transformers import TrainerCallback, default_data_collator, set_seed
 
     from lmms_engine.models.builder import build_model
@@ -56,7 +57,8 @@ def run(batch: int, accumulation: int, out: Path) -> None:
 
     torch.set_num_threads(1)
     set_seed(0)
-    model = build_model({"enable_autoregressive": True, "autoregressive_config": AUTOREGRESSIVE})
+    model = build_model({"enable_autoregressive": True, "autoregressive_config": {**AUTOREGRESSIVE,
+                                                                                    **(autoregressive or {})}})
     grads: list[dict[str, torch.Tensor]] = []
 
     class RecordGradients(TrainerCallback):
@@ -66,7 +68,7 @@ def run(batch: int, accumulation: int, out: Path) -> None:
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
         max_steps=2, learning_rate=0.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        max_grad_norm=0.0, logging_steps=logging_steps, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
         train_sampling_strategy="sequential", ddp_find_unused_parameters=False, ddp_timeout=60,
         dataloader_drop_last=False,
     )

@@ -495,3 +495,25 @@ def test_llava_onevision_tower_is_accepted():
     frames = torch.randn(1, 4, 3, 64, 64)
     own = module.compute_autoregressive_loss(torch.randn(1, 4 * 64, 64), frames, return_output=True)
     assert own.num_targets == 3 * 64
+
+
+def test_short_clip_warnings_say_how_often_they_happened():
+    """A stream clipped to a short video, and a video shorter than a window, are counted per forward;
+    the warning comes at the 1st, 10th, 100th ... time and says in how many of how many batches."""
+    module = make_module(enable_multiscale_pooling=True, mm_spatial_pool_stride=4, use_fast_slow_frames=True,
+                         num_fast=4, num_slow=3, slow_stride=4)
+    long_enough = (torch.randn(1, 9 * 4, 32), torch.randn(1, 9, 64, WIDTH))
+    short = (torch.randn(1, 5 * 4, 32), torch.randn(1, 5, 64, WIDTH))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            hidden, targets = short if i % 2 else long_enough
+            module.compute_autoregressive_loss(hidden, target_features=targets)
+        for _ in range(8):
+            module.compute_autoregressive_loss(*short[:1], target_features=short[1])
+    messages = [str(w.message) for w in caught]
+    assert module.forward_count == 20 and module.event_counts == {"clip-slow": 14, "short": 20}  # slow: 3 frames < num_hist + 1
+    slow = [m for m in messages if "slow stream wants 3 frames 4 apart" in m]
+    assert len(slow) == 2 and slow[0].endswith("(in 1 of 2 batches so far)")
+    assert slow[1].endswith("(in 10 of 16 batches so far)")
+    assert len([m for m in messages if "usable frames" in m]) == 2

@@ -100,3 +100,22 @@ def test_step_objective_is_the_token_mean_of_both_terms(splits):
                                     for t in pair[1:])
         assert entry["main_loss"] == pytest.approx(lm, rel=1e-5)
         assert entry["autoregressive_loss"] == pytest.approx(AUTOREGRESSIVE["loss_weight"] * ar, rel=1e-5)
+
+
+def test_stream_metrics_average_only_over_steps_with_targets(tmp_path):
+    """Fast/slow streams: step 1 (6- and 3-frame videos) has slow-stream targets (frames 0 and 4 of the
+    6-frame video), step 2 (text-only, 4 frames) has none. Logged over a window of both steps,
+    ar_slow_loss is step 1's value (not pulled halfway to 0), ar_fast_loss the mean of both steps', and
+    the objective's parts still add up to HF's loss."""
+    streams = {"use_fast_slow_frames": True, "num_fast": 3, "fast_stride": 1, "num_slow": 2, "slow_stride": 4}
+    per_step, window = tmp_path / "per_step", tmp_path / "window"
+    run(2, 1, per_step, autoregressive=streams, logging_steps=1)
+    run(2, 1, window, autoregressive=streams, logging_steps=2)
+    steps, (logged,) = _result(per_step)["logs"], _result(window)["logs"]
+    assert "ar_slow_loss" in steps[0] and "ar_slow_loss" not in steps[1]  # a step without targets logs none
+    assert steps[0]["ar_slow_loss"] > 0
+    assert logged["ar_slow_loss"] == pytest.approx(steps[0]["ar_slow_loss"], rel=1e-5)
+    assert logged["ar_fast_loss"] == pytest.approx((steps[0]["ar_fast_loss"] + steps[1]["ar_fast_loss"]) / 2, rel=1e-5)
+    for key in ("main_loss", "autoregressive_loss", "total_loss", "loss"):
+        assert logged[key] == pytest.approx((steps[0][key] + steps[1][key]) / 2, rel=1e-5), key
+    assert logged["main_loss"] + logged["autoregressive_loss"] == pytest.approx(logged["loss"], rel=1e-5)

@@ -7,7 +7,7 @@ Shapes and conventions
 ----------------------
 - Per-frame hidden states ``[B, T, P', hidden_size]`` come either from a
   :class:`~lmms_engine.models.layout.VideoTokenLayout` (gathered at each frame's patch tokens; newline
-  and faster tokens skipped; frames cut by truncation and samples without video masked) or, without a
+  and faster tokens skipped; absent frames and samples without video masked) or, without a
   layout, from ``hidden_states`` that are exactly the video tokens, frame-major: ``T x P'`` tokens,
   ``P'`` = the tower's full patch grid (e.g. 8x8 = 64 for a 64 px / patch-8 tower) unless
   ``enable_multiscale_pooling`` pools it with ``mm_spatial_pool_stride`` / ``mm_spatial_pool_mode``
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
 from lmms_engine.models.loss_terms import LossTerm, autoregressive_mean
+from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
 from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.masks import frame_causal_mask
 from lmms_engine.video.pooling import pooled_side, spatial_pool
@@ -169,8 +170,8 @@ VARIABLE_GRID_TABLE_SIDE = 16
 
 
 def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
-    """(feature size, patch grid side) of a ViT-style tower from its config; towers of variable frame
-    size (a ``spatial_merge_size``, no ``image_size``: Qwen-VL) get :data:`VARIABLE_GRID_TABLE_SIDE`."""
+    """(width, patch grid side) of a ViT-style tower from its config; towers of variable frame size (a
+    ``spatial_merge_size``, no ``image_size``: Qwen-VL) get :data:`VARIABLE_GRID_TABLE_SIDE`."""
     config = getattr(vision_tower, "config", None)
     if isinstance(vision_tower, nn.Module) and config is not None and not hasattr(config, "image_size") \
             and hasattr(config, "spatial_merge_size") and hasattr(config, "hidden_size"):
@@ -182,7 +183,7 @@ def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
             f"patch_size (e.g. transformers' SiglipVisionModel, model.model.vision_tower); got "
             f"{type(vision_tower).__name__}"
         )
-    return int(config.hidden_size), int(config.image_size) // int(config.patch_size)
+    return int(config.hidden_size), patch_grid_side(config)
 
 
 class AutoregressiveReconstructionModule(nn.Module):
@@ -210,11 +211,13 @@ class AutoregressiveReconstructionModule(nn.Module):
         super().__init__()
         if not isinstance(config, AutoregressiveConfig):
             config = AutoregressiveConfig.from_dict(config)
-        feature_size, patch_side = _tower_geometry(vision_tower)
-        if config.embedding_dim != feature_size:
+        width, patch_side = _tower_geometry(vision_tower)
+        features = feature_size(width, config.vision_feature_layer)
+        if config.embedding_dim != features:
             raise ValueError(
                 f"autoregressive_config.embedding_dim ({config.embedding_dim}) must equal the vision "
-                f"tower's feature size ({feature_size}): the targets are the tower's features"
+                f"tower's feature size ({features}) at vision_feature_layer={config.vision_feature_layer!r}: "
+                f"the targets are the tower's features"
             )
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -236,6 +239,12 @@ class AutoregressiveReconstructionModule(nn.Module):
             self.target_encoder = None
         self.predictor = FramePredictor(hidden_size, config, patch_side)
         self._warned: set[str] = set()
+        #: Forwards of :meth:`compute_autoregressive_loss`, and per event (``clip-fast``, ``clip-slow``:
+        #: a stream clipped to a short video; ``short``: a video shorter than a window) in how many of them
+        #: it happened.
+        self.forward_count = 0
+        self.event_counts: dict[str, int] = {}
+        self._events_now: set[str] = set()
 
     # -- public helpers ----------------------------------------------------------------------------
 
@@ -307,11 +316,8 @@ class AutoregressiveReconstructionModule(nn.Module):
             if gathers_weights(encoder):  # the other ranks' forwards gather its weights: take part
                 encoder(pixel_values=video_frames.new_zeros(1, 3, size, size, dtype=dtype))
             return out
-        hidden = encoder(pixel_values=video_frames[used].to(dtype), output_hidden_states=True,
-                         return_dict=True).hidden_states
-        feats = hidden[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
+        feats = select_features(encoder, video_frames[used].to(dtype), self.config.vision_feature_layer,
+                                self.config.vision_feature_select_strategy)
         out[used] = self._check_features(feats, "the target encoder's features")
         return out
 
@@ -358,6 +364,8 @@ class AutoregressiveReconstructionModule(nn.Module):
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must be [B, L, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        self.forward_count += 1
+        self._events_now: set[str] = set()
         num_frames = self._num_frames(video_frames, target_features, video_token_layout)
         if video_token_layout is not None:
             frame_hidden, valid, stride, mode = self.gather_layout(hidden_states, video_token_layout)
@@ -419,6 +427,18 @@ class AutoregressiveReconstructionModule(nn.Module):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"autoregressive reconstruction: {message}", stacklevel=stacklevel)
+
+    def _warn_counted(self, key: str, message: str, stacklevel: int) -> None:
+        """Count an event of this forward; warn at its 1st, 10th, 100th, ... occurrence with how often it
+        happened so far (``event_counts``), so a short-clip warning says whether it is rare or the rule."""
+        if key in self._events_now:
+            return
+        self._events_now.add(key)
+        seen = self.event_counts.get(key, 0) + 1
+        self.event_counts[key] = seen
+        if seen == 10 ** (len(str(seen)) - 1):
+            warnings.warn(f"autoregressive reconstruction: {message} (in {seen} of {self.forward_count} "
+                          f"batches so far)", stacklevel=stacklevel)
 
     def _check_encoder_frozen(self, stacklevel: int) -> None:
         if self.target_encoder is not None:
@@ -553,9 +573,9 @@ class AutoregressiveReconstructionModule(nn.Module):
             for (name, idx), stride, wanted in zip(streams, (cfg.fast_stride, cfg.slow_stride),
                                                    (cfg.num_fast, cfg.num_slow)):
                 if len(idx) < wanted:
-                    self._warn_once(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
-                                    f"(a span of {(wanted - 1) * stride + 1} frames) but the video has "
-                                    f"{num_frames}; using {len(idx)}", stacklevel=4)
+                    self._warn_counted(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
+                                       f"(a span of {(wanted - 1) * stride + 1} frames) but the video has "
+                                       f"{num_frames}; using {len(idx)}", stacklevel=4)
         return streams
 
     def _window_candidates(self, valid: torch.Tensor, warn: bool = True) -> list[tuple[list[int], int]]:
@@ -566,17 +586,19 @@ class AutoregressiveReconstructionModule(nn.Module):
         full = self.config.num_hist + 1
         ok = valid.unfold(1, full, 1).all(-1) if k >= full else torch.zeros(b, 0, dtype=torch.bool)
         found: list[tuple[list[int], int]] = []
+        short = None
         for sample in range(b):
             starts = ok[sample].nonzero().flatten().tolist()
             length = full
             if not starts:
                 lead = int(valid[sample].long().cumprod(0).sum())
                 starts, length = ([0], lead) if lead >= 2 else ([], 0)
-                if starts and warn:
-                    self._warn_once("short", f"a frame sequence with {lead} usable frames is shorter than "
-                                    f"num_hist + 1 = {full}: using a window of {lead} frames ({lead - 1} history)",
-                                    stacklevel=6)
+                short = lead if starts and short is None else short
             found.append((starts, length))
+        if short is not None and warn:
+            self._warn_counted("short", f"a frame sequence with {short} usable frames is shorter than "
+                               f"num_hist + 1 = {full}: using a window of {short} frames ({short - 1} history)",
+                               stacklevel=6)
         return found
 
     def _windows(self, valid: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
