@@ -185,6 +185,18 @@ def test_token_count_mismatch_names_sample_and_counts() -> None:
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_a_video_cut_by_truncation_is_rejected_not_masked() -> None:
+    """One behaviour for frames lost to truncation: the model raises and says how to keep videos whole
+    (a cut inside the run would shift every later frame onto the wrong tokens)."""
+    model = make_model()
+    ids, mask, pixels, num = make_batch(model, [2, 2], max_frames=2)
+    cut = int((ids[1] == model.config.video_token_id).nonzero().max()) - 5  # right truncation inside the video
+    ids, mask = ids[:, :cut], mask[:, :cut]
+    with pytest.raises(ValueError, match=r"sample 0 of the batch: expected 33 video tokens .* found 27 .*never "
+                                         r"cut: truncate whole exchanges"):
+        model(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, video_num_frames=num, labels=ids)
+
+
 def hf_twin(model: LlavaVideoForConditionalGeneration) -> LlavaOnevisionForConditionalGeneration:
     """Plain transformers' model with the same config and weights (strict: no key of ours is missing)."""
     reference = LlavaOnevisionForConditionalGeneration(model.config).eval()

@@ -162,8 +162,9 @@ class FrameTokenIndex:
 
     Attributes:
         positions: ``[B, T, h*w]`` sequence index of each pooled patch token (row-major), -1 where the
-            token is absent: the sample has no video / fewer frames, the frame is at another scale
-            (faster video), or truncation cut it.
+            token is absent: the sample has no video / fewer frames, or the frame is at another scale
+            (faster video). Video tokens are never cut (the model rejects a cut video, see
+            docs/design.md).
         frame_mask: ``[B, T]`` True where every patch token of that frame is present.
         grid_side: the pooled grid side ``h = w`` of the frames indexed here.
         pool_stride: the spatial pool stride that produced that grid.
