@@ -209,3 +209,32 @@ def test_fps_default_count_sampling_and_time_ranges(tmp_path_factory, records):
     text = by_fps.tokenizer.decode(ranged["input_ids"])
     assert "<1.2 seconds><|vision_start|>" in text and "<2.2 seconds><|vision_start|>" in text
     assert "<0.2 seconds>" not in text
+
+
+def test_generation_equals_transformers_and_evaluate_block(tmp_path_factory, tmp_path, records):
+    """Greedy answers of the engine's class equal plain transformers'; the evaluate block scores a Qwen-VL
+    checkpoint (accuracy; reconstruction skipped with its reason)."""
+    from lmms_engine.data.qwen_dataset import QwenVideoCollator
+    from lmms_engine.eval.config import run_evaluate
+
+    checkpoint = tiny_checkpoint(tmp_path_factory, "qwen3_vl")
+    dataset = qwen_dataset(checkpoint, records)
+    prompts = [dataset.generation_sample(i) for i in range(3)]
+    batch = QwenVideoCollator(pad_token_id=dataset.tokenizer.pad_token_id, padding_side="left")(prompts)
+    batch.pop("labels")
+    ours = qwen_model_class("qwen3_vl").from_pretrained(checkpoint).eval()
+    plain = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    inputs = _plain_inputs(batch, plain.config)
+    expected = plain.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=4, do_sample=False), expected)
+
+    trained = tmp_path / "trained"
+    _build(checkpoint, autoregressive_config=QWEN_AR).save_pretrained(trained)
+    dataset.tokenizer.save_pretrained(trained)
+    results = run_evaluate({"checkpoint": str(trained), "data_path": str(records), "output_dir": str(tmp_path),
+                            "dataset_config": {"data_path": str(records), "video_min_pixels": 4096,
+                                               "video_max_pixels": 8192},
+                            "max_new_tokens": 4, "device": "cpu", "progress": False})
+    assert results["num_samples"] == 4 and 0.0 <= results["accuracy"]["overall"]["accuracy"] <= 1.0
+    assert "not available for qwen3_vl" in results["reconstruction"]["skipped"]
+    assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 4

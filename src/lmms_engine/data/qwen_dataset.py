@@ -232,18 +232,23 @@ class QwenVideoCollator(VideoSFTCollator):
         return out
 
 
+def qwen_processing(model_config: Any, dataset_config: DatasetConfig) -> QwenVideoProcessing:
+    """The family's video processing with ``dataset_config``'s ``video_*_pixels`` overrides."""
+    return QwenVideoProcessing.for_model(model_config, min_pixels=dataset_config.video_min_pixels,
+                                         max_pixels=dataset_config.video_max_pixels,
+                                         total_pixels=dataset_config.video_total_pixels)
+
+
 def build_qwen_data(model_config: Any, dataset_config: DatasetConfig, tokenizer: Any, with_eval: bool
                     ) -> tuple[QwenVideoSFTDataset, QwenVideoSFTDataset | None, QwenVideoCollator]:
     """The train dataset, the eval dataset (``with_eval``) and the collator for a Qwen-VL model config."""
     from lmms_engine.data.collator import build_collator
 
-    processing = QwenVideoProcessing.for_model(model_config, min_pixels=dataset_config.video_min_pixels,
-                                               max_pixels=dataset_config.video_max_pixels,
-                                               total_pixels=dataset_config.video_total_pixels)
+    processing = qwen_processing(model_config, dataset_config)
     train = build_qwen_dataset(dataset_config, tokenizer, processing, split="train")
     evaluation = build_qwen_dataset(dataset_config, tokenizer, processing, split="eval") if with_eval else None
     return train, evaluation, QwenVideoCollator(**dataclasses.asdict(build_collator(dataset_config, tokenizer)))
 
 
-__all__ = ["QwenProcessorInfo", "build_qwen_data", "QwenVideoCollator", "QwenVideoSFTDataset", "build_qwen_dataset",
+__all__ = ["QwenProcessorInfo", "build_qwen_data", "qwen_processing", "QwenVideoCollator", "QwenVideoSFTDataset", "build_qwen_dataset",
            "check_video_template"]

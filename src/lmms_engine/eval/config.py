@@ -46,7 +46,8 @@ class EvaluateConfig:
 
     Attributes:
         checkpoint: model folder written by training (``output_dir`` or a ``checkpoint-N`` inside
-            it), or any LLaVA-OneVision checkpoint in HF format.
+            it), or any LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint in HF format (Qwen-VL: accuracy
+            only for now; reconstruction is skipped with a note).
         data_path: held-out records (JSON list or JSONL, LLaVA ``conversations`` or OpenAI ``messages``;
             the last assistant turn is the reference, metadata ``question_type``/``options`` are used
             when present). With ``dataset_config`` it replaces that block's ``eval_data_path``.
@@ -236,6 +237,7 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
     from lmms_engine.eval.accuracy import score_predictions, write_predictions
     from lmms_engine.eval.generation import generate_answers, prompt_loader, stop_token_ids, to_predictions
     from lmms_engine.eval.reconstruction import ReconstructionAccumulator, batch_reconstruction_errors
+    from lmms_engine.models.qwen_vl_common import is_qwen_model
 
     cfg = config if isinstance(config, EvaluateConfig) else from_mapping(EvaluateConfig, config, where)
     try:
@@ -247,16 +249,29 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
     tokenizer = _load_tokenizer(cfg, where)
     model = load_model(cfg, tokenizer)
     device = next(model.parameters()).device
-    info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
-    dataset = build_dataset(dataset_config, tokenizer, info, split="eval")
+    qwen = is_qwen_model(model)
+    if qwen:
+        from lmms_engine.data.qwen_dataset import QwenVideoCollator, build_qwen_dataset, qwen_processing
+
+        dataset = build_qwen_dataset(dataset_config, tokenizer, qwen_processing(model.config, dataset_config), "eval")
+        collator_cls: type = QwenVideoCollator
+    else:
+        from lmms_engine.data.collator import VideoSFTCollator
+
+        info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
+        dataset = build_dataset(dataset_config, tokenizer, info, split="eval")
+        collator_cls = VideoSFTCollator
     loader = prompt_loader(dataset, tokenizer, cfg.batch_size, limit=cfg.max_samples,
-                           num_workers=cfg.dataloader_num_workers)
+                           num_workers=cfg.dataloader_num_workers, collator_cls=collator_cls)
     num_samples = len(loader.dataset)
 
     want_accuracy = "accuracy" in cfg.metrics
     module = getattr(model, "autoregressive_module", None)
-    want_recon = "reconstruction" in cfg.metrics and module is not None
+    want_recon = "reconstruction" in cfg.metrics and module is not None and not qwen
     skipped = None
+    if "reconstruction" in cfg.metrics and module is not None and qwen:
+        skipped = f"the next-frame reconstruction metric is not available for {model.config.model_type} checkpoints yet"
+        logger.warning("reconstruction metric skipped: %s", skipped)
     if "reconstruction" in cfg.metrics and module is None:
         skipped = "the checkpoint has no autoregressive module (enable_autoregressive is false in its config.json)"
         logger.warning("reconstruction metric skipped: %s", skipped)

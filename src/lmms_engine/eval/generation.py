@@ -51,10 +51,11 @@ class PromptBatch:
 
 
 class PromptCollator:
-    """Left-pads prompts with :class:`~lmms_engine.data.collator.VideoSFTCollator`; keeps references."""
+    """Left-pads prompts with :class:`~lmms_engine.data.collator.VideoSFTCollator` (or ``collator_cls``,
+    e.g. the Qwen-VL collator); keeps references."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.collator = VideoSFTCollator(pad_token_id=pad_token_id, padding_side="left")
+    def __init__(self, pad_token_id: int, collator_cls: type = VideoSFTCollator) -> None:
+        self.collator = collator_cls(pad_token_id=pad_token_id, padding_side="left")
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> PromptBatch:
         inputs = self.collator(samples)
@@ -64,13 +65,13 @@ class PromptCollator:
 
 
 def prompt_loader(dataset: Any, tokenizer: Any, batch_size: int, *, limit: int | None = None,
-                  num_workers: int = 0) -> DataLoader:
+                  num_workers: int = 0, collator_cls: type = VideoSFTCollator) -> DataLoader:
     """Batches of :class:`PromptBatch` over ``dataset``'s records in file order (videos decoded in
     ``num_workers`` worker processes when > 0)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return DataLoader(GenerationPrompts(dataset, limit), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=PromptCollator(tokenizer.pad_token_id))
+                      num_workers=num_workers, collate_fn=PromptCollator(tokenizer.pad_token_id, collator_cls))
 
 
 def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
