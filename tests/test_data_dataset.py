@@ -206,16 +206,23 @@ def test_broken_video_is_skipped_in_dataloader_workers(tok, data_dir, num_worker
     assert all("record 1" in e or "record 3" in e for e in report.examples["broken_video"])
 
 
-def test_bad_records_skipped_at_build_are_reported(tok, data_dir):
+def test_bad_records_found_lazily_or_at_start_are_reported(tok, data_dir):
     path = write(data_dir, "bad.json", [
         qa("videos/train_00000.mp4", "A?", "a"), qa("videos/nope.mp4", "B?", "b"),
         qa(None, "C?", "c") | {"colour": "red"}, {"conversations": []}, qa(None, "<video>\nD?", "d")])
+    expected = {"missing_video": 1, "unknown_field": 1, "empty_conversation": 1, "placeholder_without_video": 1}
+    lazy = build_dataset({"data_path": path}, tok, INFO)  # nothing parsed yet
+    assert len(lazy) == 5 and lazy[0]["index"] == 0
     with pytest.raises(BadRecordError, match=r"bad.json: record 1: video file .*nope.mp4' does not exist"):
-        build_dataset({"data_path": path}, tok, INFO)
-    ds = build_dataset({"data_path": path, "on_bad_record": "skip"}, tok, INFO)
-    assert len(ds) == 1
-    assert ds.bad_record_report().counts == {"missing_video": 1, "unknown_field": 1, "empty_conversation": 1,
-                                             "placeholder_without_video": 1}
+        lazy[1]
+    with pytest.raises(BadRecordError, match=r"bad.json: record 1: video file .*nope.mp4' does not exist"):
+        build_dataset({"data_path": path, "check_records": "at_start"}, tok, INFO)
+    skipping = build_dataset({"data_path": path, "on_bad_record": "skip"}, tok, INFO)
+    assert [skipping[i]["index"] for i in range(5)] == [0] * 5  # each bad record replaced by the next good one
+    assert skipping.bad_record_report().counts == expected
+    early = build_dataset({"data_path": path, "on_bad_record": "skip", "check_records": "at_start"}, tok, INFO)
+    assert early.bad_record_report().counts == expected  # known before any sample is loaded
+    assert early[1]["index"] == 0
 
 
 def test_config_errors(tok, data_dir):

@@ -143,17 +143,21 @@ def test_a_blocked_read_in_a_dataloader_worker_reaches_the_main_report(tok, vide
 
 def test_the_json_report_lists_every_failed_record(tok, videos, tmp_path):
     records = [qa(videos / "broken.mp4", f"Q{i}?") for i in range(5)] + [qa(videos / "a.mp4")]
-    records.insert(2, qa(videos / "gone.mp4"))  # left out while reading (missing_video)
+    records.insert(2, qa(videos / "gone.mp4"))  # invalid when parsed (missing_video)
     path = write(tmp_path, records)
     ds = build_dataset({"data_path": path, "on_bad_record": "skip", "max_frames": 2}, tok, INFO)
-    assert [ds[i]["index"] for i in range(len(ds))] == [5] * 6
+    assert [ds[i]["index"] for i in range(len(ds))] == [6] * 7
     written = json.loads(ds.write_report(tmp_path / "report.json").read_text())
     assert written["counts"] == {"broken_video": 5, "missing_video": 1} and written["num_records"] == 7
     wheres = [(e["reason"], e["where"]) for e in written["records"]]
-    assert wheres == [("missing_video", f"{path}: record 2")] + [
-        ("broken_video", f"{path}: record {i}") for i in (0, 1, 3, 4, 5)]
-    assert all(e["video"] == str(videos / "broken.mp4") for e in written["records"][1:])
-    assert "gone.mp4" in written["records"][0]["message"]
+    assert wheres == [("broken_video", f"{path}: record {i}") if i != 2 else ("missing_video", f"{path}: record 2")
+                      for i in range(6)]
+    assert [e["video"] for e in written["records"]] == [str(videos / "broken.mp4")] * 2 + [None] + \
+        [str(videos / "broken.mp4")] * 3
+    assert "gone.mp4" in written["records"][2]["message"]
+    assert written["sources"] == [{"name": "data.json", "path": str(path), "data_type": "json",
+                                   "sampling_strategy": "all", "records_in_file": 7, "selected": 7, "skipped": 6,
+                                   "skipped_by_reason": {"broken_video": 5, "missing_video": 1}}]
     assert len(ds.bad_record_report().examples["broken_video"]) == 3  # the log keeps three examples
 
 
@@ -162,8 +166,8 @@ def test_exceeding_the_error_budget_stops_with_a_clear_error(tok, videos, tmp_pa
     records = [qa(videos / "a.mp4"), qa(videos / "broken.mp4"), qa(videos / "b.mp4"), qa(videos / "gone.mp4"),
                qa(None, "Hi?", "Hello.")]
     path = write(tmp_path, records)
-    config = {"data_path": path, "on_bad_record": "skip", "max_frames": 2}
-    # 1 of 5 left out while reading: 20% > 10% -> the build itself fails
+    config = {"data_path": path, "on_bad_record": "skip", "max_frames": 2, "check_records": "at_start"}
+    # 1 of 5 found bad while checking: 20% > 10% -> the build itself fails
     with pytest.raises(BadRecordBudgetError, match=r"1 of 5 records are bad \(20\.00%\), more than "
                                                    r"dataset_config\.max_bad_fraction=0\.1 allows"):
         build_dataset(config | {"max_bad_fraction": 0.1}, tok, INFO)

@@ -1,8 +1,9 @@
 """Video SFT dataset: LLaVA / OpenAI-style records -> token ids, labels and normalised frames.
 
-``build_dataset(dataset_config, tokenizer, processor_info)`` reads and validates every record up front
-(structure, roles, placeholders, that each video file exists); videos are decoded lazily in
-``__getitem__``. Each sample is a dict::
+``build_dataset(dataset_config, tokenizer, processor_info)`` opens the data sources (a file, a list of
+files or a mixture: ``lmms_engine.data.sources``) and indexes their records without parsing them; a record
+is parsed and validated (structure, roles, placeholders, that each video file exists) and its video
+decoded in ``__getitem__``. Each sample is a dict::
 
     input_ids            long [L]
     labels               long [L]            (-100 except assistant contents and their end token)
@@ -12,9 +13,9 @@
 
 Bad records (see ``records.BAD_RECORD_REASONS``): with ``on_bad_record: raise`` the first one raises a
 :class:`~lmms_engine.data.records.BadRecordError` naming the file, the record index and the reason; with
-``skip`` it is counted (``bad_record_report()``) and logged. Records found bad while reading the file are
-left out of the dataset. A record that fails in ``__getitem__`` (a video that does not decode, a sample
-too long for ``max_length``) is replaced by the next good record in file order (``i+1, i+2, ...``,
+``skip`` it is counted (``bad_record_report()``, per reason and per source) and logged. A record that
+fails in ``__getitem__`` (invalid, a video that does not decode, a sample too long for ``max_length``)
+is replaced by the next good record in file order (``i+1, i+2, ...``,
 wrapping): the replacement depends only on which records are bad, so it is deterministic, and a
 DataLoader worker never dies on one bad file. Failures found in worker processes are recorded in a
 shared-memory table, so the report of the main process counts them too.
@@ -22,7 +23,7 @@ shared-memory table, so the report of the main process counts them too.
 Video reads have a deadline (``decode_timeout``): a read that blocks (a pipe nobody writes, a stalled
 mount) or is too slow is abandoned and the record is replaced as above, counted under
 ``decode_timeout``; a job never hangs on one file. ``max_bad_fraction`` bounds the records known bad
-(left out while reading, or failed when loaded; over-long ones are not counted): past it the dataset
+(failed when loaded; over-long ones are not counted): past it the dataset
 raises :class:`BadRecordBudgetError`. ``write_report(path)`` writes the report as JSON with every failed
 record's location and video file.
 
@@ -52,18 +53,8 @@ from torch.utils.data import Dataset
 from lmms_engine.data.chat import EncodedConversation, encode_conversation, video_token_id
 from lmms_engine.data.lengths import LengthEstimate, estimate_lengths, kept_length
 from lmms_engine.data.preprocess import ProcessorInfo, frames_to_pixel_values
-from lmms_engine.data.records import (
-    BAD_RECORD_REASONS,
-    BadRecordError,
-    ConversationRecord,
-    DataFileError,
-    Turn,
-    default_video_folder,
-    iter_raw_records,
-    no_usable_records,
-    parse_record,
-    record_location,
-)
+from lmms_engine.data.records import BAD_RECORD_REASONS, BadRecordError, ConversationRecord, DataFileError, Turn
+from lmms_engine.data.sources import LazyRecords, SourceConfig, open_sources, resolve_sources
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.video.sampling import SamplingSpec
 
@@ -78,9 +69,20 @@ class DatasetConfig:
     """The ``dataset_config`` block.
 
     Attributes:
-        data_path: training records, a JSON list or JSONL of LLaVA or OpenAI-style records.
-        eval_data_path: held-out records in the same format (``build_dataset(..., split="eval")``).
-        video_folder: folder that relative video paths start from; default: each data file's folder.
+        data_path: training records: a record file (JSON list, JSONL, Parquet, Arrow, or a ``datasets``
+            folder) of LLaVA or OpenAI-style records, a list of record files, or a LLaVA-NeXT mixture
+            file (YAML/JSON ``datasets: [{json_path, sampling_strategy, video_folder, image_folder}]``);
+            see ``lmms_engine.data.sources`` and docs/data.md. Records are read lazily.
+        eval_data_path: held-out records in the same forms (``build_dataset(..., split="eval")``).
+        video_folder: folder that relative video paths start from; default: each data file's folder (a
+            mixture entry's own ``video_folder`` wins).
+        image_folder: the same for image paths.
+        sampling_seed: seed of the mixtures' ``random:`` sampling strategies (source k draws with
+            ``sampling_seed + k``): the same seed always selects the same records.
+        check_records: ``on_load`` (records are parsed and validated when first loaded: start-up does
+            not depend on the data size) or ``at_start`` (every record is parsed and validated when the
+            dataset is built, before training: with ``on_bad_record: raise`` the first bad one stops
+            the run there; with ``skip`` they are reported at once and never loaded).
         max_frames: frames sampled per video (uniformly, or the cap when ``fps`` is set).
         fps: sample at this many frames per second (capped at ``max_frames``); None = uniform.
         force_sample: with ``fps``: always exactly ``max_frames`` frames, spread uniformly (LLaVA-NeXT).
@@ -98,7 +100,7 @@ class DatasetConfig:
             metadata probe of ``drop_long_before_loading``.
         max_bad_fraction: most records known bad, as a fraction of the data file's records, before
             training stops with an error naming the count and the report; null = no limit. Counted:
-            records left out while reading the file and records that fail when loaded (broken video,
+            records that fail when loaded (invalid records, broken video,
             decode timeout); over-long records (``too_long``) are a length policy and are not counted.
         drop_long_before_loading: with ``max_length`` set, estimate each record's length from its
             video's container metadata (frame count, duration; no decoding) when the dataset is built,
@@ -116,9 +118,12 @@ class DatasetConfig:
             2 fps (capped at ``max_frames``).
     """
 
-    data_path: str
-    eval_data_path: str | None = None
+    data_path: str | list[str]
+    eval_data_path: str | list[str] | None = None
     video_folder: str | None = None
+    image_folder: str | None = None
+    sampling_seed: int = 0
+    check_records: Literal["on_load", "at_start"] = "on_load"
     max_frames: int = 8
     fps: float | None = None
     force_sample: bool = False
@@ -139,7 +144,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if not self.data_path:
-            raise ValueError("data_path must name a JSON or JSONL file of records")
+            raise ValueError("data_path must name a record file, a list of record files or a mixture file")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.fps is not None and self.fps <= 0:
@@ -168,13 +173,17 @@ class DatasetConfig:
 class BadRecordReport:
     """Bad records of one dataset: ``counts[reason]``, up to three example messages per reason, and
     ``records``: every failed record as ``{"reason", "where" (file: record i (line n)), "video" (its file,
-    or None when unknown), "message"}``, records left out while reading first, then by record."""
+    or None when unknown), "source" (its source's name), "message"}``, records left out before loading
+    first, then by record. ``sources``: per source ``{"name", "path", "data_type", "sampling_strategy",
+    "records_in_file", "selected" (records the sampling strategy gave), "skipped" (bad records found so
+    far), "skipped_by_reason"}``."""
 
     source: str
     num_records: int
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_bad(self) -> int:
@@ -185,15 +194,21 @@ class BadRecordReport:
         return {"source": self.source, "num_records": self.num_records, "num_bad": self.num_bad,
                 "counts": dict(sorted(self.counts.items())),
                 "reasons": {reason: BAD_RECORD_REASONS[reason] for reason in sorted(self.counts)},
+                "sources": [dict(entry) for entry in self.sources],
                 "records": [dict(entry) for entry in self.records]}
 
     def __str__(self) -> str:
         if not self.num_bad:
-            return f"{self.source}: no bad records among {self.num_records}"
-        lines = [f"{self.source}: {self.num_bad} bad record(s) among {self.num_records}, skipped:"]
+            lines = [f"{self.source}: no bad records among {self.num_records}"]
+        else:
+            lines = [f"{self.source}: {self.num_bad} bad record(s) among {self.num_records}, skipped:"]
         for reason, count in sorted(self.counts.items()):
             lines.append(f"  {reason}: {count} ({BAD_RECORD_REASONS[reason]})")
             lines.extend(f"    e.g. {example}" for example in self.examples.get(reason, []))
+        if len(self.sources) > 1 or any(s["selected"] != s["records_in_file"] for s in self.sources):
+            for entry in self.sources:
+                lines.append(f"  source {entry['name']}: {entry['selected']} of {entry['records_in_file']} records "
+                             f"({entry['sampling_strategy']}), {entry['skipped']} skipped")
         return "\n".join(lines)
 
 
@@ -218,20 +233,18 @@ def time_instruction(duration: float, timestamps: list[float]) -> str:
 class VideoSFTDataset(Dataset):
     """Samples for supervised fine-tuning (module docstring). Build it with :func:`build_dataset`.
 
-    ``parse_failures``: the records left out while reading the file, as the :class:`BadRecordError` each
-    raised (or ``(reason, message)`` pairs, as :func:`load_records` returns them).
+    ``records``: the :class:`~lmms_engine.data.sources.LazyRecords` of the data sources; a record is
+    parsed and validated when it is loaded (a bad one is replaced as the module docstring says).
     """
 
     def __init__(
         self,
-        records: list[ConversationRecord],
+        records: LazyRecords,
         config: DatasetConfig,
         tokenizer: Any,
         processor_info: ProcessorInfo,
         *,
         source: str,
-        num_raw_records: int,
-        parse_failures: list[BadRecordError | tuple[str, str]] | None = None,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. '<|endoftext|>')")
@@ -240,16 +253,18 @@ class VideoSFTDataset(Dataset):
         self.tokenizer = tokenizer
         self.processor_info = processor_info
         self.source = source
-        self.num_raw_records = num_raw_records
+        self.num_raw_records = len(records)
         self.video_token_id = video_token_id(tokenizer, processor_info.video_token)
-        # Records left out before loading (while reading, or as too long by estimate): report entries.
-        self._left_out: list[dict[str, Any]] = [_left_out_entry(f) for f in parse_failures or []]
+        # Records left out before loading (as too long by estimate): report entries.
+        self._left_out: list[dict[str, Any]] = []
         # One byte per record: 0 = not known bad, k = failed with reason _REASONS[k-1]. Shared memory, so
         # DataLoader workers' findings reach the main process and later epochs skip known-bad records fast.
         self._failed = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         self._failure_messages: dict[int, str] = {}
         self._loader: Any = None
         self._length_estimates: list[LengthEstimate] | None = None
+        if config.check_records == "at_start":
+            self._check_all_records()
         self._check_bad_budget()
         if config.drop_long_before_loading and config.max_length is not None:
             self._drop_long_records()
@@ -283,13 +298,14 @@ class VideoSFTDataset(Dataset):
             try:
                 return self._load(j)
             except _SampleFailure as failure:
-                message = f"{self.records[j].where}: {failure}"
+                where = self.records.location(j)
+                message = f"{where}: {failure}"
                 # Recorded also when it stops the run: the report written then lists it (the table is
                 # shared memory, so this holds when a DataLoader worker found it too).
                 self._failed[j] = _REASONS.index(failure.reason) + 1
                 self._failure_messages[j] = message
                 if self.config.on_bad_record == "raise" and failure.reason != "too_long":
-                    raise BadRecordError(failure.reason, self.records[j].where, str(failure)) from failure
+                    raise BadRecordError(failure.reason, where, str(failure)) from failure
                 logger.warning("skipping %s [%s]", message, failure.reason)
                 if failure.reason != "too_long":
                     self._check_bad_budget()
@@ -304,7 +320,7 @@ class VideoSFTDataset(Dataset):
         try:
             return self._load(index, generation=True)
         except _SampleFailure as failure:
-            raise BadRecordError(failure.reason, self.records[index].where, str(failure)) from failure
+            raise BadRecordError(failure.reason, self.records.location(index), str(failure)) from failure
 
     def sampling_spec(self, record: ConversationRecord) -> SamplingSpec:
         """The frame sampling of ``record``'s video: the config's rule within the record's time range."""
@@ -331,8 +347,15 @@ class VideoSFTDataset(Dataset):
         return encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count,
                                    add_generation_prompt=generation)
 
+    def record(self, j: int) -> ConversationRecord:
+        """Record ``j``, parsed and validated; a bad one raises :class:`_SampleFailure` (its reason)."""
+        try:
+            return self.records[j]
+        except BadRecordError as err:
+            raise _SampleFailure(err.reason, err.detail) from err
+
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
-        record = self.records[j]
+        record = self.record(j)
         info = self.processor_info
         pixel_values = None
         if record.video is not None:
@@ -412,14 +435,15 @@ class VideoSFTDataset(Dataset):
         config = self.config
         estimates = self.length_estimates()
         keep: list[int] = []
-        for j, (record, estimate) in enumerate(zip(self.records, estimates)):
+        for j, estimate in enumerate(estimates):
             # An estimate without a probe is only a bound: such records are loaded, and judged then.
             if estimate.exact and estimate.served_length(config.max_length, config.truncation) is None:
+                record = self.records[j]
                 detail = (f"estimated {estimate.length} tokens > max_length={config.max_length} (truncation="
                           f"{config.truncation!r}, first exchange ends at {estimate.turn_ends[0]} tokens, video "
                           f"tokens: {estimate.video_tokens}); left out before loading")
                 self._left_out.append({"reason": "too_long", "where": record.where, "video": record.video,
-                                       "message": f"{record.where}: {detail}"})
+                                       "source": self._source_name(j), "message": f"{record.where}: {detail}"})
                 logger.info("leaving out %s: %s", record.where, detail)
             else:
                 keep.append(j)
@@ -430,9 +454,24 @@ class VideoSFTDataset(Dataset):
         if not keep:
             raise ValueError(f"{self.source}: every record is longer than max_length={config.max_length} "
                              f"(estimated); raise max_length or use truncation: turns")
-        self.records = [self.records[j] for j in keep]
+        self.records = self.records.subset(keep)
         self._length_estimates = [estimates[j] for j in keep]
         self._failed = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+
+    def _check_all_records(self) -> None:
+        """Parse and validate every record now; bad ones raise or are marked failed (never loaded)."""
+        from tqdm.auto import tqdm
+
+        show = len(self.records) >= 10_000
+        for j in tqdm(range(len(self.records)), desc="checking records", disable=not show, unit="record"):
+            try:
+                self.records[j]
+            except BadRecordError as err:
+                if self.config.on_bad_record == "raise":
+                    raise
+                self._failed[j] = _REASONS.index(err.reason) + 1
+                self._failure_messages[j] = str(err)
+                logger.warning("skipping %s", err)
 
     def _num_broken(self) -> int:
         """Records known bad, over-long ones excepted (what ``max_bad_fraction`` bounds)."""
@@ -453,15 +492,19 @@ class VideoSFTDataset(Dataset):
                 f"max_bad_fraction (null = no limit). Report:\n{self.bad_record_report()}")
 
     def bad_record_report(self) -> BadRecordReport:
-        """Counts by reason (records left out while reading or as too long by estimate, plus records that
+        """Counts by reason (records left out as too long by estimate, plus records that
         failed when loaded, in this process or in DataLoader workers), example messages, and every
         failed record's location and video."""
         entries = list(self._left_out)
         for j in torch.nonzero(self._failed).flatten().tolist():
             reason = _REASONS[int(self._failed[j]) - 1]
-            record = self.records[j]
-            default = f"{record.where}: {BAD_RECORD_REASONS[reason]} (details in the worker's log)"
-            entries.append({"reason": reason, "where": record.where, "video": record.video,
+            where = self.records.location(j)
+            try:
+                video = self.records[j].video
+            except BadRecordError:
+                video = None
+            default = f"{where}: {BAD_RECORD_REASONS[reason]} (details in the worker's log)"
+            entries.append({"reason": reason, "where": where, "video": video, "source": self._source_name(j),
                             "message": self._failure_messages.get(j, default)})
         counts: Counter[str] = Counter()
         examples: dict[str, list[str]] = {}
@@ -470,7 +513,19 @@ class VideoSFTDataset(Dataset):
             shown = examples.setdefault(entry["reason"], [])
             if len(shown) < _MAX_EXAMPLES:
                 shown.append(entry["message"])
-        return BadRecordReport(self.source, self.num_raw_records, dict(counts), examples, entries)
+        return BadRecordReport(self.source, self.num_raw_records, dict(counts), examples, entries,
+                               self._source_entries(entries))
+
+    def _source_name(self, j: int) -> str:
+        return self.records.mixed.sources[self.records.source_of(j)].name
+
+    def _source_entries(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for stats in self.records.mixed.stats():
+            skipped = Counter(e["reason"] for e in entries if e.get("source") == stats.name)
+            out.append({**dataclasses.asdict(stats), "skipped": sum(skipped.values()),
+                        "skipped_by_reason": dict(sorted(skipped.items()))})
+        return out
 
     def write_report(self, path: str | Path) -> Path:
         """Write :meth:`bad_record_report` as JSON to ``path`` (folders created); return the path.
@@ -492,34 +547,6 @@ class VideoSFTDataset(Dataset):
         return path
 
 
-def _left_out_entry(failure: BadRecordError | tuple[str, str]) -> dict[str, Any]:
-    if isinstance(failure, BadRecordError):
-        return {"reason": failure.reason, "where": failure.where, "video": None, "message": str(failure)}
-    reason, message = failure
-    return {"reason": reason, "where": None, "video": None, "message": message}
-
-
-def _read_records(
-    path: str | Path,
-    video_folder: str | Path | None,
-    video_token: str,
-    on_bad_record: Literal["raise", "skip"],
-) -> tuple[list[ConversationRecord], int, list[BadRecordError]]:
-    folder = default_video_folder(path, video_folder)
-    records, failures, total = [], [], 0
-    for index, line, obj in iter_raw_records(path):
-        total += 1
-        where = record_location(path, index, line)
-        try:
-            records.append(parse_record(obj, where, video_folder=folder, video_token=video_token, index=index))
-        except BadRecordError as err:
-            if on_bad_record == "raise":
-                raise
-            failures.append(err)
-            logger.warning("skipping %s", err)
-    return records, total, failures
-
-
 def load_records(
     path: str | Path,
     *,
@@ -527,13 +554,50 @@ def load_records(
     video_token: str = "<video>",
     on_bad_record: Literal["raise", "skip"] = "raise",
 ) -> tuple[list[ConversationRecord], int, list[tuple[str, str]]]:
-    """Read and validate every record of ``path``.
+    """Read and validate every record of the file ``path`` (for tools and tests; the dataset reads lazily).
 
-    Returns ``(records, number of raw records, [(reason, message) of each record left out])``; with
+    Returns ``(records, number of raw records, [(reason, message) of each bad record])``; with
     ``on_bad_record="raise"`` the first bad record raises :class:`BadRecordError` instead.
     """
-    records, total, failures = _read_records(path, video_folder, video_token, on_bad_record)
-    return records, total, [(err.reason, str(err)) for err in failures]
+    source = SourceConfig(str(path), video_folder=None if video_folder is None else str(video_folder))
+    lazy = LazyRecords(open_sources([source]), video_token=video_token)
+    records, failures = [], []
+    for j in range(len(lazy)):
+        try:
+            records.append(lazy[j])
+        except BadRecordError as err:
+            if on_bad_record == "raise":
+                raise
+            failures.append((err.reason, str(err)))
+            logger.warning("skipping %s", err)
+    return records, len(lazy), failures
+
+
+def open_records(config: DatasetConfig, split: Literal["train", "eval"], *, video_token: str = "<video>",
+                 image_token: str = "<image>") -> tuple[LazyRecords, str]:
+    """The lazy records of ``split`` (``data_path`` or ``eval_data_path``: a file, a list or a mixture) and
+    the name reports use; every file and folder checked, no record parsed."""
+    if split == "train":
+        path, key = config.data_path, "data_path"
+    elif split == "eval":
+        if config.eval_data_path is None:
+            raise ConfigError("dataset_config.eval_data_path is not set; cannot build the eval split")
+        path, key = config.eval_data_path, "eval_data_path"
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    for folder_key in ("video_folder", "image_folder"):
+        folder = getattr(config, folder_key, None)
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"dataset_config.{folder_key}: folder {folder!r} does not exist")
+    sources = resolve_sources(path, video_folder=config.video_folder, image_folder=getattr(config, "image_folder", None),
+                              where=f"dataset_config.{key}")
+    mixed = open_sources(sources, seed=config.sampling_seed)
+    records = LazyRecords(mixed, video_token=video_token, image_token=image_token)
+    name = str(path) if isinstance(path, (str, Path)) else ", ".join(s.path for s in sources)
+    if not len(records):
+        raise DataFileError(f"{name}: no records (the sources hold {sum(len(t) for t in mixed.tables)}, their "
+                            "sampling strategies select none)")
+    return records, name
 
 
 def build_dataset(
@@ -552,26 +616,9 @@ def build_dataset(
     """
     config = dataset_config if isinstance(dataset_config, DatasetConfig) else \
         from_mapping(DatasetConfig, dataset_config, "dataset_config")
-    if split == "train":
-        path = config.data_path
-    elif split == "eval":
-        if config.eval_data_path is None:
-            raise ConfigError("dataset_config.eval_data_path is not set; cannot build the eval split")
-        path = config.eval_data_path
-    else:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if not Path(path).is_file():
-        key = "data_path" if split == "train" else "eval_data_path"
-        raise ConfigError(f"dataset_config.{key}: file {path!r} does not exist")
-    if config.video_folder is not None and not Path(config.video_folder).is_dir():
-        raise ConfigError(f"dataset_config.video_folder: folder {config.video_folder!r} does not exist")
-    records, total, failures = _read_records(path, config.video_folder, processor_info.video_token,
-                                             config.on_bad_record)
-    if not records:
-        raise DataFileError(no_usable_records(path, total, failures))
-    return VideoSFTDataset(records, config, tokenizer, processor_info, source=str(path),
-                           num_raw_records=total, parse_failures=failures)
+    records, name = open_records(config, split, video_token=processor_info.video_token)
+    return VideoSFTDataset(records, config, tokenizer, processor_info, source=name)
 
 
 __all__ = ["BadRecordBudgetError", "BadRecordReport", "DatasetConfig", "VideoSFTDataset", "build_dataset",
-           "load_records", "time_instruction"]
+           "load_records", "open_records", "time_instruction"]

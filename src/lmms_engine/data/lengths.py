@@ -25,7 +25,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
 from lmms_engine.video.sampling import sample_indices
 
@@ -119,12 +119,22 @@ def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
     """
     from tqdm.auto import tqdm
 
-    records = dataset.records
-    show = len(records) >= PROGRESS_MIN_RECORDS if progress is None else progress
-    probes = probe_videos((r.video for r in records if r.video is not None), timeout=dataset.config.decode_timeout,
-                          max_workers=max_workers, progress=show)
+    from lmms_engine.data.records import BadRecordError
+
+    show = len(dataset.records) >= PROGRESS_MIN_RECORDS if progress is None else progress
+    records: list[Any] = []
+    for j in tqdm(range(len(dataset.records)), desc="reading records", disable=not show, unit="record"):
+        try:
+            records.append(dataset.records[j])
+        except BadRecordError:
+            records.append(None)  # loading reports it and serves another record
+    probes = probe_videos((r.video for r in records if r is not None and r.video is not None),
+                          timeout=dataset.config.decode_timeout, max_workers=max_workers, progress=show)
     estimates = []
     for record in tqdm(records, desc="estimating token lengths", disable=not show, unit="record"):
+        if record is None:
+            estimates.append(LengthEstimate(0, (0,), 0, 0, exact=False))
+            continue
         num_frames, duration, stamps, exact = 0, 0.0, [], True
         if record.video is not None:
             spec = dataset.sampling_spec(record)

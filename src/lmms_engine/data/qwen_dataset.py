@@ -38,7 +38,7 @@ import torch
 
 from lmms_engine.data.chat import EncodedConversation, encode_conversation
 from lmms_engine.data.collator import VideoSFTCollator, first_fit_decreasing
-from lmms_engine.data.dataset import DatasetConfig, VideoSFTDataset, _read_records, _SampleFailure
+from lmms_engine.data.dataset import DatasetConfig, VideoSFTDataset, _SampleFailure, open_records
 from lmms_engine.data.lengths import kept_length
 from lmms_engine.data.qwen_vision import DEFAULT_FPS, TEMPLATE_VIDEO_TEXT, QwenVideoInputs, QwenVideoProcessing
 from lmms_engine.data.records import ConversationRecord, Turn
@@ -92,7 +92,7 @@ class QwenVideoSFTDataset(VideoSFTDataset):
         return encode_conversation(turns, self.tokenizer, add_generation_prompt=generation)
 
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
-        record = self.records[j]
+        record = self.record(j)
         video = None
         if record.video is not None:
             decoded = self._decode(record)
@@ -180,18 +180,9 @@ def build_qwen_dataset(
         if getattr(config, key):
             raise ConfigError(f"dataset_config.{key}: not available for Qwen-VL checkpoints ({processing.family}); "
                               f"set it to false")
-    key = "data_path" if split == "train" else "eval_data_path"
-    path = getattr(config, key)
-    if path is None:
-        raise ConfigError(f"dataset_config.{key} is not set; cannot build the {split} split")
-    if not Path(path).is_file():
-        raise ConfigError(f"dataset_config.{key}: file {path!r} does not exist")
     check_video_template(tokenizer)
-    records, total, failures = _read_records(path, config.video_folder, RECORD_VIDEO_TOKEN, config.on_bad_record)
-    if not records:
-        raise ValueError(f"{path}: no usable records ({total} read, {len(failures)} bad)")
-    return QwenVideoSFTDataset(records, config, tokenizer, QwenProcessorInfo(processing), source=str(path),
-                               num_raw_records=total, parse_failures=failures)
+    records, name = open_records(config, split, video_token=RECORD_VIDEO_TOKEN)
+    return QwenVideoSFTDataset(records, config, tokenizer, QwenProcessorInfo(processing), source=name)
 
 
 @dataclass

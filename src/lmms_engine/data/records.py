@@ -149,64 +149,23 @@ def _utf8_error(err: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
 
 
 def iter_raw_records(path: str | Path) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield ``(index, line, obj)`` for each record of a JSON list or JSONL file (UTF-8, with or without
-    a byte-order mark).
+    """Yield ``(index, line, obj)`` for each record of a record file (JSON list, JSONL, UTF-8 with or
+    without a byte-order mark; Parquet / Arrow / ``datasets`` folders too), read through
+    :func:`lmms_engine.data.sources.open_table`.
 
     A JSONL line that is not valid UTF-8 or not valid JSON yields a :class:`BadRecordError` as ``obj``
     (so the caller can skip it); a file that is not a JSON list or JSONL as a whole (invalid UTF-8 or
     JSON in a list, a single object, a JSON value that is no list, no record at all) raises
     :class:`DataFileError`. Blank JSONL lines are ignored (and not counted as records).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
-        data = data[3:]
-    if not data.strip():
-        raise DataFileError(f"{path}: the file is empty; {_EXPECTED}")
-    if data.lstrip()[:1] == b"[":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataFileError(f"{path}: {_utf8_error(err, data)}; a JSON list is read as one document, "
-                                f"so the whole file is unusable (re-encode it as UTF-8)") from err
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataFileError(f"{path}: not valid JSON ({err}); {_EXPECTED}") from err
-        if not isinstance(whole, list):
-            raise DataFileError(f"{path}: a JSON {type(whole).__name__}, not a list of records; {_EXPECTED}")
-        if not whole:
-            raise DataFileError(f"{path}: an empty list ([]): no records; {_EXPECTED}")
-        for index, obj in enumerate(whole):
-            yield index, None, obj
-        return
-    lines = data.split(b"\n")
-    if len([line for line in lines if line.strip()]) > 1 or path.suffix != ".jsonl":
-        try:  # one object (pretty-printed, or a .json file holding one) is neither a list nor JSONL: say so
-            whole = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            whole = None
-        if isinstance(whole, dict):
-            raise DataFileError(f"{path}: holds a single JSON object, not a list of records; {_EXPECTED} "
-                                f"(a one-record JSONL file is named .jsonl)")
-        if whole is not None and not isinstance(whole, list):
-            raise DataFileError(f"{path}: a JSON {type(whole).__name__}, not a list of records; {_EXPECTED}")
-    index, offset = 0, 0
-    for line_no, raw in enumerate(lines, start=1):
-        start, offset = offset, offset + len(raw) + 1
-        if not raw.strip():
-            continue
-        where = record_location(path, index, line_no)
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            obj = BadRecordError("invalid_text", where, _utf8_error(err, data, start))
-        except json.JSONDecodeError as err:
-            obj = BadRecordError("invalid_json", where, f"invalid JSON: {err}")
-        yield index, line_no, obj
-        index += 1
+    from lmms_engine.data.sources import RawRecordError, open_table
+
+    table = open_table(path)
+    for index in range(len(table)):
+        obj = table.get(index)
+        if isinstance(obj, RawRecordError):
+            obj = BadRecordError(obj.reason, obj.where, obj.detail)
+        yield index, table.line(index), obj
 
 
 def default_video_folder(data_path: str | Path, video_folder: str | Path | None) -> Path:

@@ -328,29 +328,33 @@ def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
     if raw is None:
         raise ConfigError(f"{where}: missing; give dataset_config with at least data_path (a JSON/JSONL file "
                           f"of LLaVA records), or add a demo_data block and point data_path at its train.json")
+    from lmms_engine.data.sources import first_usable_record, resolve_sources
+
     dataset_config = from_mapping(DatasetConfig, raw, where)
+    for key in ("video_folder", "image_folder"):
+        folder = getattr(dataset_config, key)
+        if folder is not None and Path(folder).resolve() not in generated and not Path(folder).is_dir():
+            raise ConfigError(f"{where}.{key}: folder {folder!r} does not exist")
     for key in ("data_path", "eval_data_path"):
         value = getattr(dataset_config, key)
         if value is None:
             continue
-        path = Path(value).expanduser()
-        if path.resolve() in generated:
+        values = [value] if isinstance(value, str) else value
+        if all(Path(v).expanduser().resolve() in generated for v in values):
             continue
-        if not path.is_file():
+        missing = [v for v in values if not Path(v).expanduser().exists()
+                   and Path(v).expanduser().resolve() not in generated]
+        if missing and isinstance(value, str):
             hint = " (a demo_data block earlier in the list would generate one)" if key == "data_path" else ""
             raise ConfigError(f"{where}.{key}: file {value!r} does not exist{hint}")
-    folder = dataset_config.video_folder
-    if folder is not None and Path(folder).resolve() not in generated and not Path(folder).is_dir():
-        raise ConfigError(f"{where}.video_folder: folder {folder!r} does not exist")
-    from lmms_engine.data.records import check_records_file
-
-    for key in ("data_path", "eval_data_path"):
-        value = getattr(dataset_config, key)
-        if value is not None and Path(value).expanduser().resolve() not in generated:
-            # Read up to the first usable record: a file that is no list/JSONL, empty, or without a usable
-            # record is a data error now, not after the model is built (DataFileError / BadRecordError).
-            check_records_file(Path(value).expanduser(), video_folder=folder,
-                               on_bad_record=dataset_config.on_bad_record)
+        # Every file of a list or mixture exists and each mixture entry is valid; each source is read up to
+        # its first usable record: a file that is no record file, empty, or without a usable record is a
+        # data error now, not after the model is built (DataFileError / BadRecordError).
+        pending = [v for v in values if Path(v).expanduser().resolve() not in generated]
+        sources = resolve_sources(value if isinstance(value, str) else pending, video_folder=dataset_config.video_folder,
+                                  image_folder=dataset_config.image_folder, where=f"{where}.{key}")
+        for source in sources:
+            first_usable_record(source, on_bad_record=dataset_config.on_bad_record)
     return dataset_config
 
 
