@@ -196,3 +196,19 @@ def test_missing_datasets_library_names_the_extra(tok, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"needs the `datasets` library: pip install 'lmms-video\[datasets\]'"):
         build_dataset({"data_path": str(tmp_path / "rows.parquet")}, tok, INFO)
+
+
+def test_the_launcher_checks_mixture_entries_before_any_model(tmp_path):
+    from lmms_engine.launch.config import check_pipeline
+
+    write_jsonl(tmp_path / "a.jsonl", [text_record(0)])
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("datasets:\n  - json_path: a.jsonl\n  - json_path: gone.jsonl\n    sampling_strategy: all\n")
+    raw = [{"type": "trainer", "config": {"trainer_type": "sft", "output_dir": str(tmp_path / "out"),
+                                          "dataset_config": {"data_path": str(mixture)}}}]
+    with pytest.raises(ConfigError, match=r"data_path: .*mix.yaml: datasets\[1\]\.json_path: 'gone.jsonl' does not "
+                                          r"exist"):
+        check_pipeline(raw, "run.yaml")
+    raw[0]["config"]["dataset_config"]["data_path"] = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(ConfigError, match=r"data_path\[1\]: file '.*b.jsonl' does not exist"):
+        check_pipeline(raw, "run.yaml")

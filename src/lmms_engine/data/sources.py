@@ -170,10 +170,11 @@ def is_mixture_file(path: str | Path) -> bool:
     return isinstance(whole, dict) and "datasets" in whole and not ({"conversations", "messages"} & set(whole))
 
 
-def _read_mixture(path: Path, video_folder: str | None, image_folder: str | None) -> list[SourceConfig]:
+def _read_mixture(path: Path, video_folder: str | None, image_folder: str | None,
+                  outer: str) -> list[SourceConfig]:
     import yaml
 
-    where = str(path)
+    where = f"{outer}: {path}"
     try:
         text = path.read_text(encoding="utf-8-sig")
         raw = yaml.safe_load(text) if path.suffix.lower() in MIXTURE_SUFFIXES else json.loads(text)
@@ -249,7 +250,7 @@ def resolve_sources(data_path: str | Sequence[str], *, video_folder: str | None 
         if not path.exists():
             raise ConfigError(f"{at}: file {str(item)!r} does not exist")
         if is_mixture_file(path):
-            sources.extend(_read_mixture(path, video_folder, image_folder))
+            sources.extend(_read_mixture(path, video_folder, image_folder, at))
         else:
             sources.append(SourceConfig(str(path), "all", video_folder, image_folder))
     names = [s.name for s in sources]

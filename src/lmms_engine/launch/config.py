@@ -351,7 +351,8 @@ def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
         # its first usable record: a file that is no record file, empty, or without a usable record is a
         # data error now, not after the model is built (DataFileError / BadRecordError).
         pending = [v for v in values if Path(v).expanduser().resolve() not in generated]
-        sources = resolve_sources(value if isinstance(value, str) else pending, video_folder=dataset_config.video_folder,
+        sources = resolve_sources(value if isinstance(value, str) else pending,
+                                  video_folder=dataset_config.video_folder,
                                   image_folder=dataset_config.image_folder, where=f"{where}.{key}")
         for source in sources:
             first_usable_record(source, on_bad_record=dataset_config.on_bad_record)
