@@ -158,8 +158,8 @@ def test_non_utf8_line_is_one_bad_record(tok, tmp_path):
     good = json.dumps(text_record(0)).encode()
     path.write_bytes(good + b"\n" + json.dumps(text_record(1)).encode().replace(b"Answer", b"R\xe9ponse") + b"\n")
     ds = build_dataset({"data_path": str(path), "on_bad_record": "skip", "check_records": "at_start"}, tok, INFO)
-    assert ds.bad_record_report().counts == {"invalid_json": 1}
-    assert "not UTF-8" in ds.bad_record_report().records[0]["message"]
+    assert ds.bad_record_report().counts == {"invalid_text": 1}
+    assert "byte 0xe9 at line 2" in ds.bad_record_report().records[0]["message"]
 
 
 def test_empty_and_malformed_files_are_clear_errors(tok, tmp_path):
