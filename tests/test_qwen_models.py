@@ -238,3 +238,19 @@ def test_generation_equals_transformers_and_evaluate_block(tmp_path_factory, tmp
     assert results["num_samples"] == 4 and 0.0 <= results["accuracy"]["overall"]["accuracy"] <= 1.0
     assert "not available for qwen3_vl" in results["reconstruction"]["skipped"]
     assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 4
+
+
+def test_bfloat16_model_keeps_a_float32_predictor_across_reload(tmp_path_factory, tmp_path, records):
+    checkpoint = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")
+    batch = collate(qwen_dataset(checkpoint, records), [0, 1])
+    model = _build(checkpoint, torch_dtype="bfloat16", autoregressive_config=QWEN_AR)
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.autoregressive_module.predictor.input_proj.weight.dtype == torch.float32
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.autoregressive_module.predictor.input_proj.weight.grad is not None
+    model.save_pretrained(tmp_path)
+    again = qwen_model_class("qwen2_5_vl").from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for name, value in model.autoregressive_module.state_dict().items():
+        reloaded = again.autoregressive_module.state_dict()[name]
+        assert reloaded.dtype == value.dtype and torch.equal(reloaded, value), name

@@ -397,6 +397,8 @@ class AutoregressiveReconstructionModule(nn.Module):
         entries before the loss is formed. No entry (a text-only batch) gives the exact zero that
         reaches every predictor parameter.
         """
+        self.forward_count += 1
+        self._events_now = set()
         weight_dtype = self.predictor.input_proj.weight.dtype
         results: dict[str, tuple] = {}
         for frame_hidden, targets, valid, grid in videos:
