@@ -14,6 +14,7 @@ from lmms_engine.utils.config import ConfigError
 from qwen_support import QWEN_AR, collate, qwen_dataset, qwen_records, tiny_checkpoint
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+ALL_FAMILIES = ["qwen2_vl", *FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_dataset_tokens_and_grids(tmp_path_factory, records, family):
     assert labelled == "A square moves.<|im_end|>"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_logits_equal_plain_transformers_with_left_padding(tmp_path_factory, records, family):
     checkpoint = tiny_checkpoint(tmp_path_factory, family)
     batch = collate(qwen_dataset(checkpoint, records), [0, 1, 2], padding_side="left")
@@ -156,7 +157,7 @@ def test_packing_equals_padding(tmp_path_factory, records, family):
         col += n
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_save_reload_and_plain_transformers(tmp_path_factory, tmp_path, records, family):
     checkpoint = tiny_checkpoint(tmp_path_factory, family)
     batch = collate(qwen_dataset(checkpoint, records), [0, 1, 2])

@@ -9,7 +9,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 from lmms_engine.models.qwen_tiny import write_tiny_qwen_checkpoint
 
 
-@pytest.mark.parametrize("family, cls", [("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+@pytest.mark.parametrize("family, cls", [("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+                                         ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
                                          ("qwen3_vl", "Qwen3VLForConditionalGeneration")])
 def test_tiny_checkpoint_loads_in_plain_transformers(tmp_path, family, cls):
     folder = write_tiny_qwen_checkpoint(tmp_path / family, family, seed=3)

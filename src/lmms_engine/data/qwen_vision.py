@@ -1,9 +1,9 @@
-"""Qwen-VL video preprocessing (Qwen2.5-VL, Qwen3-VL) without torchvision.
+"""Qwen-VL video preprocessing (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) without torchvision.
 
 A video becomes what transformers' Qwen2-VL / Qwen3-VL processors produce from it:
 
 - **Frame size** (:func:`smart_resize`): both sides multiples of ``factor = patch_size * merge_size``
-  (28 for Qwen2.5-VL, 32 for Qwen3-VL), the aspect ratio kept as closely as possible, the area
+  (28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL), the aspect ratio kept as closely as possible, the area
   within ``[min_pixels, max_pixels]`` per frame. A total budget over the whole video
   (``total_pixels``, qwen-vl-utils' ``VIDEO_TOTAL_PIXELS`` rule) lowers the per-frame cap to
   ``max(min(max_pixels, total_pixels * temporal_patch_size / T), 1.05 * min_pixels)``; one size for all
@@ -11,14 +11,14 @@ A video becomes what transformers' Qwen2-VL / Qwen3-VL processors produce from i
 - **Frames**: decoded by our PyAV reader at native size (sampling by fps, Qwen's default 2, or by count),
   resized with PIL's antialiased bicubic filter (:func:`resize_frames`, as transformers' PIL
   processor does), rescaled by 1/255 and normalised with the family's mean/std
-  (Qwen2.5-VL: OpenAI CLIP's; Qwen3-VL: 0.5/0.5). An odd frame count is padded by repeating the last
+  (Qwen2-VL, Qwen2.5-VL: OpenAI CLIP's; Qwen3-VL: 0.5/0.5). An odd frame count is padded by repeating the last
   frame (``temporal_patch_size`` 2), as transformers' ``patchify`` does.
 - **Patches** (:func:`patchify`): ``[grid_t * grid_h * grid_w, 3 * temporal_patch_size * p * p]`` in
   transformers' order: temporal group, then 2x2 merge windows in raster order, then the 4 patches of
   each window in raster order; each row is ``(channel, time, y, x)`` flattened. ``video_grid_thw`` =
   ``(grid_t, grid_h, grid_w)`` in patches; the LLM sees ``grid_h * grid_w / merge_size**2`` tokens per
   temporal group.
-- **Text** (:meth:`QwenVideoProcessing.placeholder_text`): Qwen2.5-VL replaces the chat template's
+- **Text** (:meth:`QwenVideoProcessing.placeholder_text`): Qwen2-VL and Qwen2.5-VL replace the chat template's
   ``<|vision_start|><|video_pad|><|vision_end|>`` with the start token, one ``<|video_pad|>`` per LLM
   token and the end token. Qwen3-VL replaces it with, per temporal group, ``<{t:.1f} seconds>`` (the
   mean time of the group's two frames) and its own vision_start / video_pads / vision_end, as Qwen's
@@ -47,7 +47,7 @@ VISION_END = "<|vision_end|>"
 #: What Qwen's chat templates render for a ``{"type": "video"}`` content part.
 TEMPLATE_VIDEO_TEXT = VISION_START + VIDEO_PAD + VISION_END
 
-QWEN_FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: Token-type ids of ``mm_token_type_ids`` (transformers' convention).
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 #: Qwen's default sampling rate (qwen-vl-utils' FPS, transformers' Qwen3-VL ``fps``).
@@ -172,7 +172,7 @@ class QwenVideoProcessing:
     """The video preprocessing of one Qwen-VL family (module docstring); build with :meth:`for_model`.
 
     Attributes:
-        family: ``qwen2_5_vl`` or ``qwen3_vl``.
+        family: ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``.
         patch_size, temporal_patch_size, merge_size: the vision config's.
         min_pixels, max_pixels: per-frame area bounds (pixels).
         total_pixels: area budget over the whole video (pixels x frames); None = no total bound.
@@ -207,7 +207,7 @@ class QwenVideoProcessing:
 
     @classmethod
     def for_model(cls, config: Any, **overrides: Any) -> "QwenVideoProcessing":
-        """Defaults of the family of ``config`` (a Qwen2.5-VL / Qwen3-VL HF config); ``overrides`` (None
+        """Defaults of the family of ``config`` (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL HF config); ``overrides`` (None
         values ignored) set ``min_pixels``, ``max_pixels``, ``total_pixels``. Defaults (qwen-vl-utils):
         128 to 768 LLM tokens' worth of pixels per frame, a total of 0.9 * 128000 tokens' worth."""
         family = config.model_type

@@ -17,6 +17,10 @@ _EXPORTS: dict[str, str] = {
     "build_model": "builder",
     "TinyConfig": "tiny",
     "tiny_llava_config": "tiny",
+    "Qwen2VLVideoForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLVideoForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLVideoForConditionalGeneration": "qwen3_vl",
+    "write_tiny_qwen_checkpoint": "qwen_tiny",
 }
 
 __all__ = sorted(_EXPORTS)

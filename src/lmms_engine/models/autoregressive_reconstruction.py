@@ -175,7 +175,8 @@ def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
     config = getattr(vision_tower, "config", None)
     if isinstance(vision_tower, nn.Module) and config is not None and not hasattr(config, "image_size") \
             and hasattr(config, "spatial_merge_size") and hasattr(config, "hidden_size"):
-        return int(config.hidden_size), VARIABLE_GRID_TABLE_SIDE
+        # Qwen2-VL names its block width embed_dim (its hidden_size is the LLM's)
+        return int(getattr(config, "embed_dim", None) or config.hidden_size), VARIABLE_GRID_TABLE_SIDE
     names = ("hidden_size", "image_size", "patch_size")
     if not isinstance(vision_tower, nn.Module) or config is None or not all(hasattr(config, n) for n in names):
         raise TypeError(

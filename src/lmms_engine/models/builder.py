@@ -41,7 +41,7 @@ class ModelConfig:
     Attributes:
         model_name_or_path: a checkpoint in HF format (local folder or hub id): LLaVA-OneVision (e.g.
             ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``), Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct``) or
-            Qwen3-VL (``Qwen/Qwen3-VL-8B-Instruct``), picked by its ``model_type``; None builds the tiny
+            Qwen3-VL (``Qwen/Qwen3-VL-8B-Instruct``) or Qwen2-VL, picked by its ``model_type``; None builds the tiny
             offline LLaVA-OneVision model (tiny Qwen-VL folders: ``python -m lmms_engine.models.qwen_tiny``).
         tiny_config: overrides of the tiny model (:class:`~lmms_engine.models.tiny.TinyConfig`); only
             without ``model_name_or_path``.
@@ -216,7 +216,7 @@ def build_model(
 
     The family follows the checkpoint's ``model_type``: ``llava_onevision`` (and the tiny model) ->
     :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`; ``qwen2_5_vl`` /
-    ``qwen3_vl`` -> :func:`lmms_engine.models.qwen_vl_common.build_qwen_model`.
+    ``qwen3_vl`` (and ``qwen2_vl``) -> :func:`lmms_engine.models.qwen_vl_common.build_qwen_model`.
 
     Args:
         model_config: a :class:`ModelConfig` or its dict form (the YAML block).
@@ -249,8 +249,8 @@ def build_model(
         if hf_config.model_type != "llava_onevision":
             raise ConfigError(
                 f"model_config.model_name_or_path={cfg.model_name_or_path!r} is a {hf_config.model_type!r} "
-                f"checkpoint; supported: LLaVA-OneVision (llava_onevision), Qwen2.5-VL (qwen2_5_vl), "
-                f"Qwen3-VL (qwen3_vl)"
+                f"checkpoint; supported: LLaVA-OneVision (llava_onevision), Qwen2-VL (qwen2_vl), "
+                f"Qwen2.5-VL (qwen2_5_vl), Qwen3-VL (qwen3_vl)"
             )
         if tokenizer is not None:
             _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))

@@ -1,4 +1,4 @@
-"""Tiny Qwen2.5-VL / Qwen3-VL checkpoints, written fully offline (config, random weights, tokenizer).
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, written fully offline (config, random weights, tokenizer).
 
 ``write_tiny_qwen_checkpoint(folder, family)`` writes a folder that ``AutoConfig``,
 ``AutoTokenizer`` and ``AutoModelForImageTextToText`` load like a hub checkpoint of that family, and
@@ -8,12 +8,12 @@ or a network can train the engine's Qwen path on it in seconds. Also the command
     python -m lmms_engine.models.qwen_tiny output/tiny-qwen2_5_vl --family qwen2_5_vl
 
 Sizes: a vision tower of depth 2 and width 64 (patch 14 for Qwen2.5-VL with window attention over
-2x2 merged tokens, patch 16 for Qwen3-VL with one deepstack layer), a 2-layer text model of width 64
+2x2 merged tokens, patch 16 for Qwen3-VL with one deepstack layer, patch 14 for Qwen2-VL), a 2-layer text model of width 64
 (4 heads of 16, M-RoPE sections [2, 3, 3]). The tokenizer is the engine's byte-level BPE tokenizer
 with Qwen's special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|vision_end|>``,
 ``<|video_pad|>``, ``<|image_pad|>``) and a chat template that renders conversations as Qwen's own
 templates do: string or content-part messages, a ``{"type": "video"}`` part as
-``<|vision_start|><|video_pad|><|vision_end|>``; Qwen2.5-VL's default system prompt.
+``<|vision_start|><|video_pad|><|vision_end|>``; Qwen2-VL's and Qwen2.5-VL's default system prompt.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def tiny_qwen_tokenizer(family: str) -> "PreTrainedTokenizerFast":
     from lmms_engine.data.tokenizer import build_tiny_tokenizer
 
     _check_family(family)
-    system = "You are a helpful assistant." if family == "qwen2_5_vl" else None
+    system = None if family == "qwen3_vl" else "You are a helpful assistant."
     tokenizer = build_tiny_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, chat_template=qwen_chat_template(system))
     tokenizer.eos_token = "<|im_end|>"  # as Qwen's instruct tokenizers: generation stops at the end of a turn
     return tokenizer
@@ -67,7 +67,7 @@ def tiny_qwen_tokenizer(family: str) -> "PreTrainedTokenizerFast":
 
 def tiny_qwen_config(family: str, tokenizer: Any) -> "PretrainedConfig":
     """The tiny config of ``family`` (module docstring), special ids from ``tokenizer``."""
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     _check_family(family)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
@@ -80,6 +80,10 @@ def tiny_qwen_config(family: str, tokenizer: Any) -> "PretrainedConfig":
                 pad_token_id=tokenizer.pad_token_id)
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, in_channels=3, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64)
+    if family == "qwen2_vl":
+        qwen2 = dict(depth=2, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=4, in_channels=3, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(vision_config=qwen2, text_config=text, tie_word_embeddings=False, **ids)
     if family == "qwen2_5_vl":
         vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
         return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)

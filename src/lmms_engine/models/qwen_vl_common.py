@@ -1,4 +1,4 @@
-"""What the Qwen-VL families (Qwen2.5-VL, Qwen3-VL) share: video features, targets, positions, freezing.
+"""What the Qwen-VL families (Qwen2.5-VL, Qwen3-VL, and Qwen2-VL) share: video features, targets, positions, freezing.
 
 :class:`QwenVideoMixin` is mixed into a subclass of transformers' ``*ForConditionalGeneration`` of each
 family (:mod:`lmms_engine.models.qwen2_5_vl`, :mod:`lmms_engine.models.qwen3_vl`): same modules, same
@@ -12,7 +12,7 @@ The reading of the autoregressive loss for these models (also in docs/design.md)
 - inputs: the LLM's final hidden states at the group's ``<|video_pad|>`` tokens, in their order
   (raster order of the merged ``h/2 x w/2`` grid);
 - targets: the frozen vision encoder's output before the merger (the last block's hidden states,
-  ``vision_config.hidden_size`` wide: 1280 for Qwen2.5-VL, 1152 for Qwen3-VL), averaged over each 2x2
+  :func:`vision_width` wide: 1280 for Qwen2.5-VL and Qwen2-VL, 1152 for Qwen3-VL), averaged over each 2x2
   merge window, so each LLM token has exactly one target. Qwen2.5-VL runs its blocks on
   window-reordered merge units; the targets are put back in raster order first
   (:func:`raster_merge_units`);
@@ -129,7 +129,17 @@ def qwen_model_class(model_type: str) -> type:
         from lmms_engine.models.qwen3_vl import Qwen3VLVideoForConditionalGeneration
 
         return Qwen3VLVideoForConditionalGeneration
-    raise ValueError(f"{model_type!r} is not a Qwen-VL family the engine trains (qwen2_5_vl, qwen3_vl)")
+    if model_type == "qwen2_vl":
+        from lmms_engine.models.qwen2_vl import Qwen2VLVideoForConditionalGeneration
+
+        return Qwen2VLVideoForConditionalGeneration
+    raise ValueError(f"{model_type!r} is not a Qwen-VL family the engine trains (qwen2_vl, qwen2_5_vl, qwen3_vl)")
+
+
+def vision_width(vision_config: Any) -> int:
+    """Width of the vision encoder's blocks (the targets' size): ``embed_dim`` for Qwen2-VL (whose
+    vision ``hidden_size`` is the LLM's), ``hidden_size`` for Qwen2.5-VL / Qwen3-VL."""
+    return int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
 
 
 def build_qwen_model(cfg: Any, hf_config: Any, tokenizer: Any = None) -> Any:
@@ -267,8 +277,7 @@ class QwenVideoMixin:
             if key in cfg and cfg[key] != allowed:
                 raise ConfigError(f"{where}.{key}={cfg[key]!r}: {self.family} targets are the vision encoder's last "
                                   f"block output before the merger; remove the key")
-        width = int(self.config.vision_config.hidden_size)
-        cfg.setdefault("embedding_dim", width)
+        cfg.setdefault("embedding_dim", vision_width(self.config.vision_config))
         module = create_autoregressive_reconstruction_module(self.model.visual, self.config.text_config.hidden_size,
                                                              cfg, encoder_parameters=self.vision_tower_parameters)
         self.autoregressive_module = module
@@ -500,5 +509,5 @@ class QwenVideoMixin:
         return module.compute_grid_loss(videos)
 
 
-__all__ = ["build_qwen_model", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
+__all__ = ["vision_width", "build_qwen_model", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
            "packed_segments", "raster_merge_units"]
