@@ -255,3 +255,33 @@ def test_bfloat16_model_keeps_a_float32_predictor_across_reload(tmp_path_factory
     for name, value in model.autoregressive_module.state_dict().items():
         reloaded = again.autoregressive_module.state_dict()[name]
         assert reloaded.dtype == value.dtype and torch.equal(reloaded, value), name
+
+
+def test_config_check_knows_the_family_before_loading(tmp_path_factory, tmp_path):
+    """--dry-run level: layout keys for a Qwen-VL folder, a wrong embedding_dim (Qwen2-VL's width is its
+    embed_dim, not its vision hidden_size) and an unsupported model_type are config errors."""
+    import json
+
+    from lmms_engine.launch.config import load_pipeline_config
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yes"}]}]))
+
+    def check(checkpoint, **model_config):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps([{"type": "trainer", "config": {
+            "model_config": {"model_name_or_path": str(checkpoint), **model_config},
+            "dataset_config": {"data_path": str(data)}, "report_to": "none"}}]))
+        return load_pipeline_config(path)
+
+    qwen2 = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    check(qwen2, autoregressive_config={"embedding_dim": 64})
+    with pytest.raises(ConfigError, match="mm_newline_position.*qwen2_vl"):
+        check(qwen2, mm_newline_position="grid")
+    with pytest.raises(ConfigError, match="enable_multiscale_pooling.*qwen2_vl"):
+        check(qwen2, autoregressive_config={"enable_multiscale_pooling": True})
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="'gpt2' checkpoint; supported: llava_onevision, qwen2_vl"):
+        check(other)

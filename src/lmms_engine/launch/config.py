@@ -274,22 +274,31 @@ def _check_model_files(model_config: Any, where: str) -> None:
                           f"like 'llava-hf/llava-onevision-qwen2-0.5b-ov-hf'); omit the key for the tiny model")
 
 
-def _vision_feature_size(model_config: Any) -> int | None:
-    """The vision tower's feature width for ``model_config`` without loading weights (None: unknown)."""
+def _model_hf_config(model_config: Any) -> Any | None:
+    """The HF config ``model_config`` builds, read without weights (None: a hub id, read when built)."""
     if model_config.model_name_or_path is None:
         from lmms_engine.models.tiny import tiny_llava_config
 
-        config = tiny_llava_config(None, model_config.tiny_config)
-    else:
-        local = Path(model_config.model_name_or_path).expanduser() / "config.json"
-        if not local.is_file():
-            return None  # a hub id: checked when the model is built
-        from transformers import AutoConfig
+        return tiny_llava_config(None, model_config.tiny_config)
+    local = Path(model_config.model_name_or_path).expanduser() / "config.json"
+    if not local.is_file():
+        return None
+    from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(local.parent))
+    return AutoConfig.from_pretrained(str(local.parent))
+
+
+def _vision_feature_size(config: Any) -> int | None:
+    """The vision tower's feature width of the HF ``config`` (None: unknown)."""
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
+    from lmms_engine.data.qwen_vision import QWEN_FAMILIES
+
+    if config.model_type in QWEN_FAMILIES:
+        from lmms_engine.models.qwen_vl_common import vision_width
+
+        return vision_width(vision)
     from lmms_engine.models.vision import feature_size
 
     return feature_size(vision.hidden_size, getattr(config, "vision_feature_layer", -1))
@@ -308,9 +317,19 @@ def _check_model(raw: Any, where: str) -> Any:
             tiny_llava_config(None, model_config.tiny_config)
         except (ValueError, TypeError) as err:  # its messages start with "model_config.tiny_config..."
             raise ConfigError(f"{where.removesuffix('model_config')}{err}") from err
+    hf_config = _model_hf_config(model_config)
+    from lmms_engine.data.qwen_vision import QWEN_FAMILIES
+
+    if hf_config is not None and hf_config.model_type not in ("llava_onevision", *QWEN_FAMILIES):
+        raise ConfigError(f"{where}.model_name_or_path={model_config.model_name_or_path!r} is a "
+                          f"{hf_config.model_type!r} checkpoint; supported: llava_onevision, {', '.join(QWEN_FAMILIES)}")
+    if hf_config is not None and hf_config.model_type in QWEN_FAMILIES:
+        from lmms_engine.models.qwen_vl_common import check_qwen_model_config
+
+        check_qwen_model_config(model_config, hf_config.model_type, where)
     ar = model_config.autoregressive_config or {}
-    if model_config.enable_autoregressive is not False and "embedding_dim" in ar:
-        width = _vision_feature_size(model_config)
+    if model_config.enable_autoregressive is not False and "embedding_dim" in ar and hf_config is not None:
+        width = _vision_feature_size(hf_config)
         if width is not None and ar["embedding_dim"] != width:
             model = "the tiny model" if model_config.model_name_or_path is None else \
                 repr(model_config.model_name_or_path)

@@ -142,6 +142,31 @@ def vision_width(vision_config: Any) -> int:
     return int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
 
 
+def check_qwen_autoregressive_keys(cfg: Mapping[str, Any], family: str, where: str) -> None:
+    """``autoregressive_config`` keys without a meaning for Qwen-VL are errors naming the family."""
+    for key in ("enable_multiscale_pooling", "add_faster_video"):
+        if cfg.get(key):
+            raise ConfigError(f"{where}.{key}: the LLaVA-NeXT video-token layout does not apply to {family} "
+                              f"(one token per 2x2 merge window); remove it")
+    for key, allowed in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full")):
+        if key in cfg and cfg[key] != allowed:
+            raise ConfigError(f"{where}.{key}={cfg[key]!r}: {family} targets are the vision encoder's last "
+                              f"block output before the merger; remove the key")
+
+
+def check_qwen_model_config(cfg: Any, family: str, where: str = "model_config") -> None:
+    """The ``model_config`` keys that make no sense for a Qwen-VL checkpoint (checked before any weight
+    loads): LLaVA-NeXT layout keys, and autoregressive keys tied to that layout."""
+    from lmms_engine.models.builder import LAYOUT_FIELDS
+
+    for key in LAYOUT_FIELDS:
+        if getattr(cfg, key) is not None:
+            raise ConfigError(f"{where}.{key}: the LLaVA-NeXT video-token layout does not apply to "
+                              f"model_name_or_path={cfg.model_name_or_path!r} ({family}), which has one token per "
+                              f"2x2 merge window of each temporal group; remove the key")
+    check_qwen_autoregressive_keys(dict(cfg.autoregressive_config or {}), family, f"{where}.autoregressive_config")
+
+
 def build_qwen_model(cfg: Any, hf_config: Any, tokenizer: Any = None) -> Any:
     """:func:`~lmms_engine.models.builder.build_model` for a Qwen-VL checkpoint (``cfg`` a ``ModelConfig``).
 
@@ -149,14 +174,11 @@ def build_qwen_model(cfg: Any, hf_config: Any, tokenizer: Any = None) -> Any:
     ``<|video_pad|>`` must be the checkpoint's ``video_token_id``. Freezing keys and the autoregressive
     settings mean what they mean for LLaVA-OneVision.
     """
-    from lmms_engine.models.builder import LAYOUT_FIELDS, _torch_dtype, autoregressive_plan, finish_model
+    from lmms_engine.models.builder import _torch_dtype, autoregressive_plan, finish_model
 
     family = hf_config.model_type
     where = f"model_config.model_name_or_path={cfg.model_name_or_path!r} ({family})"
-    for key in LAYOUT_FIELDS:
-        if getattr(cfg, key) is not None:
-            raise ConfigError(f"model_config.{key}: the LLaVA-NeXT video-token layout does not apply to {where}, "
-                              f"which has one token per 2x2 merge window of each temporal group; remove the key")
+    check_qwen_model_config(cfg, family)
     if tokenizer is not None:
         token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
         if token_id != hf_config.video_token_id:
@@ -268,15 +290,7 @@ class QwenVideoMixin:
         from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module
 
         cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        where = "autoregressive_config"
-        for key in ("enable_multiscale_pooling", "add_faster_video"):
-            if cfg.get(key):
-                raise ConfigError(f"{where}.{key}: the LLaVA-NeXT video-token layout does not apply to {self.family} "
-                                  f"(one token per 2x2 merge window); remove it")
-        for key, allowed in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full")):
-            if key in cfg and cfg[key] != allowed:
-                raise ConfigError(f"{where}.{key}={cfg[key]!r}: {self.family} targets are the vision encoder's last "
-                                  f"block output before the merger; remove the key")
+        check_qwen_autoregressive_keys(cfg, self.family, "autoregressive_config")
         cfg.setdefault("embedding_dim", vision_width(self.config.vision_config))
         module = create_autoregressive_reconstruction_module(self.model.visual, self.config.text_config.hidden_size,
                                                              cfg, encoder_parameters=self.vision_tower_parameters)
@@ -509,5 +523,5 @@ class QwenVideoMixin:
         return module.compute_grid_loss(videos)
 
 
-__all__ = ["vision_width", "build_qwen_model", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
+__all__ = ["vision_width", "build_qwen_model", "check_qwen_autoregressive_keys", "check_qwen_model_config", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
            "packed_segments", "raster_merge_units"]
