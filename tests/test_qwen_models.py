@@ -214,7 +214,7 @@ def test_fps_default_count_sampling_and_time_ranges(tmp_path_factory, records):
 
 def test_generation_equals_transformers_and_evaluate_block(tmp_path_factory, tmp_path, records):
     """Greedy answers of the engine's class equal plain transformers'; the evaluate block scores a Qwen-VL
-    checkpoint (accuracy; reconstruction skipped with its reason)."""
+    checkpoint: accuracy and next-frame reconstruction per offset."""
     from lmms_engine.data.qwen_dataset import QwenVideoCollator
     from lmms_engine.eval.config import run_evaluate
 
@@ -237,7 +237,10 @@ def test_generation_equals_transformers_and_evaluate_block(tmp_path_factory, tmp
                                                "video_max_pixels": 8192},
                             "max_new_tokens": 4, "device": "cpu", "progress": False})
     assert results["num_samples"] == 4 and 0.0 <= results["accuracy"]["overall"]["accuracy"] <= 1.0
-    assert "not available for qwen3_vl" in results["reconstruction"]["skipped"]
+    recon = results["reconstruction"]
+    # records: 3, 2 and 2 groups (num_hist 2): offset 1 has 2 + 1 + 1 windows, offset 2 one window
+    assert [row["windows"] for row in recon["by_offset"]] == [4, 1]
+    assert recon["full_history"]["mse"] > 0 and recon["full_history"]["copy_last_mse"] > 0
     assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 4
 
 

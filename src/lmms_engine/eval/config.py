@@ -46,8 +46,7 @@ class EvaluateConfig:
 
     Attributes:
         checkpoint: model folder written by training (``output_dir`` or a ``checkpoint-N`` inside
-            it), or any LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint in HF format (Qwen-VL: accuracy
-            only for now; reconstruction is skipped with a note).
+            it), or any LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint in HF format.
         data_path: held-out records (JSON list or JSONL, LLaVA ``conversations`` or OpenAI ``messages``;
             the last assistant turn is the reference, metadata ``question_type``/``options`` are used
             when present). With ``dataset_config`` it replaces that block's ``eval_data_path``.
@@ -270,11 +269,8 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
 
     want_accuracy = "accuracy" in cfg.metrics
     module = getattr(model, "autoregressive_module", None)
-    want_recon = "reconstruction" in cfg.metrics and module is not None and not qwen
+    want_recon = "reconstruction" in cfg.metrics and module is not None
     skipped = None
-    if "reconstruction" in cfg.metrics and module is not None and qwen:
-        skipped = f"the next-frame reconstruction metric is not available for {model.config.model_type} checkpoints yet"
-        logger.warning("reconstruction metric skipped: %s", skipped)
     if "reconstruction" in cfg.metrics and module is None:
         skipped = "the checkpoint has no autoregressive module (enable_autoregressive is false in its config.json)"
         logger.warning("reconstruction metric skipped: %s", skipped)

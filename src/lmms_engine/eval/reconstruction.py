@@ -224,6 +224,8 @@ def batch_reconstruction_errors(
     Returns:
         ``{stream: {offset: OffsetSums}}`` (stream ``all`` without fast/slow frames).
     """
+    if hasattr(model, "reconstruction_errors"):  # model families with their own video layout (Qwen-VL)
+        return model.reconstruction_errors(batch, module)
     module = module if module is not None else getattr(model, "autoregressive_module", None)
     if module is None:
         raise ValueError("the model has no autoregressive_module and no module was given")

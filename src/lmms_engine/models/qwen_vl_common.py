@@ -508,6 +508,58 @@ class QwenVideoMixin:
                     autoregressive[name] += count
         return unit_counts(label_token_count(labels), autoregressive)
 
+    @torch.no_grad()
+    def reconstruction_errors(self, batch: Mapping[str, torch.Tensor], module: nn.Module | None = None) -> dict:
+        """Per-stream, per-offset next-frame error sums of one collated batch (the evaluate block's
+        reconstruction metric, :func:`lmms_engine.eval.reconstruction.next_frame_errors`), each video on
+        its own merged grid. ``mean_target_mse`` (a per-grid-position baseline) is not defined across
+        videos of different grids and is left out (None)."""
+        from lmms_engine.eval.reconstruction import OffsetSums, next_frame_errors
+
+        module = module if module is not None else getattr(self, "autoregressive_module", None)
+        if module is None:
+            raise ValueError("the model has no autoregressive_module and no module was given")
+        pixels, grid = batch.get("pixel_values_videos"), batch.get("video_grid_thw")
+        if pixels is None:
+            return {}
+        store: dict[str, torch.Tensor] = {}
+        handle = self.model.language_model.register_forward_hook(
+            lambda _m, _a, output: store.__setitem__("hidden", output.last_hidden_state))
+        try:
+            keys = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
+                    "second_per_grid_ts")
+            self(**{k: batch[k] for k in keys if batch.get(k) is not None}, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        if module.target_encoder_mode == "shared":
+            features = self.model.get_video_features(pixels, grid, return_dict=True).last_hidden_state
+            targets = self.video_targets(features, grid)
+        else:
+            targets = self._copy_targets(module, pixels, grid)
+        hidden = store["hidden"]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        merge = self.config.vision_config.spatial_merge_size
+        causal = bool(module.config.use_frame_causal_mask)
+        num_hist = int(module.config.num_hist)
+        results: dict[str, dict[int, OffsetSums]] = {}
+        for pos, target, (t, h, w) in zip(self.video_token_positions(batch["input_ids"], grid), targets,
+                                          grid.tolist()):
+            frames = flat[pos.reshape(-1)].view(1, pos.shape[0], pos.shape[1], -1)
+            tokens = module.predictor.input_proj(frames.to(module.predictor.input_proj.weight.dtype))
+            side = (int(h) // merge, int(w) // merge)
+            valid = torch.ones(1, int(t), dtype=torch.bool, device=tokens.device)
+
+            def predict(x: torch.Tensor, side: tuple[int, int] = side) -> torch.Tensor:
+                return module.predictor(x, causal=causal, grid=side)
+
+            for name, idx in module.frame_streams(int(t), tokens.device):
+                errors = next_frame_errors(predict, tokens[:, idx], target[None, idx].float(), valid[:, idx], num_hist)
+                table = results.setdefault(name, {k: OffsetSums() for k in range(1, num_hist + 1)})
+                for k, sums in errors.items():
+                    sums.target_sum = sums.target_sq_sum = None
+                    table[k].add(sums)
+        return results
+
     def _autoregressive_output(self, module: nn.Module, hidden: torch.Tensor, positions: list[torch.Tensor],
                                targets: list[torch.Tensor], video_grid_thw: torch.Tensor | None) -> Any:
         """The module's loss over every video: ``[1, t, h/2*w/2, hidden]`` states at each group's tokens,
