@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from lmms_engine.data.dataset import load_records
-from lmms_engine.data.records import BadRecordError, DataFileError, check_records_file
+from lmms_engine.data.records import BadRecordError, DataFileError
+from lmms_engine.data.sources import SourceConfig, first_usable_record
+
+
+def check_records_file(path: Path, **kwargs):
+    """What the launcher does with each data file while checking a config."""
+    return first_usable_record(SourceConfig(str(path)), **kwargs)
 
 GOOD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
 
@@ -110,3 +116,38 @@ def test_the_launcher_reports_each_unusable_file_as_a_data_error_before_any_mode
         assert (code, loaded) == ("2", "False"), line
         assert message.startswith(f"data error: {tmp_path / name}: "), line
     assert not (tmp_path / "out").exists()
+
+
+def test_video_paths_leading_outside_the_video_folder(tmp_path):
+    """By default ``../`` and absolute paths are read where they point (documented); with
+    ``videos_inside_folder`` they are bad records."""
+    folder, outside = tmp_path / "videos", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    for path in (folder / "in.mp4", outside / "out.mp4"):
+        path.write_bytes(b"x")
+    (folder / "sub").mkdir()
+    rows = [dict(good(), video=v) for v in ("in.mp4", "sub/../in.mp4", "../elsewhere/out.mp4",
+                                           str(outside / "out.mp4"), str(folder / "in.mp4"))]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    records, total, failures = load_records(data, video_folder=folder)
+    assert total == 5 and not failures and records[2].video == str(folder / "../elsewhere/out.mp4")
+    from lmms_engine.data.dataset import DatasetConfig, open_records
+
+    lazy, _ = open_records(DatasetConfig(data_path=str(data), video_folder=str(folder), videos_inside_folder=True),
+                           "train")
+    outcomes = []
+    for j in range(len(lazy)):
+        try:
+            outcomes.append(lazy[j].index)
+        except BadRecordError as err:
+            outcomes.append((err.reason, err.where))
+            assert "leads outside the video folder" in str(err)
+    assert outcomes == [0, 1, ("video_outside_folder", f"{data}: record 2"),
+                        ("video_outside_folder", f"{data}: record 3"), 4]
+    # the launcher's check applies it too: a first record outside is a data error under raise
+    outside_only = tmp_path / "outside.json"
+    outside_only.write_text(json.dumps(rows[2:4]))
+    with pytest.raises(BadRecordError, match="video_outside_folder"):
+        first_usable_record(SourceConfig(str(outside_only), video_folder=str(folder)), videos_inside_folder=True)

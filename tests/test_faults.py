@@ -174,3 +174,52 @@ def test_a_run_whose_writes_fail_shows_the_first_error(data_dir, tmp_path):
     report = out / "data_report.json"
     assert not report.exists() or json.loads(report.read_text())["num_records"] == 44  # whole, if written
     assert not list(out.glob(".data_report*"))
+
+
+RANK_SCRIPT = """\
+import os, sys, time
+import lmms_engine.launch.cli as cli
+getattr(cli, "_die_with_the_launcher", lambda: None)()  # what the CLI's main does first under torchrun
+with open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w") as handle:
+    handle.write(str(os.getpid()))
+time.sleep(300)  # a rank stuck for good (in a collective, a blocked read, ...)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead: it only waits to be reaped
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_end_when_torchrun_is_killed(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={free_port()}", str(script), str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all((tmp_path / f"pid{r}").is_file() for r in (0, 1)):
+            time.sleep(0.2)
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+        assert all(_alive(pid) for pid in pids)
+        launcher.kill()  # SIGKILL: torchrun cannot forward anything
+        launcher.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "a rank survived its launcher"
+    finally:
+        launcher.kill()
+        for r in (0, 1):
+            pid_file = tmp_path / f"pid{r}"
+            if pid_file.is_file() and _alive(int(pid_file.read_text())):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -75,7 +75,9 @@ class DatasetConfig:
             see ``lmms_engine.data.sources`` and docs/data.md. Records are read lazily.
         eval_data_path: held-out records in the same forms (``build_dataset(..., split="eval")``).
         video_folder: folder that relative video paths start from; default: each data file's folder (a
-            mixture entry's own ``video_folder`` wins).
+            mixture entry's own ``video_folder`` wins). Absolute video paths are read where they point,
+            and ``..`` parts may lead out of the folder (LLaVA data often does this); set
+            ``videos_inside_folder`` to refuse both.
         image_folder: the same for image paths.
         sampling_seed: seed of the mixtures' ``random:`` sampling strategies (source k draws with
             ``sampling_seed + k``): the same seed always selects the same records.
@@ -107,6 +109,9 @@ class DatasetConfig:
             and leave out the records that would be dropped as too long (``truncation: drop`` and
             longer than ``max_length``, or not even the first exchange fits), counted under
             ``too_long``; they are never decoded. Probing costs a container open per video.
+        videos_inside_folder: a record whose video path leads outside its video folder (absolute, or
+            climbing out through ``..``; judged on the path as written, symlinks inside are followed) is
+            a bad record (``video_outside_folder``), skipped or raised as ``on_bad_record`` says.
         packing: pack several samples into each row of a batch (position ids restart per sample, no
             attention across samples; the loss equals the unpacked batch's).
         packing_length: longest packed row in tokens; None = ``max_length`` (required when that is None).
@@ -141,6 +146,7 @@ class DatasetConfig:
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
     video_total_pixels: int | None = None
+    videos_inside_folder: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_path:
@@ -592,7 +598,8 @@ def open_records(config: DatasetConfig, split: Literal["train", "eval"], *, vide
     sources = resolve_sources(path, video_folder=config.video_folder, image_folder=getattr(config, "image_folder", None),
                               where=f"dataset_config.{key}")
     mixed = open_sources(sources, seed=config.sampling_seed)
-    records = LazyRecords(mixed, video_token=video_token, image_token=image_token)
+    records = LazyRecords(mixed, video_token=video_token, image_token=image_token,
+                          videos_inside_folder=config.videos_inside_folder)
     name = str(path) if isinstance(path, (str, Path)) else ", ".join(s.path for s in sources)
     if not len(records):
         raise DataFileError(f"{name}: no records (the sources hold {sum(len(t) for t in mixed.tables)}, their "

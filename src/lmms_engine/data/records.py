@@ -21,8 +21,9 @@ Rules (every violation is a :class:`BadRecordError` naming the file, the record 
 
 - Roles: an optional ``system`` turn, then ``user``/``assistant`` alternating, starting with ``user`` and
   ending with ``assistant``. LLaVA's ``from`` may be ``human``/``user``, ``gpt``/``assistant``, ``system``.
-- At most one video per record. Video paths are relative to the video folder (absolute paths are kept)
-  and must exist (a file, or a pipe or device read like one; not a directory). ``video_start``/``video_end``
+- At most one video per record. Video paths are relative to the video folder (absolute paths are kept,
+  and ``..`` may lead out of it unless ``videos_inside_folder`` is set) and must exist (a file, or a
+  pipe or device read like one; not a directory). ``video_start``/``video_end``
   (seconds) are optional, at the top level or, in the OpenAI form, beside ``video_url`` in the content part.
 - The ``<video>`` placeholder: a record with a video and no placeholder gets one at the start of its
   first user turn (as LLaVA does); a placeholder without a video is an error; wherever it appears, it
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,8 @@ BAD_RECORD_REASONS: dict[str, str] = {
     "placeholder_without_video": "a <video> placeholder but no video",
     "multiple_videos": "more than one video or <video> placeholder",
     "missing_video": "the video file does not exist (or is a directory)",
+    "video_outside_folder": "the video path leads outside the video folder (absolute, or through '..'), "
+                            "and dataset_config.videos_inside_folder is true",
     "broken_video": "the video file cannot be decoded",
     "decode_timeout": "reading the video took longer than decode_timeout seconds (a blocked or too slow read)",
     "too_long": "longer than max_length even after truncation",
@@ -146,58 +150,6 @@ def _utf8_error(err: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
     line = data.count(b"\n", 0, position) + 1
     column = position - (data.rfind(b"\n", 0, position) + 1) + 1
     return f"byte 0x{data[position]:02x} at line {line}, column {column} is not valid UTF-8"
-
-
-def iter_raw_records(path: str | Path) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield ``(index, line, obj)`` for each record of a record file (JSON list, JSONL, UTF-8 with or
-    without a byte-order mark; Parquet / Arrow / ``datasets`` folders too), read through
-    :func:`lmms_engine.data.sources.open_table`.
-
-    A JSONL line that is not valid UTF-8 or not valid JSON yields a :class:`BadRecordError` as ``obj``
-    (so the caller can skip it); a file that is not a JSON list or JSONL as a whole (invalid UTF-8 or
-    JSON in a list, a single object, a JSON value that is no list, no record at all) raises
-    :class:`DataFileError`. Blank JSONL lines are ignored (and not counted as records).
-    """
-    from lmms_engine.data.sources import RawRecordError, open_table
-
-    table = open_table(path)
-    for index in range(len(table)):
-        obj = table.get(index)
-        if isinstance(obj, RawRecordError):
-            obj = BadRecordError(obj.reason, obj.where, obj.detail)
-        yield index, table.line(index), obj
-
-
-def default_video_folder(data_path: str | Path, video_folder: str | Path | None) -> Path:
-    """The folder relative video paths of ``data_path``'s records start from: ``video_folder``, else
-    the data file's own folder."""
-    return Path(video_folder) if video_folder is not None else Path(data_path).resolve().parent
-
-
-def check_records_file(
-    path: str | Path,
-    *,
-    video_folder: str | Path | None = None,
-    on_bad_record: str = "raise",
-    video_token: str = "<video>",
-) -> ConversationRecord:
-    """Read ``path`` up to its first usable record and return it (cheap: the launcher calls this while
-    checking a config, before any model loads).
-
-    Raises :class:`DataFileError` when the file as a whole cannot be used or holds no usable record,
-    and, with ``on_bad_record="raise"``, the :class:`BadRecordError` of a bad record met before it.
-    """
-    folder = default_video_folder(path, video_folder)
-    failures: list[BadRecordError] = []
-    for index, line, obj in iter_raw_records(path):
-        try:
-            return parse_record(obj, record_location(path, index, line), video_folder=folder,
-                                video_token=video_token, index=index)
-        except BadRecordError as err:
-            if on_bad_record == "raise":
-                raise
-            failures.append(err)
-    raise DataFileError(no_usable_records(path, len(failures), failures))
 
 
 def no_usable_records(path: str | Path, total: int, failures: list[BadRecordError]) -> str:
@@ -347,8 +299,13 @@ def parse_record(
     video_token: str = "<video>",
     check_video_exists: bool = True,
     index: int = 0,
+    videos_inside_folder: bool = False,
 ) -> ConversationRecord:
     """Validate one raw record (either form) and return it in canonical form (module docstring rules).
+
+    ``videos_inside_folder``: a video path that leads outside ``video_folder`` (an absolute path
+    elsewhere, or ``..`` parts climbing out; judged on the path as written, symlinks are not followed)
+    is a bad record (``video_outside_folder``). By default such paths are read where they point.
 
     Raises :class:`BadRecordError` naming ``where`` and the reason.
     """
@@ -402,6 +359,11 @@ def parse_record(
     if video is not None:
         path = Path(video).expanduser()
         path = path if path.is_absolute() else Path(video_folder) / path
+        if videos_inside_folder:
+            base = os.path.normpath(os.path.abspath(video_folder))
+            if os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) != base:
+                raise _bad("video_outside_folder", where, f"video {video!r} leads outside the video folder "
+                                                          f"{str(video_folder)!r} (videos_inside_folder: true)")
         # exists() rather than is_file(): a named pipe or a device is read like a file (and a read that
         # blocks on one is the decoder's deadline to handle, not a missing file).
         if check_video_exists and (not path.exists() or path.is_dir()):
@@ -420,9 +382,6 @@ __all__ = [
     "ConversationRecord",
     "DataFileError",
     "Turn",
-    "check_records_file",
-    "default_video_folder",
-    "iter_raw_records",
     "no_usable_records",
     "parse_record",
     "record_location",

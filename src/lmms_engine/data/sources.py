@@ -600,10 +600,11 @@ class LazyRecords:
     """
 
     def __init__(self, mixed: MixedRecords, *, video_token: str = "<video>", image_token: str = "<image>",
-                 index: np.ndarray | None = None) -> None:
+                 index: np.ndarray | None = None, videos_inside_folder: bool = False) -> None:
         self.mixed = mixed
         self.video_token = video_token
         self.image_token = image_token
+        self.videos_inside_folder = videos_inside_folder  # records.parse_record's rule for video paths
         self._index = index
         self._video_folders = [Path(s.video_folder) if s.video_folder else s.media_folder for s in mixed.sources]
         self._image_folders = [Path(s.image_folder) if s.image_folder else s.media_folder for s in mixed.sources]
@@ -618,7 +619,8 @@ class LazyRecords:
 
     def subset(self, keep: Sequence[int]) -> "LazyRecords":
         chosen = np.asarray([self._global(int(j)) for j in keep], dtype=np.int64)
-        return LazyRecords(self.mixed, video_token=self.video_token, image_token=self.image_token, index=chosen)
+        return LazyRecords(self.mixed, video_token=self.video_token, image_token=self.image_token, index=chosen,
+                           videos_inside_folder=self.videos_inside_folder)
 
     def source_of(self, j: int) -> int:
         return self.mixed.source_of(self._global(j))
@@ -640,7 +642,7 @@ class LazyRecords:
         if isinstance(obj, RawRecordError):
             raise BadRecordError(obj.reason, where, obj.detail)
         return parse_record(obj, where, video_folder=self._video_folders[source], video_token=self.video_token,
-                            index=local)
+                            index=local, videos_inside_folder=self.videos_inside_folder)
 
     def __iter__(self) -> Any:
         for j in range(len(self)):
@@ -648,7 +650,7 @@ class LazyRecords:
 
 
 def first_usable_record(source: SourceConfig, *, on_bad_record: str = "raise", video_token: str = "<video>",
-                        image_token: str = "<image>") -> Any:
+                        image_token: str = "<image>", videos_inside_folder: bool = False) -> Any:
     """Read ``source`` up to its first usable record and return it (cheap: the launcher calls this while
     checking a config, before any model loads; the sampling strategy is not applied).
 
@@ -659,7 +661,7 @@ def first_usable_record(source: SourceConfig, *, on_bad_record: str = "raise", v
     from lmms_engine.data.records import BadRecordError, DataFileError, no_usable_records
 
     lazy = LazyRecords(open_sources([dataclasses.replace(source, sampling_strategy="all")]), video_token=video_token,
-                       image_token=image_token)
+                       image_token=image_token, videos_inside_folder=videos_inside_folder)
     failures = []
     for j in range(len(lazy)):
         try:

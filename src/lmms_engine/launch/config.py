@@ -374,7 +374,8 @@ def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
                                   video_folder=dataset_config.video_folder,
                                   image_folder=dataset_config.image_folder, where=f"{where}.{key}")
         for source in sources:
-            first_usable_record(source, on_bad_record=dataset_config.on_bad_record)
+            first_usable_record(source, on_bad_record=dataset_config.on_bad_record,
+                                videos_inside_folder=dataset_config.videos_inside_folder)
     return dataset_config
 
 

@@ -34,8 +34,13 @@ How a read works (``read_video``):
 Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
 in output order; a decoding error there ends the read (later frames could not be told apart).
 
+Frames come back upright, as players show them: an MP4/MOV track with a rotation display matrix
+(phone videos) is turned by it (quarter turns; sizes, ``target_size`` included, are those of the
+displayed picture; ``lmms_engine.video.orientation``).
+
 Broken inputs raise ``VideoReadError`` (a ``ValueError``) naming the path and the cause: a missing
-file, zero bytes, not a media file, no video stream, no decodable frame. A file cut short (truncated
+file, zero bytes, not a media file, no video stream, no decodable frame, a still image (a PNG or JPEG
+renamed ``.mp4`` is not a one-frame video). A file cut short (truncated
 download) is read as the video it still holds: its frames are those whose packets are complete, and
 ``total_frames``/``duration`` describe that part. A requested frame that is indexed but does not decode
 is left out of the result, with a warning: ``frame_indices`` names exactly the frames returned, and a
@@ -72,6 +77,7 @@ import av
 import numpy as np
 import torch
 
+from lmms_engine.video.orientation import display_turns
 from lmms_engine.video.sampling import SamplingSpec, sample_indices
 
 logger = logging.getLogger(__name__)
@@ -264,6 +270,10 @@ def open_video(path: str | Path, num_threads: int = 0, timeout: float | None = N
         container.close()
         raise VideoReadError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
     stream = videos[0]
+    format_name = container.format.name
+    if (format_name == "image2" or format_name.endswith("_pipe")) and not format_name.startswith("gif"):
+        container.close()  # a PNG/JPEG named .mp4 would otherwise train as a one-frame video
+        raise VideoReadError(path, f"a still image ({format_name.removesuffix('_pipe')}), not a video")
     if stream.codec_context.name in _TEXT_ART_CODECS:
         container.close()
         raise VideoReadError(path, f"not a video: FFmpeg reads it as text art (codec {stream.codec_context.name!r})")
@@ -535,22 +545,27 @@ class _Converter:
     """
 
     def __init__(self, sizes: list[tuple[int, int]], count: int,
-                 arrays: list[np.ndarray] | None = None) -> None:
+                 arrays: list[np.ndarray] | None = None, turns: int = 0) -> None:
         self.sizes = sizes
         self.arrays = arrays if arrays is not None else [np.empty((count, 3, h, w), dtype=np.uint8)
                                                          for h, w in sizes]
         # One reformatter per size keeps FFmpeg's scaler set up between frames.
         self.reformatters = [av.video.reformatter.VideoReformatter() for _ in sizes]
+        # Quarter turns counterclockwise to display orientation; sizes are the displayed picture's.
+        self.turns = turns
 
     def fork(self) -> _Converter:
         """A converter for another thread: its own scalers, the same output arrays (disjoint rows)."""
-        return _Converter(self.sizes, 0, self.arrays)
+        return _Converter(self.sizes, 0, self.arrays, self.turns)
 
     def __call__(self, frame: av.VideoFrame, slot: int) -> None:
         for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
+            if self.turns % 2:  # scaled in the coded orientation, then turned upright
+                h, w = w, h
             planar = reformatter.reformat(frame, width=w, height=h, format="gbrp")
             for channel, plane in zip(_GBRP_TO_RGB, planar.planes):
-                array[slot, channel] = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
+                pixels = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
+                array[slot, channel] = np.rot90(pixels, self.turns) if self.turns else pixels
 
     def close(self) -> None:
         """Wait for conversions still under way (none here; see ``_PipelinedConverter``)."""
@@ -901,8 +916,9 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
                                  f"{bad[:5] if bad else 'none'}")
         wanted = sorted(set(indices))
         codec = stream.codec_context
-        sizes = output_sizes((codec.height, codec.width), target_size, scale_factors)
-        convert = _Converter(sizes, len(wanted))
+        turns = display_turns(path, container.format.name)  # phone videos: upright, as players show them
+        native = (codec.width, codec.height) if turns % 2 else (codec.height, codec.width)
+        convert = _Converter(output_sizes(native, target_size, scale_factors), len(wanted), turns=turns)
         slot_of = {i: slot for slot, i in enumerate(wanted)}
         runs = [None] if table.pts is None else split_groups(table, plan_groups(table, wanted), budget)
         try:
