@@ -5,8 +5,6 @@ found while the config is checked, before any model loads."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,31 +88,29 @@ def test_a_one_record_jsonl_file_is_fine(tmp_path):
     assert check_records_file(path).turns[1].text == "Hello."
 
 
-def test_the_launcher_reports_each_unusable_file_as_a_data_error_before_any_model_loads(tmp_path):
-    """One process runs the CLI on every file: exit 2, ``data error:`` naming the file, no model module
-    imported (the check reads the data before anything is built), also with --dry-run."""
-    names = sorted(UNUSABLE)
-    for name in names:
+def test_the_launcher_reports_each_unusable_file_as_a_data_error_before_any_model_loads(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The CLI on every file: exit 2, ``data error:`` naming the file, no tokenizer, model or dataset
+    built (the check reads the data before anything is), also with --dry-run."""
+    import lmms_engine.data.dataset as dataset
+    import lmms_engine.models.builder as builder
+    from lmms_engine.launch.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or dataset was built before the data error")
+
+    monkeypatch.setattr(builder, "build_model", forbidden)
+    monkeypatch.setattr(dataset, "build_dataset", forbidden)
+    for name in sorted(UNUSABLE):
         (tmp_path / name).write_bytes(UNUSABLE[name][0])
-        (tmp_path / f"{name}.yaml").write_text(
-            f"- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {{}}\n"
-            f"    dataset_config: {{data_path: {tmp_path / name}, on_bad_record: skip}}\n"
-            f"    output_dir: {tmp_path / 'out'}\n")
-    probe = ("import contextlib, io, sys\nfrom lmms_engine.launch.cli import main\n"
-             f"for name in {names!r}:\n"
-             "    for extra in ([], ['--dry-run']):\n"
-             "        err = io.StringIO()\n"
-             "        with contextlib.redirect_stderr(err):\n"
-             f"            code = main(['--config', {str(tmp_path)!r} + '/' + name + '.yaml'] + extra)\n"
-             "        print('RESULT', name, code, 'lmms_engine.models.llava_video' in sys.modules,"
-             " err.getvalue().strip().splitlines()[-1][:200])\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 2 * len(names), done.stderr[-2000:]
-    for line in lines:
-        _, name, code, loaded, message = line.split(" ", 4)
-        assert (code, loaded) == ("2", "False"), line
-        assert message.startswith(f"data error: {tmp_path / name}: "), line
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"- type: trainer\n  config:\n    trainer_type: sft\n    model_config: {{}}\n"
+                          f"    dataset_config: {{data_path: {tmp_path / name}, on_bad_record: skip}}\n"
+                          f"    output_dir: {tmp_path / 'out'}\n")
+        for extra in ([], ["--dry-run"]):
+            assert main(["--config", str(config), *extra]) == 2, name
+            message = capsys.readouterr().err.strip().splitlines()[-1]
+            assert message.startswith(f"data error: {tmp_path / name}: "), message
     assert not (tmp_path / "out").exists()
 
 
