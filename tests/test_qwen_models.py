@@ -288,3 +288,17 @@ def test_config_check_knows_the_family_before_loading(tmp_path_factory, tmp_path
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="'gpt2' checkpoint; supported: llava_onevision, qwen2_vl"):
         check(other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_length_estimates_equal_loaded_lengths(tmp_path_factory, records, family):
+    checkpoint = tiny_checkpoint(tmp_path_factory, family)
+    dataset = qwen_dataset(checkpoint, records)
+    estimates = dataset.length_estimates()
+    assert [e.length for e in estimates] == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert all(e.exact for e in estimates) and [e.num_frames for e in estimates] == [6, 4, 0, 4]
+    assert [e.video_tokens for e in estimates] == [18, 12, 0, 12]
+    longest = max(e.length for e in estimates)
+    trimmed = qwen_dataset(checkpoint, records, drop_long_before_loading=True, max_length=longest - 1,
+                           truncation="drop")
+    assert len(trimmed) == len(dataset) - sum(e.length == longest for e in estimates)

@@ -22,9 +22,9 @@ Each sample::
     video_num_frames         int                      (temporal groups t, the autoregressive loss's frames; 0 = none)
     index                    int
 
-Not supported for these families (clear errors): ``add_time_instruction`` (Qwen encodes time itself),
-length estimates from metadata (``group_by_length`` / ``batch_rebalance`` samplers,
-``drop_long_before_loading``: the token count depends on the frame size).
+Token lengths are estimated from container metadata as for LLaVA-OneVision (length-grouped samplers,
+``drop_long_before_loading``), with the stream's coded size for the frame grid. Not supported for these
+families (a config error): ``add_time_instruction`` (Qwen encodes time itself).
 """
 
 from __future__ import annotations
@@ -38,8 +38,14 @@ import torch
 from lmms_engine.data.chat import EncodedConversation, encode_conversation
 from lmms_engine.data.collator import VideoSFTCollator, first_fit_decreasing
 from lmms_engine.data.dataset import DatasetConfig, VideoSFTDataset, _SampleFailure, open_records
-from lmms_engine.data.lengths import kept_length
-from lmms_engine.data.qwen_vision import DEFAULT_FPS, TEMPLATE_VIDEO_TEXT, QwenVideoInputs, QwenVideoProcessing
+from lmms_engine.data.lengths import LengthEstimate, kept_length
+from lmms_engine.data.qwen_vision import (
+    DEFAULT_FPS,
+    TEMPLATE_VIDEO_TEXT,
+    QwenVideoInputs,
+    QwenVideoProcessing,
+    group_timestamps,
+)
 from lmms_engine.data.records import ConversationRecord, Turn
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.video.sampling import SamplingSpec
@@ -73,10 +79,52 @@ class QwenVideoSFTDataset(VideoSFTDataset):
                             force_sample=self.config.force_sample, start_time=record.video_start,
                             end_time=record.video_end)
 
-    def length_estimates(self) -> Any:
-        raise ConfigError("length estimates from video metadata are not available for Qwen-VL checkpoints (the "
-                          "token count depends on each video's frame size): use train_sampling_strategy: random "
-                          "and drop_long_before_loading: false")
+    def length_estimates(self) -> list[LengthEstimate]:
+        """Each record's :class:`~lmms_engine.data.lengths.LengthEstimate` from container metadata, no frame
+        decoded: the sampling rule on the probed timestamps gives the frames, the stream's coded size and
+        the frame count give the grid (:meth:`QwenVideoProcessing.grid`), and the record is tokenized with
+        that expansion. A video that cannot be probed is assumed ``max_frames`` frames of a square at
+        ``max_pixels`` (an upper bound, ``exact=False``). Computed once, then cached."""
+        if self._length_estimates is None:
+            self._length_estimates = self._estimate_lengths()
+        return self._length_estimates
+
+    def _estimate_lengths(self) -> list[LengthEstimate]:
+        from lmms_engine.data.lengths import probe_videos
+        from lmms_engine.video.sampling import sample_indices
+
+        records = [self.record(j) for j in range(len(self))]
+        timeout = self.config.decode_timeout
+        probes = probe_videos((r.video for r in records if r.video is not None), timeout=timeout)
+        sizes: dict[str, tuple[int, int] | None] = {}
+        processing = self.processing
+        estimates = []
+        for record in records:
+            video, exact = None, True
+            if record.video is not None:
+                if record.video not in sizes:
+                    sizes[record.video] = _coded_size(record.video, timeout)
+                probe, size = probes[record.video], sizes[record.video]
+                try:
+                    if isinstance(probe, Exception) or size is None:
+                        raise ValueError("not probed")
+                    indices = sample_indices(probe.timestamps, self.sampling_spec(record))
+                    stamps = [probe.timestamps[i] for i in indices]
+                except ValueError:
+                    exact = False
+                    stamps = [i / DEFAULT_FPS for i in range(self.config.max_frames)]
+                    side = int(processing.max_pixels ** 0.5)
+                    size = (side, side)
+                grid = processing.grid(len(stamps), *size)
+                video = QwenVideoInputs(pixel_values=torch.empty(0), grid_thw=grid,
+                                        group_times=group_timestamps(stamps, processing.temporal_patch_size),
+                                        second_per_grid=0.0, frame_size=size)
+            encoded = self.encode_record(record, video=video)
+            estimates.append(LengthEstimate(len(encoded.input_ids), tuple(encoded.turn_ends),
+                                            0 if video is None else len(stamps),
+                                            0 if video is None else processing.video_token_count(video.grid_thw),
+                                            exact))
+        return estimates
 
     def encode_record(self, record: ConversationRecord, *, num_frames: int = 0, duration: float = 0.0,
                       timestamps: Sequence[float] = (), generation: bool = False,
@@ -138,6 +186,21 @@ class QwenVideoSFTDataset(VideoSFTDataset):
             raise _SampleFailure("broken_video", f"{record.video}: {type(err).__name__}: {err}") from err
 
 
+def _coded_size(path: str, timeout: float | None) -> tuple[int, int] | None:
+    """``(height, width)`` of the video stream as the decoder outputs it, from the container (no frame
+    decoded); None when the file cannot be opened."""
+    from lmms_engine.video.decode import open_video
+
+    try:
+        container, stream = open_video(path, num_threads=1, timeout=timeout)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
+        return None
+    try:
+        return int(stream.codec_context.height), int(stream.codec_context.width)
+    finally:
+        container.close()
+
+
 def _expand(text: str, video_text: str) -> str:
     """The canonical ``<video>\\nquestion`` -> the template's video part text, expanded, then the question."""
     if RECORD_VIDEO_TOKEN not in text:
@@ -175,10 +238,9 @@ def build_qwen_dataset(
     """:func:`~lmms_engine.data.dataset.build_dataset` for a Qwen-VL checkpoint (module docstring)."""
     config = dataset_config if isinstance(dataset_config, DatasetConfig) else \
         from_mapping(DatasetConfig, dataset_config, "dataset_config")
-    for key in ("add_time_instruction", "drop_long_before_loading"):
-        if getattr(config, key):
-            raise ConfigError(f"dataset_config.{key}: not available for Qwen-VL checkpoints ({processing.family}); "
-                              f"set it to false")
+    if config.add_time_instruction:
+        raise ConfigError(f"dataset_config.add_time_instruction: not available for Qwen-VL checkpoints "
+                          f"({processing.family}), which encode time themselves; set it to false")
     check_video_template(tokenizer)
     records, name = open_records(config, split, video_token=RECORD_VIDEO_TOKEN)
     return QwenVideoSFTDataset(records, config, tokenizer, QwenProcessorInfo(processing), source=name)
