@@ -38,10 +38,10 @@ REAL = {
 
 def tiny_batch(checkpoint: Path) -> dict:
     import numpy as np
+    from transformers import AutoConfig, AutoTokenizer
 
     from lmms_engine.data.qwen_dataset import QwenVideoCollator
     from lmms_engine.data.qwen_vision import QwenVideoProcessing
-    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

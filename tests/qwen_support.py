@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from clips import make_clip
 
 torch.set_num_threads(1)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qwen_support import QWEN_AR, collate, qwen_dataset, qwen_records, tiny_checkpoint
 from transformers import AutoModelForImageTextToText
 
 from lmms_engine.data.qwen_vision import mm_token_type_ids
 from lmms_engine.models.builder import build_model
 from lmms_engine.models.qwen_vl_common import merge_window_mean, qwen_model_class
 from lmms_engine.utils.config import ConfigError
-from qwen_support import QWEN_AR, collate, qwen_dataset, qwen_records, tiny_checkpoint
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 ALL_FAMILIES = ["qwen2_vl", *FAMILIES]

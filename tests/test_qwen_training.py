@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from qwen_support import qwen_records, qwen_trainer_block, tiny_checkpoint
 from test_train_distributed import SCRIPT, _losses, _run, _single_process
 from train_support import free_port
@@ -78,8 +77,8 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path_factory, tmp_path, 
 
 def test_tiny_example_config_runs(tmp_path_factory, tmp_path, capsys):
     """examples/config_qwen2_5_vl_tiny.yaml through the CLI, shortened, on the session's tiny checkpoint."""
-    from train_support import demo_data_dir
     from test_launch_runs import REPO, SHORT, assert_consistent_losses, logged, run_cli
+    from train_support import demo_data_dir
 
     data_dir = demo_data_dir(tmp_path_factory)
     out = tmp_path / "run"

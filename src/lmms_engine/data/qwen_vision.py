@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 #: transformers' OPENAI_CLIP_MEAN / STD (Qwen2-VL and Qwen2.5-VL) and IMAGENET_STANDARD (Qwen3-VL).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)

@@ -26,14 +26,13 @@ positions as the first of four rows so the attention mask stays block-diagonal.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
 
 from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
@@ -575,5 +574,17 @@ class QwenVideoMixin:
         return module.compute_grid_loss(videos)
 
 
-__all__ = ["vision_width", "build_qwen_model", "check_qwen_autoregressive_keys", "check_qwen_model_config", "is_qwen_model", "qwen_model_class", "register_weight_renaming", "QwenVideoCausalLMOutput", "QwenVideoMixin", "merge_window_mean",
-           "packed_segments", "raster_merge_units"]
+__all__ = [
+    "QwenVideoCausalLMOutput",
+    "QwenVideoMixin",
+    "build_qwen_model",
+    "check_qwen_autoregressive_keys",
+    "check_qwen_model_config",
+    "is_qwen_model",
+    "merge_window_mean",
+    "packed_segments",
+    "qwen_model_class",
+    "raster_merge_units",
+    "register_weight_renaming",
+    "vision_width",
+]
