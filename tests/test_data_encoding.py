@@ -105,10 +105,22 @@ def test_text_only_and_generation_prompt(tok):
     prompt = encode_conversation(TURNS[:4], tok, video_token_count=3, add_generation_prompt=True)
     assert tok.decode(prompt.input_ids).endswith("And the blue one?<|im_end|>\n<|im_start|>assistant\n")
     assert [tok.decode(r) for r in runs(prompt.labels)] == ["left<|im_end|>"]
-    with pytest.raises(ValueError, match="holds 0 '<video>' placeholder"):
+    with pytest.raises(ValueError, match=r"holds the placeholders \[\]; expected \['<video>'\]"):
         encode_conversation(text_only, tok, video_token_count=4)
-    with pytest.raises(ValueError, match="holds 1 '<video>' placeholder"):
+    with pytest.raises(ValueError, match=r"holds the placeholders \['<video>'\]; expected \[\]"):
         encode_conversation(TURNS, tok, video_token_count=0)
+
+
+def test_several_media_expand_in_order(tok):
+    turns = [Turn("user", "<video>\nThen <image> and <video>?"), Turn("assistant", "Yes.")]
+    enc = encode_conversation(turns, tok, media=[("<video>", 5), ("<image>", 3), ("<video>", 2)])
+    video, image = tok.convert_tokens_to_ids("<video>"), tok.convert_tokens_to_ids("<image>")
+    assert [enc.input_ids[a:b] for a, b in enc.media_spans] == [[video] * 5, [image] * 3, [video] * 2]
+    assert enc.video_span == enc.media_spans[0]
+    assert enc.input_ids.count(video) == 7 and enc.input_ids.count(image) == 3
+    assert all(enc.labels[i] == -100 for a, b in enc.media_spans for i in range(a, b))
+    with pytest.raises(ValueError, match="expected \\['<image>', '<video>', '<video>'\\]"):
+        encode_conversation(turns, tok, media=[("<image>", 3), ("<video>", 5), ("<video>", 2)])
 
 
 def _samples():

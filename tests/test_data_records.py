@@ -84,10 +84,11 @@ BAD = {
     "bad_turn": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "x"}]},
     "wrong_role_order": {"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "x"}]},
     "bad_field": llava(video_start=-1),
-    "image_unsupported": llava() | {"image": "a.png"},
     "placeholder_without_video": llava(video=None),
-    "multiple_videos": llava(first="<video><video>\nTwo?"),
+    "placeholder_without_image": llava(first="<image>\n<video>\nTwo?"),
+    "placeholder_count": llava(first="<video><video>\nTwo?"),
     "missing_video": llava(video="clips/missing.mp4"),
+    "missing_image": llava() | {"image": "clips/gone.png"},
 }
 
 
@@ -114,12 +115,46 @@ def test_bad_record_messages_are_specific(folder):
     with pytest.raises(BadRecordError) as info:
         parse(ends_with_user, folder)
     assert info.value.reason == "wrong_role_order"
-    two_parts = {"messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "clips/a.mp4"}},
-        {"type": "video_url", "video_url": {"url": "clips/a.mp4"}}]}, {"role": "assistant", "content": "x"}]}
-    with pytest.raises(BadRecordError) as info:
-        parse(two_parts, folder)
-    assert info.value.reason == "multiple_videos"
+    with pytest.raises(BadRecordError, match=r"'<video>' appears 2 time\(s\) but the record has 1 video"):
+        parse(BAD["placeholder_count"], folder)
+    two_ranges = llava(video=["clips/a.mp4", "clips/a.mp4"], first="<video><video>\nTwo?", video_start=1)
+    with pytest.raises(BadRecordError, match="top-level video_start/video_end with 2 videos"):
+        parse(two_ranges, folder)
+
+
+def test_several_videos_and_images_in_tag_order(folder):
+    (folder / "clips" / "b.mp4").write_bytes(b"x")
+    (folder / "clips" / "p.png").write_bytes(b"x")
+    clip = lambda name: str(folder / "clips" / name)  # noqa: E731
+    mixed = llava(video=["clips/a.mp4", "clips/b.mp4"], first="Compare <video> with <image> and <video>.",
+                  image="clips/p.png")
+    rec = parse(mixed, folder)
+    assert [(m.kind, m.path) for m in rec.media] == [("video", clip("a.mp4")), ("image", clip("p.png")),
+                                                     ("video", clip("b.mp4"))]
+    assert rec.turns[0].text == "Compare <video> with <image> and <video>."  # tags stay where they are
+    assert rec.video == clip("a.mp4") and len(rec.videos) == 2 and len(rec.images) == 1
+    # no tags: one per medium at the start of the first user turn, videos first
+    rec = parse(llava(video=["clips/a.mp4", "clips/b.mp4"], first="Which?", image=["clips/p.png"]), folder)
+    assert rec.turns[0].text == "<video>\n<video>\n<image>\nWhich?"
+    assert [m.kind for m in rec.media] == ["video", "video", "image"]
+    # an image folder of its own
+    images = folder / "images"
+    images.mkdir()
+    (images / "q.png").write_bytes(b"x")
+    rec = parse(llava(video=None, first="<image>\nWhat?", image="q.png"), folder, image_folder=images)
+    assert rec.media[0].path == str(images / "q.png") and rec.video is None
+    # OpenAI and HF parts, in order, each range in its part
+    openai = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "clips/p.png"},
+                                     {"type": "video", "video": "clips/a.mp4", "video_start": 0.5},
+                                     {"type": "image_url", "image_url": {"url": "file://clips/p.png"}},
+                                     {"type": "video_url", "video_url": {"url": "clips/b.mp4"}, "video_end": 2},
+                                     {"type": "text", "text": "Order?"}]},
+        {"role": "assistant", "content": "Two of each."}]}
+    rec = parse(openai, folder)
+    assert [(m.kind, m.start, m.end) for m in rec.media] == [("image", None, None), ("video", 0.5, None),
+                                                             ("image", None, None), ("video", None, 2.0)]
+    assert rec.turns[0].text == "<image>\n<video>\n<image>\n<video>\nOrder?"
 
 
 def test_load_records_jsonl_raise_and_skip(folder):

@@ -14,16 +14,25 @@ from lmms_engine.data.chat import IGNORE_INDEX
 class VideoSFTCollator:
     """Pad token sequences (left or right) and stack frames, or pack several samples per row.
 
-    Input: samples with ``input_ids`` and ``labels`` (long ``[L_i]``), ``video_num_frames`` (int) and,
-    for samples with a video, ``pixel_values_videos`` (float ``[T_i, 3, H, W]``); other keys are ignored.
+    Input: samples with ``input_ids`` and ``labels`` (long ``[L_i]``), ``video_num_frames`` and, for
+    samples with videos, ``pixel_values_videos``: one video as float ``[T_i, 3, H, W]`` and an int, several
+    as a list of those and a list of ints; for samples with images, ``pixel_values`` (a list of float
+    ``[tiles_k, 3, S, S]``) and ``image_sizes`` (a list of ``(height, width)``); other keys are ignored.
 
     Output without packing (``packing_length`` None), one row per sample:
 
     - ``input_ids`` long ``[B, L]`` (padded with ``pad_token_id``), ``attention_mask`` long ``[B, L]``
       (1 = real token), ``labels`` long ``[B, L]`` (-100 on padding);
-    - ``pixel_values_videos`` float ``[B, T_max, 3, H, W]``, zeros past a sample's frames and for samples
-      without video; omitted when no sample of the batch has a video;
-    - ``video_num_frames`` long ``[B]`` (0 = no video).
+    - when every sample has at most one video: ``pixel_values_videos`` float ``[B, T_max, 3, H, W]``,
+      zeros past a sample's frames and for samples without video (omitted when no sample has a video),
+      ``video_num_frames`` long ``[B]`` (0 = no video);
+    - when a sample has several videos: one entry per video, in sample order then tag order:
+      ``pixel_values_videos`` ``[V, T_max, 3, H, W]``, ``video_num_frames`` ``[V]`` and ``video_row``
+      ``[V]`` (the row of each video), as for packed rows;
+    - with images: ``pixel_values`` float ``[N, tiles_max, 3, S, S]`` (one entry per image in sample
+      order then tag order, zero tiles past each image's own), ``image_sizes`` long ``[N, 2]`` and
+      ``batch_num_images`` long ``[B]`` (images per sample: transformers tiles the image of a sample
+      with exactly one).
 
     Output with packing: the samples go into ``R`` rows of at most ``packing_length`` tokens (first-fit
     decreasing by length, ties in batch order; in a row, samples in the order they were placed), padded
@@ -36,7 +45,9 @@ class VideoSFTCollator:
       one, transformers derives a block-diagonal causal mask from where the position ids restart;
     - ``pixel_values_videos`` float ``[V, T_max, 3, H, W]``, one entry per video of the batch in row order,
       then in-row order (omitted when ``V == 0``); ``video_num_frames`` long ``[V]`` (each >= 1);
-      ``video_row`` long ``[V]``, the row each video sits in.
+      ``video_row`` long ``[V]``, the row each video sits in;
+    - images as without packing, in the same order as the videos (rows, then samples in a row);
+      ``batch_num_images`` has one entry per sample in that order.
     """
 
     pad_token_id: int
@@ -73,11 +84,34 @@ class VideoSFTCollator:
             input_ids[i, cols] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
             labels[i, cols] = torch.as_tensor(sample["labels"], dtype=torch.long)
             attention_mask[i, cols] = 1
-        num_frames = torch.tensor([_num_frames(s) for s in samples], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-               "video_num_frames": num_frames}
-        pixels = _stack_videos([s.get("pixel_values_videos") for s in samples], num_frames.tolist(),
-                               list(range(batch)))
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        order = list(range(batch))
+        if any(len(_videos(s)) > 1 for s in samples):
+            out.update(self._flat_videos(samples, order, order))
+        else:
+            num_frames = torch.tensor([_num_frames(s) for s in samples], dtype=torch.long)
+            out["video_num_frames"] = num_frames
+            pixels = _stack_videos([s.get("pixel_values_videos") for s in samples], num_frames.tolist(),
+                                   list(range(batch)))
+            if pixels is not None:
+                out["pixel_values_videos"] = pixels
+        out.update(_stack_images(samples, order))
+        return out
+
+    @staticmethod
+    def _flat_videos(samples: Sequence[Mapping[str, Any]], order: Sequence[int],
+                     rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One entry per video of ``samples[order[k]]`` (in row ``rows[k]``), in that order."""
+        videos, frames, owner, ids = [], [], [], []
+        for i, row in zip(order, rows):
+            for video, n in _videos(samples[i]):
+                videos.append(video)
+                frames.append(n)
+                owner.append(row)
+                ids.append(i)
+        out = {"video_num_frames": torch.tensor(frames, dtype=torch.long),
+               "video_row": torch.tensor(owner, dtype=torch.long)}
+        pixels = _stack_videos(videos, frames, ids)
         if pixels is not None:
             out["pixel_values_videos"] = pixels
         return out
@@ -97,8 +131,8 @@ class VideoSFTCollator:
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.empty((len(rows), length), dtype=torch.long)
-        order: list[int] = []  # samples holding a video, in row order then in-row order
-        video_row: list[int] = []
+        placed: list[int] = []  # samples in row order then in-row order
+        placed_rows: list[int] = []
         for r, row in enumerate(rows):
             col = 0
             for i in row:
@@ -108,18 +142,13 @@ class VideoSFTCollator:
                 labels[r, col] = IGNORE_INDEX
                 position_ids[r, col:col + n] = torch.arange(n)
                 col += n
-                if _num_frames(samples[i]) or samples[i].get("pixel_values_videos") is not None:
-                    order.append(i)
-                    video_row.append(r)
+                placed.append(i)
+                placed_rows.append(r)
             # The padding restarts at 0 too: a sequence of its own, never attended by a sample.
             position_ids[r, col:] = torch.arange(length - col)
-        num_frames = [_num_frames(samples[i]) for i in order]
-        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-               "video_num_frames": torch.tensor(num_frames, dtype=torch.long),
-               "video_row": torch.tensor(video_row, dtype=torch.long)}
-        pixels = _stack_videos([samples[i].get("pixel_values_videos") for i in order], num_frames, order)
-        if pixels is not None:
-            out["pixel_values_videos"] = pixels
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        out.update(self._flat_videos(samples, placed, placed_rows))
+        out.update(_stack_images(samples, placed))
         return out
 
 
@@ -146,7 +175,43 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def _num_frames(sample: Mapping[str, Any]) -> int:
-    return int(sample.get("video_num_frames", 0))
+    frames = sample.get("video_num_frames", 0)
+    return int(frames) if not isinstance(frames, (list, tuple)) else sum(int(n) for n in frames)
+
+
+def _videos(sample: Mapping[str, Any]) -> list[tuple[torch.Tensor | None, int]]:
+    """``(pixels [T, 3, H, W], T)`` of each video of a sample (one entry with None pixels when a sample
+    claims frames but holds none: ``_stack_videos`` reports it)."""
+    pixels, frames = sample.get("pixel_values_videos"), sample.get("video_num_frames", 0)
+    if isinstance(pixels, (list, tuple)) or isinstance(frames, (list, tuple)):
+        pixels = list(pixels or [])
+        frames = list(frames) if isinstance(frames, (list, tuple)) else [int(frames)]
+        if len(pixels) != len(frames):
+            raise ValueError(f"a sample has {len(pixels)} videos but video_num_frames lists {len(frames)}")
+        return [(p, int(n)) for p, n in zip(pixels, frames)]
+    if pixels is None and not int(frames):
+        return []
+    return [(pixels, int(frames))]
+
+
+def _stack_images(samples: Sequence[Mapping[str, Any]], order: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``pixel_values [N, tiles_max, 3, S, S]``, ``image_sizes [N, 2]`` and ``batch_num_images`` over
+    ``samples`` in ``order``; empty when no sample has an image."""
+    counts = [len(samples[i].get("pixel_values") or []) for i in order]
+    if not any(counts):
+        return {}
+    images = [p for i in order for p in samples[i].get("pixel_values") or []]
+    sizes = [tuple(s) for i in order for s in samples[i].get("image_sizes") or []]
+    if len(sizes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(sizes)} image_sizes in the batch")
+    shapes = {tuple(p.shape[1:]) for p in images}
+    if len(shapes) > 1:
+        raise ValueError(f"image tiles of one batch must share [3, S, S]; got {sorted(shapes)}")
+    pixels = images[0].new_zeros((len(images), max(p.shape[0] for p in images), *shapes.pop()))
+    for k, tiles in enumerate(images):
+        pixels[k, :tiles.shape[0]] = tiles
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "batch_num_images": torch.tensor(counts, dtype=torch.long)}
 
 
 def _stack_videos(videos: list[torch.Tensor | None], num_frames: list[int],

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from torch.utils.data import Dataset
 from lmms_engine.data.chat import EncodedConversation, encode_conversation, video_token_id
 from lmms_engine.data.lengths import LengthEstimate, estimate_lengths, kept_length
 from lmms_engine.data.preprocess import ProcessorInfo, frames_to_pixel_values
-from lmms_engine.data.records import BAD_RECORD_REASONS, BadRecordError, ConversationRecord, DataFileError, Turn
+from lmms_engine.data.records import BAD_RECORD_REASONS, BadRecordError, ConversationRecord, DataFileError, Medium, Turn
 from lmms_engine.data.sources import LazyRecords, SourceConfig, open_sources, resolve_sources
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.video.sampling import SamplingSpec
@@ -90,7 +91,16 @@ class DatasetConfig:
         force_sample: with ``fps``: always exactly ``max_frames`` frames, spread uniformly (LLaVA-NeXT).
         add_time_instruction: insert LLaVA-Video's "The video lasts for X seconds, and N frames are
             uniformly sampled from it. These frames are located at ..." after the video placeholder.
-        max_length: longest token sequence (video tokens included); None = no limit.
+        max_length: longest token sequence (video and image tokens included); None = no limit. Visual
+            tokens are never cut: a sample whose kept turns would not hold all of them is dropped.
+        max_visual_tokens: most video + image tokens per sample; None = no limit. Rule: images keep their
+            tokens; the videos' frame caps (``max_frames`` each) are lowered one frame at a time, always
+            from the video allowed the most frames (the last of equals), until the total fits; a sample
+            that does not fit with one frame per video is dropped as ``too_long``. Applied before
+            decoding, so only the frames that fit are read; length estimates use the same caps.
+        max_image_pixels: images larger than this many pixels are scaled down (aspect ratio kept, sides
+            floored) before tiling, so they get fewer tiles and tokens; None = no limit. (Video frames are
+            always resized to the vision tower's square input.)
         truncation: ``turns`` (keep whole leading exchanges that fit) or ``drop`` (drop over-long samples).
         padding_side: ``right`` or ``left``, used by the collator.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
@@ -129,6 +139,8 @@ class DatasetConfig:
     image_folder: str | None = None
     sampling_seed: int = 0
     check_records: Literal["on_load", "at_start"] = "on_load"
+    max_visual_tokens: int | None = None
+    max_image_pixels: int | None = None
     max_frames: int = 8
     fps: float | None = None
     force_sample: bool = False
@@ -165,6 +177,10 @@ class DatasetConfig:
         if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be between 0 and 1 (a fraction of the records), or null "
                              f"for no limit, got {self.max_bad_fraction}")
+        for key in ("max_visual_tokens", "max_image_pixels"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1 or null (no limit), got {value}")
         if self.packing_length is not None and self.packing_length < 1:
             raise ValueError(f"packing_length must be >= 1 or null, got {self.packing_length}")
         if self.packing and self.packing_length is None and self.max_length is None:
@@ -226,6 +242,28 @@ class _SampleFailure(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def capped_size(height: int, width: int, max_pixels: int | None) -> tuple[int, int]:
+    """``(height, width)`` scaled down, aspect ratio kept, so that ``height * width <= max_pixels``
+    (sides floored, at least 1); unchanged without a cap or when already within it."""
+    if max_pixels is None or height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
+def fit_frames(caps: Sequence[int], budget: int, tokens_of: Any) -> list[int] | None:
+    """Frame caps lowered until the videos' tokens fit ``budget``: while over it, the video allowed the most
+    frames (the last of equals) loses one; None when even one frame per video does not fit.
+    ``tokens_of(n)``: tokens of a video of ``n`` frames."""
+    caps = list(caps)
+    while sum(tokens_of(n) for n in caps) > budget:
+        k = max(range(len(caps)), key=lambda i: (caps[i], i))
+        if caps[k] <= 1:
+            return None
+        caps[k] -= 1
+    return caps
 
 
 def time_instruction(duration: float, timestamps: list[float]) -> str:
@@ -328,29 +366,71 @@ class VideoSFTDataset(Dataset):
         except _SampleFailure as failure:
             raise BadRecordError(failure.reason, self.records.location(index), str(failure)) from failure
 
-    def sampling_spec(self, record: ConversationRecord) -> SamplingSpec:
-        """The frame sampling of ``record``'s video: the config's rule within the record's time range."""
-        return SamplingSpec(max_frames=self.config.max_frames, fps=self.config.fps,
-                            force_sample=self.config.force_sample, start_time=record.video_start,
-                            end_time=record.video_end)
+    def sampling_spec(self, record: ConversationRecord, video: Medium | None = None,
+                      max_frames: int | None = None) -> SamplingSpec:
+        """The frame sampling of ``video`` (default: the record's first): the config's rule within the
+        video's time range, at most ``max_frames`` frames (default ``config.max_frames``)."""
+        video = video if video is not None else record.videos[0]
+        return SamplingSpec(max_frames=max_frames or self.config.max_frames, fps=self.config.fps,
+                            force_sample=self.config.force_sample, start_time=video.start, end_time=video.end)
 
-    def encode_record(self, record: ConversationRecord, *, num_frames: int = 0, duration: float = 0.0,
-                      timestamps: Sequence[float] = (), generation: bool = False) -> EncodedConversation:
+    def image_sizes(self, record: ConversationRecord) -> list[tuple[int, int]]:
+        """``(height, width)`` each image of ``record`` is processed at (from the file headers, after the
+        ``max_image_pixels`` cap), without decoding pixels; an unreadable image raises ``_SampleFailure``."""
+        from lmms_engine.data.images import ImageReadError, image_size
+
+        sizes = []
+        for medium in record.images:
+            try:
+                sizes.append(capped_size(*image_size(medium.path), self.config.max_image_pixels))
+            except ImageReadError as err:
+                raise _SampleFailure("broken_image", str(err)) from err
+        return sizes
+
+    def frame_caps(self, record: ConversationRecord, image_sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """Most frames each video of ``record`` may yield: ``max_frames``, lowered to fit
+        ``max_visual_tokens`` (:func:`fit_frames`); an over-budget record raises ``_SampleFailure``."""
+        info = self.processor_info
+        caps = [self.config.max_frames] * len(record.videos)
+        budget = self.config.max_visual_tokens
+        if budget is None:
+            return caps
+        tiled = len(image_sizes) == 1
+        image_tokens = sum(info.image_token_count(h, w, tiled) for h, w in image_sizes)
+        fitted = fit_frames(caps, budget - image_tokens, info.video_token_count)
+        if fitted is None:
+            raise _SampleFailure("too_long", f"its {len(image_sizes)} image(s) ({image_tokens} tokens) and "
+                                             f"{len(caps)} video(s) at one frame each do not fit "
+                                             f"max_visual_tokens={budget}")
+        return fitted
+
+    def encode_record(self, record: ConversationRecord, *, num_frames: int | Sequence[int] = 0, duration: float = 0.0,
+                      timestamps: Sequence[float] = (), generation: bool = False,
+                      image_sizes: Sequence[tuple[int, int]] = ()) -> EncodedConversation:
         """Tokenize ``record`` as samples are tokenized, before truncation.
 
-        ``num_frames``: frames its video yields (ignored without a video); ``timestamps`` (seconds since
-        the video's first frame, one per frame) and ``duration`` (seconds) matter only with
-        ``add_time_instruction``. ``generation``: drop the last assistant turn and end with the
-        assistant header (evaluation prompts).
+        ``num_frames``: frames each video yields (one number for a single video, else one per video);
+        ``image_sizes``: ``(height, width)`` of each image as processed (:meth:`image_sizes`);
+        ``timestamps`` (seconds since the video's first frame, one per frame) and ``duration`` (seconds)
+        matter only with ``add_time_instruction`` (records with one video). ``generation``: drop the last
+        assistant turn and end with the assistant header (evaluation prompts).
         """
         info = self.processor_info
         turns = list(record.turns[:-1] if generation else record.turns)
-        count = 0
-        if record.video is not None:
-            count = info.video_token_count(num_frames)
-            if self.config.add_time_instruction:
-                turns = self._with_time_instruction(turns, record, duration, timestamps)
-        return encode_conversation(turns, self.tokenizer, video_token=info.video_token, video_token_count=count,
+        frames = [num_frames] if isinstance(num_frames, int) else list(num_frames)
+        frames = frames if len(frames) == len(record.videos) else frames[:1] * len(record.videos)
+        videos, images = iter(frames), iter(image_sizes)
+        tiled = len(record.images) == 1
+        media = []
+        for medium in record.media:
+            if medium.kind == "video":
+                media.append((info.video_token, info.video_token_count(next(videos))))
+            else:
+                height, width = next(images)
+                media.append((info.image_token, info.image_token_count(height, width, tiled)))
+        if len(record.videos) == 1 and not record.images and self.config.add_time_instruction:
+            turns = self._with_time_instruction(turns, record, duration, timestamps)
+        return encode_conversation(turns, self.tokenizer, video_token=info.video_token, media=media,
                                    add_generation_prompt=generation)
 
     def record(self, j: int) -> ConversationRecord:
@@ -363,41 +443,73 @@ class VideoSFTDataset(Dataset):
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
         record = self.record(j)
         info = self.processor_info
-        pixel_values = None
-        if record.video is not None:
-            video = self._decode(record)
-            pixel_values = frames_to_pixel_values(video.frames, info.image_size, info.image_mean, info.image_std)
-            encoded = self.encode_record(record, num_frames=int(pixel_values.shape[0]), duration=float(video.duration),
-                                         timestamps=video.timestamps, generation=generation)
-        else:
-            encoded = self.encode_record(record, generation=generation)
+        sizes = self.image_sizes(record)
+        caps = self.frame_caps(record, sizes)
+        videos = []
+        duration, stamps = 0.0, []
+        for medium, cap in zip(record.videos, caps):
+            video = self._decode(record, medium, cap)
+            videos.append(frames_to_pixel_values(video.frames, info.image_size, info.image_mean, info.image_std))
+            if len(videos) == 1:
+                duration, stamps = float(video.duration), video.timestamps
+        images = self._load_images(record)
+        encoded = self.encode_record(record, num_frames=[int(v.shape[0]) for v in videos], duration=duration,
+                                     timestamps=stamps, generation=generation, image_sizes=[s for _, s in images])
         input_ids, labels = encoded.input_ids, encoded.labels
         if not generation:
             keep = kept_length(len(input_ids), encoded.turn_ends, self.config.max_length, self.config.truncation)
-            if keep is None:
-                count = 0 if pixel_values is None else info.video_token_count(int(pixel_values.shape[0]))
+            visual_end = max((end for _, end in encoded.media_spans), default=0)
+            if keep is None or keep < visual_end:
+                visual = sum(end - start for start, end in encoded.media_spans)
                 raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={self.config.max_length} "
-                                                 f"(truncation={self.config.truncation!r}, video tokens: {count})")
+                                                 f"(truncation={self.config.truncation!r}, visual tokens: {visual}; "
+                                                 "visual tokens are never cut)")
             input_ids, labels = input_ids[:keep], labels[:keep]
         sample: dict[str, Any] = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "video_num_frames": 0 if pixel_values is None else int(pixel_values.shape[0]),
+            "video_num_frames": 0,
             "index": j,
         }
-        if pixel_values is not None:
-            sample["pixel_values_videos"] = pixel_values
+        if len(videos) == 1:
+            sample["pixel_values_videos"] = videos[0]
+            sample["video_num_frames"] = int(videos[0].shape[0])
+        elif videos:
+            sample["pixel_values_videos"] = videos
+            sample["video_num_frames"] = [int(v.shape[0]) for v in videos]
+        if images:
+            sample["pixel_values"] = [pixels for pixels, _ in images]
+            sample["image_sizes"] = [size for _, size in images]
         if generation:
             sample["reference"] = record.turns[-1].text
             sample["metadata"] = dict(record.metadata)
         return sample
 
-    def _decode(self, record: ConversationRecord) -> Any:
+    def _load_images(self, record: ConversationRecord) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        from lmms_engine.data.images import ImageReadError, images_to_pixel_values, load_image
+
+        if not record.images:
+            return []
+        info, cap = self.processor_info, self.config.max_image_pixels
+        try:
+            loaded = [load_image(m.path) for m in record.images]
+        except ImageReadError as err:
+            raise _SampleFailure("broken_image", str(err)) from err
+        resized = []
+        for image in loaded:
+            height, width = capped_size(image.height, image.width, cap)
+            resized.append(image if (height, width) == (image.height, image.width) else
+                           image.resize((width, height), resample=3))  # bicubic, as the processor resizes
+        return images_to_pixel_values(resized, image_size=info.image_size, mean=info.image_mean, std=info.image_std,
+                                      grid_pinpoints=info.image_grid_pinpoints)
+
+    def _decode(self, record: ConversationRecord, video: Medium | None = None, max_frames: int | None = None) -> Any:
         from lmms_engine.video.decode import DecodeTimeout, VideoReadError
 
+        video = video if video is not None else record.videos[0]
         size = self.processor_info.image_size
         try:
-            return self.loader.load_video(record.video, **dataclasses.asdict(self.sampling_spec(record)),
+            return self.loader.load_video(video.path, **dataclasses.asdict(self.sampling_spec(record, video, max_frames)),
                                           target_size=(size, size), timeout=self.config.decode_timeout)
         except DecodeTimeout as err:
             raise _SampleFailure("decode_timeout", f"{err} (dataset_config.decode_timeout="
@@ -405,7 +517,7 @@ class VideoSFTDataset(Dataset):
         except VideoReadError as err:
             raise _SampleFailure("broken_video", str(err)) from err
         except Exception as err:  # noqa: BLE001 - any decoder failure on one file must not kill a worker
-            raise _SampleFailure("broken_video", f"{record.video}: {type(err).__name__}: {err}") from err
+            raise _SampleFailure("broken_video", f"{video.path}: {type(err).__name__}: {err}") from err
 
     def _with_time_instruction(self, turns: list[Turn], record: ConversationRecord, duration: float,
                                timestamps: Sequence[float]) -> list[Turn]:
@@ -623,7 +735,8 @@ def build_dataset(
     """
     config = dataset_config if isinstance(dataset_config, DatasetConfig) else \
         from_mapping(DatasetConfig, dataset_config, "dataset_config")
-    records, name = open_records(config, split, video_token=processor_info.video_token)
+    records, name = open_records(config, split, video_token=processor_info.video_token,
+                                 image_token=processor_info.image_token)
     return VideoSFTDataset(records, config, tokenizer, processor_info, source=name)
 
 

@@ -7,9 +7,12 @@ frames the sampling rule returns, which depends only on the video's frame timest
    from the container (the stored frame count, else duration x rate; a demux pass over the packets only
    when neither is stored), giving the frames' timestamps.
 2. Apply the dataset's sampling rule to those timestamps (``lmms_engine.video.sampling.sample_indices``,
-   the rule the decoder applies) -> the number of frames ``T`` and their times.
+   the rule the decoder applies), at most each video's frame cap (``max_frames`` lowered to fit
+   ``max_visual_tokens``: ``VideoSFTDataset.frame_caps``) -> the number of frames ``T`` and their times.
+   Images: their sizes from the file headers (after ``max_image_pixels``) give their token counts.
 3. Tokenize the record exactly as the dataset does (``VideoSFTDataset.encode_record``, with
-   ``video_token_count(T)`` video tokens and, with ``add_time_instruction``, the same instruction text).
+   ``video_token_count(T)`` tokens per video, the images' tokens and, with ``add_time_instruction``, the
+   same instruction text). The capped lengths are what length-grouped sampling sorts by.
 
 For constant-rate videos the estimate equals the loaded sample's length. It can differ for
 variable-rate videos, for files whose frames fail to decode, and when a video cannot be probed: then
@@ -64,9 +67,11 @@ class LengthEstimate:
         turn_ends: token count at the end of each (user, assistant) exchange; ``turn_ends[0]`` is the
             least a turn-wise truncation can keep.
         num_frames: frames the sampling rule returns (0 for a text-only record).
-        video_tokens: tokens the video expands to.
-        exact: False when the video could not be probed (or its time range holds no frame):
-            ``max_frames`` frames were assumed, an upper bound.
+        num_frames: frames of all its videos together.
+        video_tokens: tokens its videos and images expand to.
+        exact: False when a video could not be probed (or its time range holds no frame): its frame cap
+            was assumed, an upper bound; or when the record is invalid (loading will tell).
+        visual_end: tokens up to the end of the last video / image run (a truncation must keep them all).
     """
 
     length: int
@@ -74,10 +79,13 @@ class LengthEstimate:
     num_frames: int
     video_tokens: int
     exact: bool = True
+    visual_end: int = 0
 
     def served_length(self, max_length: int | None, truncation: Literal["turns", "drop"]) -> int | None:
-        """Tokens the served sample keeps (see :func:`kept_length`); None = it is dropped as too long."""
-        return kept_length(self.length, self.turn_ends, max_length, truncation)
+        """Tokens the served sample keeps (see :func:`kept_length`); None = it is dropped as too long
+        (including a truncation that would cut visual tokens)."""
+        keep = kept_length(self.length, self.turn_ends, max_length, truncation)
+        return None if keep is None or keep < self.visual_end else keep
 
 
 def probe_videos(paths: Iterable[str], *, timeout: float | None = None, max_workers: int | None = None,
@@ -128,30 +136,41 @@ def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
             records.append(dataset.records[j])
         except BadRecordError:
             records.append(None)  # loading reports it and serves another record
-    probes = probe_videos((r.video for r in records if r is not None and r.video is not None),
+    probes = probe_videos((v.path for r in records if r is not None for v in r.videos),
                           timeout=dataset.config.decode_timeout, max_workers=max_workers, progress=show)
     estimates = []
+    info = dataset.processor_info
     for record in tqdm(records, desc="estimating token lengths", disable=not show, unit="record"):
-        if record is None:
+        try:
+            if record is None:
+                raise ValueError("invalid record")
+            sizes = dataset.image_sizes(record)
+            caps = dataset.frame_caps(record, sizes)
+        except Exception:  # noqa: BLE001 - invalid, unreadable image or over budget: loading reports it
             estimates.append(LengthEstimate(0, (0,), 0, 0, exact=False))
             continue
-        num_frames, duration, stamps, exact = 0, 0.0, [], True
-        if record.video is not None:
-            spec = dataset.sampling_spec(record)
-            probe = probes[record.video]
+        frames, duration, stamps, exact = [], 0.0, [], True
+        for video, cap in zip(record.videos, caps):
+            spec = dataset.sampling_spec(record, video, cap)
+            probe = probes[video.path]
             try:
                 if isinstance(probe, Exception):
                     raise probe
                 indices = sample_indices(probe.timestamps, spec)
-                num_frames, duration = len(indices), probe.duration
-                stamps = [probe.timestamps[i] for i in indices]
+                frames.append(len(indices))
+                if len(frames) == 1:
+                    duration, stamps = probe.duration, [probe.timestamps[i] for i in indices]
             except Exception:  # noqa: BLE001 - unreadable video or empty time range: loading will fail or tell
-                num_frames, exact = spec.max_frames, False
-                stamps = [0.0] * num_frames
-        encoded = dataset.encode_record(record, num_frames=num_frames, duration=duration, timestamps=stamps)
-        video_tokens = dataset.processor_info.video_token_count(num_frames) if num_frames else 0
-        estimates.append(LengthEstimate(len(encoded.input_ids), tuple(encoded.turn_ends), num_frames,
-                                        video_tokens, exact))
+                frames.append(spec.max_frames)
+                exact = False
+                if len(frames) == 1:
+                    stamps = [0.0] * spec.max_frames
+        encoded = dataset.encode_record(record, num_frames=frames, duration=duration, timestamps=stamps,
+                                        image_sizes=sizes)
+        visual = sum(end - start for start, end in encoded.media_spans)
+        visual_end = max((end for _, end in encoded.media_spans), default=0)
+        estimates.append(LengthEstimate(len(encoded.input_ids), tuple(encoded.turn_ends), sum(frames), visual,
+                                        exact, visual_end))
     return estimates
 
 

@@ -36,7 +36,10 @@ class ProcessorInfo:
     ``image_size``/``patch_size``: the vision tower's (frames are resized to ``image_size`` square; the
     patch grid side is ``image_size // patch_size``). ``image_mean``/``image_std``: per-channel
     normalisation. ``layout``: the video-token layout (token count per video). ``video_token``: the
-    placeholder string, a single token of the tokenizer (``config.video_token_id``).
+    placeholder string, a single token of the tokenizer (``config.video_token_id``). Images:
+    ``image_token`` (``config.image_token_id``), ``image_grid_pinpoints`` (anyres tiling; empty = one
+    ``image_size`` tile), ``vision_aspect_ratio`` (``anyres_max_N``) and ``select_strategy``
+    (``vision_feature_select_strategy``), as in the model config.
     """
 
     image_size: int
@@ -45,6 +48,10 @@ class ProcessorInfo:
     image_std: tuple[float, float, float] = SIGLIP_STD
     layout: VideoLayoutConfig = field(default_factory=VideoLayoutConfig)
     video_token: str = "<video>"
+    image_token: str = "<image>"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    vision_aspect_ratio: str = "anyres_max_9"
+    select_strategy: str = "full"
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.patch_size < 1 or self.patch_size > self.image_size:
@@ -52,6 +59,8 @@ class ProcessorInfo:
                              f"patch_size={self.patch_size}")
         object.__setattr__(self, "image_mean", _triple(self.image_mean, "image_mean"))
         object.__setattr__(self, "image_std", _triple(self.image_std, "image_std"))
+        pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", pinpoints or ((self.image_size, self.image_size),))
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"image_std must be > 0, got {self.image_std}")
 
@@ -63,6 +72,15 @@ class ProcessorInfo:
     def video_token_count(self, num_frames: int) -> int:
         """Tokens a ``<video>`` of ``num_frames`` frames expands to."""
         return self.layout.video_token_count(num_frames, self.patch_side)
+
+    def image_token_count(self, height: int, width: int, tiled: bool) -> int:
+        """Tokens an ``<image>`` of ``height x width`` pixels expands to (``lmms_engine.data.images``);
+        ``tiled``: anyres tiling (a record's only image) or one padded tile (one of several)."""
+        from lmms_engine.data.images import image_token_count
+
+        return image_token_count(height, width, tiled=tiled, image_size=self.image_size, patch_size=self.patch_size,
+                                 grid_pinpoints=self.image_grid_pinpoints, vision_aspect_ratio=self.vision_aspect_ratio,
+                                 select_strategy=self.select_strategy)
 
     @classmethod
     def from_model_config(cls, config: Any, layout: VideoLayoutConfig | None = None,
@@ -90,7 +108,10 @@ class ProcessorInfo:
                                               if getattr(config, n, None) is not None})
         return cls(image_size=int(vision.image_size), patch_size=int(vision.patch_size),
                    image_mean=pick("image_mean", SIGLIP_MEAN), image_std=pick("image_std", SIGLIP_STD),
-                   layout=layout, video_token=video_token)
+                   layout=layout, video_token=video_token,
+                   image_grid_pinpoints=tuple(map(tuple, getattr(config, "image_grid_pinpoints", None) or ())),
+                   vision_aspect_ratio=getattr(config, "vision_aspect_ratio", None) or "anyres_max_9",
+                   select_strategy=getattr(config, "vision_feature_select_strategy", None) or "full")
 
 
 def frames_to_pixel_values(

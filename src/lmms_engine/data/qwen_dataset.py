@@ -140,6 +140,9 @@ class QwenVideoSFTDataset(VideoSFTDataset):
 
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
         record = self.record(j)
+        if record.images or len(record.videos) > 1:
+            raise _SampleFailure("unsupported_media", f"{len(record.images)} image(s) and {len(record.videos)} "
+                                                      "video(s): the Qwen-VL path takes at most one video per record")
         video = None
         if record.video is not None:
             decoded = self._decode(record)

@@ -21,17 +21,25 @@ Rules (every violation is a :class:`BadRecordError` naming the file, the record 
 
 - Roles: an optional ``system`` turn, then ``user``/``assistant`` alternating, starting with ``user`` and
   ending with ``assistant``. LLaVA's ``from`` may be ``human``/``user``, ``gpt``/``assistant``, ``system``.
-- At most one video per record. Video paths are relative to the video folder (absolute paths are kept,
-  and ``..`` may lead out of it unless ``videos_inside_folder`` is set) and must exist (a file, or a
-  pipe or device read like one; not a directory). ``video_start``/``video_end``
-  (seconds) are optional, at the top level or, in the OpenAI form, beside ``video_url`` in the content part.
-- The ``<video>`` placeholder: a record with a video and no placeholder gets one at the start of its
-  first user turn (as LLaVA does); a placeholder without a video is an error; wherever it appears, it
-  is moved to the start of the first user turn (``"<video>\\n" + question``) so that the video tokens
-  come before any text about the video.
-- Top-level keys other than the conversation, ``video``, ``video_start``, ``video_end`` and the
-  metadata keys :data:`METADATA_KEYS` are errors (a misspelled ``vidoe`` must not train a text-only
-  sample silently). Images are not supported.
+- Media: any number of videos and images. LLaVA form: ``"video"`` and ``"image"``, each a path or a list
+  of paths, matched in order to the ``<video>`` / ``<image>`` tags of the turns. OpenAI form: content
+  parts ``{"type": "video_url", "video_url": {"url": ...}}`` or ``{"type": "video", "video": ...}``, and
+  ``{"type": "image_url", "image_url": {"url": ...}}`` or ``{"type": "image", "image": ...}`` (HF's
+  form), in user messages, each becoming a tag where it stands. Paths are relative to the video / image
+  folder (absolute paths are kept, and ``..`` may lead out of a video folder unless
+  ``videos_inside_folder`` is set) and must exist (a file, or a pipe or device read like one; not a
+  directory). ``video_start``/``video_end`` (seconds) are optional: at the top level for a record with
+  one video, or, in the OpenAI form, beside the video in its content part.
+- Tags: a record whose turns hold no tag of a kind gets one per medium of that kind at the start of its
+  first user turn, in order (as LLaVA does); otherwise the number of tags must equal the number of
+  media (``placeholder_count``; tags without any medium: ``placeholder_without_video`` /
+  ``placeholder_without_image``). Tags stay where they are, with one exception kept from single-video
+  LLaVA data: a record with exactly one video and no image has its ``<video>`` moved to the start of
+  the first user turn (``"<video>\\n" + question``), so the video tokens come before any text about the
+  video (the autoregressive loss reads hidden states that must not have seen a description).
+- Top-level keys other than the conversation, ``video``, ``image``, ``video_start``, ``video_end`` and
+  the metadata keys :data:`METADATA_KEYS` are errors (a misspelled ``vidoe`` must not train a text-only
+  sample silently).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from lmms_engine.utils.config import suggest
 
@@ -54,27 +62,40 @@ BAD_RECORD_REASONS: dict[str, str] = {
     "invalid_json": "the line is not valid JSON",
     "invalid_text": "the line is not valid UTF-8, or a string holds a lone surrogate (\\ud800-\\udfff)",
     "not_an_object": "the record is not a JSON object",
-    "unknown_field": "the record has a key that is neither a conversation, video nor metadata key",
+    "unknown_field": "the record has a key that is neither a conversation, media nor metadata key",
     "no_conversation": "the record has no 'conversations' or 'messages', or has both",
     "empty_conversation": "the conversation has no turns",
     "bad_turn": "a turn is malformed (keys, role, content type or empty text)",
     "wrong_role_order": "roles do not follow [system] user assistant (user assistant)*",
     "bad_field": "a known field has a wrong type or value",
-    "image_unsupported": "the record holds an image; only videos are supported",
     "placeholder_without_video": "a <video> placeholder but no video",
-    "multiple_videos": "more than one video or <video> placeholder",
+    "placeholder_without_image": "an <image> placeholder but no image",
+    "placeholder_count": "the number of <video> (<image>) placeholders differs from the number of videos (images)",
     "missing_video": "the video file does not exist (or is a directory)",
     "video_outside_folder": "the video path leads outside the video folder (absolute, or through '..'), "
                             "and dataset_config.videos_inside_folder is true",
+    "missing_image": "the image file does not exist (or is a directory)",
     "broken_video": "the video file cannot be decoded",
+    "broken_image": "the image file cannot be decoded",
+    "unsupported_media": "the model family does not take the record's media (e.g. images, or several videos)",
     "decode_timeout": "reading the video took longer than decode_timeout seconds (a blocked or too slow read)",
     "too_long": "longer than max_length even after truncation",
 }
 
-IMAGE_PLACEHOLDER = "<image>"
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _OPENAI_ROLES = ("system", "user", "assistant")
-_VIDEO_KEYS = ("video", "video_start", "video_end")
+_MEDIA_KEYS = ("video", "image", "video_start", "video_end")
+
+
+@dataclass(frozen=True)
+class Medium:
+    """One video or image of a record: ``kind`` (``video``/``image``), absolute ``path`` and, for videos,
+    the optional time range in seconds."""
+
+    kind: str
+    path: str
+    start: float | None = None
+    end: float | None = None
 
 
 _MESSAGE = re.compile(r"^(?P<where>.*?: record \d+(?: \(line \d+\))?): (?P<detail>.*) \[(?P<reason>\w+)\]$", re.S)
@@ -117,8 +138,8 @@ class Turn:
 class ConversationRecord:
     """A validated record.
 
-    ``turns`` are in canonical form: when ``video`` is set, the first user turn starts with exactly one
-    video placeholder followed by a newline, and no other turn holds one. ``video`` is an absolute path.
+    ``turns`` hold exactly one placeholder per medium, in the order of ``media`` (module docstring rules).
+    ``video``/``video_start``/``video_end``: the first video's path and time range (None without a video).
     ``where`` names the record in messages (``file: record i (line n)``).
     """
 
@@ -129,6 +150,15 @@ class ConversationRecord:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     index: int = 0
     where: str = ""
+    media: tuple[Medium, ...] = ()
+
+    @property
+    def videos(self) -> tuple[Medium, ...]:
+        return tuple(m for m in self.media if m.kind == "video")
+
+    @property
+    def images(self) -> tuple[Medium, ...]:
+        return tuple(m for m in self.media if m.kind == "image")
 
 
 def record_location(path: str | Path, index: int, line: int | None = None) -> str:
@@ -208,12 +238,20 @@ def _llava_turns(conversations: Any, where: str) -> list[Turn]:
     return turns
 
 
-def _openai_turns(messages: Any, where: str, video_token: str) -> tuple[list[Turn], list[dict]]:
-    """Turns with a placeholder where each video part was, and the video parts found."""
+def _part_url(part: Mapping, kind: str) -> Any:
+    """The path of a ``{kind}_url`` part (``{"url": ...}``) or of a ``{kind}`` part (HF: the path itself)."""
+    if part.get("type") == f"{kind}_url":
+        url = part.get(f"{kind}_url")
+        return url.get("url") if isinstance(url, Mapping) and set(url) <= {"url"} else None
+    return part.get(kind)
+
+
+def _openai_turns(messages: Any, where: str, tokens: Mapping[str, str]) -> tuple[list[Turn], list[dict]]:
+    """Turns with a placeholder where each video / image part was, and the media found, in order."""
     if not isinstance(messages, list):
         raise _bad("bad_field", where, f"'messages' must be a list, got {type(messages).__name__}")
     turns: list[Turn] = []
-    videos: list[dict] = []
+    media: list[dict] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise _bad("bad_turn", where, f"message {i} is not an object: {message!r}")
@@ -232,27 +270,27 @@ def _openai_turns(messages: Any, where: str, video_token: str) -> tuple[list[Tur
         pieces = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
+            medium = kind.removesuffix("_url") if kind in ("video_url", "video", "image_url", "image") else None
             if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
                 pieces.append(part["text"])
-            elif kind in ("video_url", "video") and set(part) <= {"type", kind, "video_start", "video_end"}:
-                # OpenAI's {"video_url": {"url": p}}, or Qwen / transformers' chat-template {"video": p}
-                url = part.get(kind)
-                if kind == "video_url":
-                    url = url.get("url") if isinstance(url, Mapping) and set(url) <= {"url"} else None
+            elif medium is not None and set(part) <= {"type", kind} | (
+                    {"video_start", "video_end"} if medium == "video" else set()):
+                url = _part_url(part, medium)
                 if not isinstance(url, str) or not url:
-                    shape = "{'url': '<path>'}" if kind == "video_url" else "'<path>'"
-                    raise _bad("bad_turn", where, f"message {i} part {j}: {kind} must be {shape}")
+                    shape = f"{{'type': '{kind}', '{kind}': " + ("{'url': '<path>'}}" if kind.endswith("_url")
+                                                                  else "'<path>'}")
+                    raise _bad("bad_turn", where, f"message {i} part {j}: a {kind} part is {shape}")
                 if role != "user":
-                    raise _bad("bad_turn", where, f"message {i} part {j}: videos belong in user messages, not {role}")
-                videos.append({"video": url.removeprefix("file://"), "video_start": part.get("video_start"),
-                               "video_end": part.get("video_end")})
-                pieces.append(video_token)
-            elif kind in ("image_url", "image"):
-                raise _bad("image_unsupported", where, f"message {i} part {j} is an image; only videos are supported")
+                    raise _bad("bad_turn", where, f"message {i} part {j}: {medium}s belong in user messages, "
+                                                  f"not {role}")
+                media.append({"kind": medium, "path": url.removeprefix("file://"),
+                              "start": part.get("video_start"), "end": part.get("video_end")})
+                pieces.append(tokens[medium])
             else:
-                raise _bad("bad_turn", where, f"message {i} part {j} is not a text, video_url or video part: {part!r}")
+                raise _bad("bad_turn", where, f"message {i} part {j} is not a text, video_url, video, image_url or "
+                                              f"image part: {part!r}")
         turns.append(Turn(role, "\n".join(pieces)))
-    return turns, videos
+    return turns, media
 
 
 def _check_roles(turns: list[Turn], where: str) -> None:
@@ -267,28 +305,60 @@ def _check_roles(turns: list[Turn], where: str) -> None:
                                               "(user assistant)*, ending with assistant")
 
 
-def _place_video_token(turns: list[Turn], has_video: bool, video_token: str, where: str) -> list[Turn]:
-    """Canonical placeholder: one, at the start of the first user turn, or none without a video."""
-    count = sum(t.text.count(video_token) for t in turns)
-    if any(IMAGE_PLACEHOLDER in t.text for t in turns):
-        raise _bad("image_unsupported", where, f"a turn holds {IMAGE_PLACEHOLDER!r}; only videos are supported")
-    if not has_video:
-        if count:
-            raise _bad("placeholder_without_video", where,
-                       f"{video_token!r} appears {count} time(s) but the record names no video")
-        return turns
-    if count > 1:
-        raise _bad("multiple_videos", where, f"{video_token!r} appears {count} times; at most one video per record")
-    out = []
+def _place_tags(turns: list[Turn], counts: Mapping[str, int], tokens: Mapping[str, str],
+                where: str) -> list[Turn]:
+    """Placeholders as the module docstring says: added when absent, counted, the lone video moved."""
     first_user = next(i for i, t in enumerate(turns) if t.role == "user")
-    for i, turn in enumerate(turns):
-        text = turn.text
-        if video_token in text:
-            text = text.replace(video_token, "", 1).strip()
-        if i == first_user:
-            text = video_token + ("\n" + text if text else "")
-        out.append(Turn(turn.role, text))
-    return out
+    for kind in ("image", "video"):  # videos end up first when both are added
+        token, wanted = tokens[kind], counts[kind]
+        found = sum(t.text.count(token) for t in turns)
+        if found and not wanted:
+            raise _bad(f"placeholder_without_{kind}", where,
+                       f"{token!r} appears {found} time(s) but the record names no {kind}")
+        if found and found != wanted:
+            raise _bad("placeholder_count", where, f"{token!r} appears {found} time(s) but the record has "
+                                                   f"{wanted} {kind}(s); give one {token} per {kind}, or none")
+        if wanted and not found:
+            text = turns[first_user].text
+            turns = turns[:first_user] + [Turn("user", "\n".join([token] * wanted) + ("\n" + text if text else ""))] \
+                + turns[first_user + 1:]
+    if counts["video"] == 1 and counts["image"] == 0:
+        token = tokens["video"]
+        out = []
+        for i, turn in enumerate(turns):
+            text = turn.text.replace(token, "", 1).strip() if token in turn.text else turn.text
+            if i == first_user:
+                text = token + ("\n" + text if text else "")
+            out.append(Turn(turn.role, text))
+        turns = out
+    return turns
+
+
+def _paths(value: Any, key: str, where: str) -> list[str]:
+    """A LLaVA ``video`` / ``image`` value: one path or a list of paths."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not values or any(not isinstance(v, str) or not v for v in values):
+        raise _bad("bad_field", where, f"{key!r} must be a non-empty path string or a list of them, got {value!r}")
+    return list(values)
+
+
+def _media_path(path: str, folder: str | Path, kind: str, check: bool, where: str,
+                videos_inside_folder: bool = False) -> str:
+    resolved = Path(path).expanduser()
+    resolved = resolved if resolved.is_absolute() else Path(folder) / resolved
+    if videos_inside_folder and kind == "video":
+        base = os.path.normpath(os.path.abspath(folder))
+        if os.path.commonpath([base, os.path.normpath(os.path.abspath(resolved))]) != base:
+            raise _bad("video_outside_folder", where, f"video {path!r} leads outside the video folder "
+                                                      f"{str(folder)!r} (videos_inside_folder: true)")
+    # exists() rather than is_file(): a named pipe or a device is read like a file (and a read that
+    # blocks on one is the decoder's deadline to handle, not a missing file).
+    if check and (not resolved.exists() or resolved.is_dir()):
+        what = "is a directory, not a file" if resolved.is_dir() else "does not exist"
+        raise _bad(f"missing_{kind}", where, f"{kind} file {str(resolved)!r} {what} ({kind} folder {str(folder)!r})")
+    return str(resolved)
 
 
 def parse_record(
@@ -300,79 +370,88 @@ def parse_record(
     check_video_exists: bool = True,
     index: int = 0,
     videos_inside_folder: bool = False,
+    image_folder: str | Path | None = None,
+    image_token: str = "<image>",
 ) -> ConversationRecord:
     """Validate one raw record (either form) and return it in canonical form (module docstring rules).
 
-    ``videos_inside_folder``: a video path that leads outside ``video_folder`` (an absolute path
-    elsewhere, or ``..`` parts climbing out; judged on the path as written, symlinks are not followed)
-    is a bad record (``video_outside_folder``). By default such paths are read where they point.
-
-    Raises :class:`BadRecordError` naming ``where`` and the reason.
+    ``image_folder``: where relative image paths start (None = ``video_folder``). ``check_video_exists``:
+    check that every video and image file exists. ``videos_inside_folder``: a video path that leads
+    outside ``video_folder`` (an absolute path elsewhere, or ``..`` parts climbing out; judged on the path
+    as written, symlinks are not followed) is a bad record (``video_outside_folder``); by default such
+    paths are read where they point. Raises :class:`BadRecordError` naming ``where`` and the reason.
     """
     if isinstance(obj, BadRecordError):
         raise obj
     if not isinstance(obj, Mapping):
         raise _bad("not_an_object", where, f"expected a JSON object, got {type(obj).__name__}")
     _check_text(obj, where)
-    if "image" in obj or "images" in obj:
-        raise _bad("image_unsupported", where, "the record has an 'image' field; only videos are supported")
     has_llava, has_openai = "conversations" in obj, "messages" in obj
     if has_llava == has_openai:
         raise _bad("no_conversation", where, "a record needs exactly one of 'conversations' (LLaVA) or 'messages' "
                                              f"(OpenAI-style); keys found: {sorted(obj)}")
-    valid = ("conversations" if has_llava else "messages",) + _VIDEO_KEYS + METADATA_KEYS
+    valid = ("conversations" if has_llava else "messages",) + _MEDIA_KEYS + METADATA_KEYS
     if has_openai:
-        valid = tuple(k for k in valid if k != "video")
+        valid = tuple(k for k in valid if k not in ("video", "image"))
     for key in obj:
         if key not in valid:
             raise _bad("unknown_field", where, f"unknown key {key!r}{suggest(str(key), valid)}; valid keys: "
                                                f"{', '.join(valid)}")
     start = _optional_seconds(obj.get("video_start"), "video_start", where)
     end = _optional_seconds(obj.get("video_end"), "video_end", where)
+    tokens = {"video": video_token, "image": image_token}
     if has_llava:
         turns = _llava_turns(obj["conversations"], where)
-        video = obj.get("video")
-        if video is not None and (not isinstance(video, str) or not video):
-            raise _bad("bad_field", where, f"'video' must be a non-empty path string, got {video!r}")
+        raw = [{"kind": "video", "path": p, "start": None, "end": None} for p in _paths(obj.get("video"), "video", where)]
+        raw += [{"kind": "image", "path": p, "start": None, "end": None} for p in _paths(obj.get("image"), "image", where)]
     else:
-        turns, parts = _openai_turns(obj["messages"], where, video_token)
-        if len(parts) > 1:
-            raise _bad("multiple_videos", where, f"{len(parts)} video_url parts; at most one video per record")
-        video = parts[0]["video"] if parts else None
-        if parts:
-            part_start = _optional_seconds(parts[0]["video_start"], "video_start", where)
-            part_end = _optional_seconds(parts[0]["video_end"], "video_end", where)
-            if (part_start is not None and start is not None) or (part_end is not None and end is not None):
+        turns, raw = _openai_turns(obj["messages"], where, tokens)
+    videos = [m for m in raw if m["kind"] == "video"]
+    if start is not None or end is not None:
+        if len(videos) != 1:
+            raise _bad("bad_field", where, "video_start/video_end given without a video" if not videos else
+                       f"top-level video_start/video_end with {len(videos)} videos; give each video's range in its "
+                       "content part")
+        for key, value in (("start", start), ("end", end)):
+            if value is not None and videos[0][key] is not None:
                 raise _bad("bad_field", where, "video_start/video_end given both in the record and in the video part")
-            start = start if part_start is None else part_start
-            end = end if part_end is None else part_end
-    if video is None and (start is not None or end is not None):
-        raise _bad("bad_field", where, "video_start/video_end given without a video")
-    if start is not None and end is not None and end <= start:
-        raise _bad("bad_field", where, f"video_end ({end}) must be greater than video_start ({start})")
+            if value is not None:
+                videos[0][key] = value
+    for medium in videos:
+        medium["start"] = _optional_seconds(medium["start"], "video_start", where)
+        medium["end"] = _optional_seconds(medium["end"], "video_end", where)
+        if medium["start"] is not None and medium["end"] is not None and medium["end"] <= medium["start"]:
+            raise _bad("bad_field", where, f"video_end ({medium['end']}) must be greater than video_start "
+                                           f"({medium['start']})")
     _check_roles(turns, where)
-    turns = _place_video_token(turns, video is not None, video_token, where)
+    counts = {k: sum(m["kind"] == k for m in raw) for k in tokens}
+    if has_openai:
+        for kind in tokens:  # a tag typed into a text part beside media parts would be matched to none
+            typed = sum(t.text.count(tokens[kind]) for t in turns) - counts[kind]
+            if typed and counts[kind]:
+                raise _bad("placeholder_count", where, f"{tokens[kind]!r} typed in a text part of a record with "
+                                                       f"{kind} parts; use parts only")
+    turns = _place_tags(turns, counts, tokens, where)
+    pending = {k: iter([m for m in raw if m["kind"] == k]) for k in tokens}
+    raw = [next(pending[k]) for k in _tag_order(turns, tokens)]  # each kind's media in the order of its tags
     for i, turn in enumerate(turns):
         if not turn.text.strip():
             raise _bad("bad_turn", where, f"turn {i} ({turn.role}) is empty")
-    video_path = None
-    if video is not None:
-        path = Path(video).expanduser()
-        path = path if path.is_absolute() else Path(video_folder) / path
-        if videos_inside_folder:
-            base = os.path.normpath(os.path.abspath(video_folder))
-            if os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) != base:
-                raise _bad("video_outside_folder", where, f"video {video!r} leads outside the video folder "
-                                                          f"{str(video_folder)!r} (videos_inside_folder: true)")
-        # exists() rather than is_file(): a named pipe or a device is read like a file (and a read that
-        # blocks on one is the decoder's deadline to handle, not a missing file).
-        if check_video_exists and (not path.exists() or path.is_dir()):
-            what = "is a directory, not a video file" if path.is_dir() else "does not exist"
-            raise _bad("missing_video", where, f"video file {str(path)!r} {what} "
-                                               f"(video folder {str(video_folder)!r})")
-        video_path = str(path)
+    folders = {"video": video_folder, "image": video_folder if image_folder is None else image_folder}
+    media = tuple(Medium(m["kind"], _media_path(m["path"], folders[m["kind"]], m["kind"], check_video_exists, where,
+                                     videos_inside_folder),
+                         m["start"], m["end"]) for m in raw)
+    first = next((m for m in media if m.kind == "video"), None)
     metadata = {k: obj[k] for k in METADATA_KEYS if k in obj}
-    return ConversationRecord(tuple(turns), video_path, start, end, metadata, index, where)
+    return ConversationRecord(tuple(turns), first.path if first else None, first.start if first else None,
+                              first.end if first else None, metadata, index, where, media)
+
+
+def _tag_order(turns: Sequence[Turn], tokens: Mapping[str, str]) -> list[str]:
+    """The kinds of the placeholders in reading order (``["video", "image", ...]``)."""
+    pattern = re.compile("|".join(re.escape(t) for t in tokens.values()))
+    by_token = {t: k for k, t in tokens.items()}
+    return [by_token[m.group(0)] for turn in turns for m in pattern.finditer(turn.text)]
 
 
 __all__ = [
@@ -381,6 +460,7 @@ __all__ = [
     "BadRecordError",
     "ConversationRecord",
     "DataFileError",
+    "Medium",
     "Turn",
     "no_usable_records",
     "parse_record",

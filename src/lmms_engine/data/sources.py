@@ -642,7 +642,8 @@ class LazyRecords:
         if isinstance(obj, RawRecordError):
             raise BadRecordError(obj.reason, where, obj.detail)
         return parse_record(obj, where, video_folder=self._video_folders[source], video_token=self.video_token,
-                            index=local, videos_inside_folder=self.videos_inside_folder)
+                            index=local, videos_inside_folder=self.videos_inside_folder,
+                            image_folder=self._image_folders[source], image_token=self.image_token)
 
     def __iter__(self) -> Any:
         for j in range(len(self)):

@@ -254,8 +254,8 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
 
 # ---------------------------------------------------------------------------------------------- checks
 def training_argument_fields() -> dict[str, dataclasses.Field]:
-    """``{name: field}`` of every init field of transformers' ``TrainingArguments``."""
-    from transformers import TrainingArguments
+    """``{name: field}`` of every init field of ``TrainingArguments`` (transformers' and the engine's)."""
+    from lmms_engine.train.arguments import TrainingArguments
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 

@@ -287,14 +287,13 @@ How the trainer treats the losses and checkpoints (`lmms_engine.train.Autoregres
 
 def render_config_reference() -> str:
     """The full text of docs/config.md."""
-    from transformers import TrainingArguments
-
     from lmms_engine.data.dataset import DatasetConfig
     from lmms_engine.eval.config import EvaluateConfig
     from lmms_engine.launch.config import DemoDataConfig
     from lmms_engine.models.autoregressive_config import AutoregressiveConfig
     from lmms_engine.models.builder import ModelConfig
     from lmms_engine.models.tiny import TinyConfig
+    from lmms_engine.train.arguments import TrainingArguments
 
     ta_meanings = {f.name: _first_sentences(f.metadata.get("help", "")) for f in dataclasses.fields(TrainingArguments)}
     parts = [
@@ -325,9 +324,10 @@ def render_config_reference() -> str:
         field_table(DatasetConfig, meanings_for(DatasetConfig)),
         "",
         "## TrainingArguments fields\n\nEvery field of `transformers.TrainingArguments` "
-        f"(transformers {__import__('transformers').__version__}), flattened into the trainer block's `config`. "
-        "Meanings are transformers' own (first sentences); `resume_from_checkpoint` is read by the launcher as "
-        "described above.\n",
+        f"(transformers {__import__('transformers').__version__}), flattened into the trainer block's `config`, "
+        "and the engine's per-part learning rates (`vision_tower_lr`, `projector_lr`, `language_model_lr`, "
+        "`autoregressive_lr`: `lmms_engine.train.param_groups`). Meanings are transformers' own (first "
+        "sentences); `resume_from_checkpoint` is read by the launcher as described above.\n",
         field_table(TrainingArguments, ta_meanings),
         "",
         "## `evaluate` block\n\n`lmms_engine.eval.EvaluateConfig`: held-out accuracy (by question type) and the "

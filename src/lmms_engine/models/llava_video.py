@@ -578,6 +578,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         video_num_frames: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
+        batch_num_images: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -597,7 +598,9 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             pixel_values_videos: ``[B, T, 3, H, W]`` normalised frames, padding frames anywhere
                 past ``video_num_frames``; None when no sample has a video.
             video_num_frames: ``[B]`` real frames per sample (0 = no video); None = all ``T``.
-            pixel_values, image_sizes: LLaVA-OneVision image inputs, handled as transformers does.
+            pixel_values, image_sizes, batch_num_images: LLaVA-OneVision image inputs (``[N, tiles, 3, S, S]``,
+                ``[N, 2]``, images per sample ``[B]``), handled as transformers does: the image of a sample
+                with exactly one is tiled (anyres), several images are one tile each.
             video_row: ``[V]`` packed batches only: the row of each video. ``pixel_values_videos`` is
                 then ``[V, T, 3, H, W]`` and ``video_num_frames`` ``[V]``; pass ``position_ids`` ``[R, L]``
                 restarting at 0 for each sample and no ``attention_mask``: transformers then masks
@@ -636,7 +639,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 video_row=video_row,
             )
         if pixel_values is not None:
-            image_outputs = self.model.get_image_features(pixel_values, image_sizes, return_dict=True)
+            image_outputs = self.model.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images,
+                                                          return_dict=True)
             image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                                             image_features=image_features)

@@ -1,4 +1,8 @@
-"""``TrainingArguments``: transformers' own, with one change for machines without an accelerator.
+"""``TrainingArguments``: transformers' own, with per-module learning rates and one change for machines
+without an accelerator.
+
+Added fields: ``vision_tower_lr``, ``projector_lr``, ``language_model_lr``, ``autoregressive_lr`` (each a
+part's learning rate; None = ``learning_rate``; ``lmms_engine.train.param_groups``).
 
 On a machine with no accelerator at all (no CUDA, XPU, MPS, NPU, HPU, ... device), transformers 5:
 
@@ -16,6 +20,7 @@ hide a real problem.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import transformers
 
@@ -40,12 +45,27 @@ def has_accelerator() -> bool:
     return any(getattr(utils, probe, lambda: False)() for probe in _ACCELERATOR_PROBES)
 
 
+def _part_lr(part: str, example: str) -> float | None:
+    return field(default=None, metadata={"help": (
+        f"Learning rate of the {part} (null = learning_rate); the scheduler scales it like every other group. "
+        f"{example}")})
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """transformers' ``TrainingArguments`` (every field, default and check is theirs).
+    """transformers' ``TrainingArguments`` (every field, default and check is theirs), plus per-part
+    learning rates (module docstring).
 
     Difference, only on a machine without any accelerator (module docstring): ``use_cpu`` is set to
     True and ``dataloader_pin_memory`` to False.
     """
+
+    vision_tower_lr: float | None = _part_lr("vision tower (SigLIP; Qwen's ViT without its merger)",
+                                             "LLaVA-NeXT's mm_vision_tower_lr, often learning_rate / 5 to / 10.")
+    projector_lr: float | None = _part_lr("projector (with image_newline and faster_token; Qwen's merger)",
+                                          "LLaVA-NeXT's mm_projector_lr.")
+    language_model_lr: float | None = _part_lr("language model and lm_head", "")
+    autoregressive_lr: float | None = _part_lr("autoregressive predictor", "A new module often takes a larger one.")
 
     def __post_init__(self) -> None:
         if self.use_cpu or not has_accelerator():

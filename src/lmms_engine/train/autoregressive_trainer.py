@@ -54,6 +54,7 @@ from lmms_engine.train.checkpointing import (
 )
 from lmms_engine.train.loss_window import LossWindow
 from lmms_engine.train.throughput import add_throughput_logging
+from lmms_engine.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,33 @@ class AutoregressiveTrainer(Trainer):
         for name, (value, weight) in terms.metric_parts(step.units).items():
             self._train_window.add_sum(name, value, weight)
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """transformers' optimizer with one parameter group per model part and weight-decay setting, each at
+        its part's learning rate (``vision_tower_lr``, ``projector_lr``, ``language_model_lr``,
+        ``autoregressive_lr``; ``lmms_engine.train.param_groups``); the parts are logged. Without any part
+        rate set (or for a model family without a part description), transformers' own two groups."""
+        from lmms_engine.train.param_groups import LR_KEYS, build_param_groups, describe_parts
+
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        wanted = [key for key in LR_KEYS.values() if getattr(self.args, key, None) is not None]
+        try:
+            groups, summary = build_param_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+        except ConfigError:
+            if wanted:
+                raise
+            return super().create_optimizer(model)
+        logger.info(describe_parts(summary))
+        if not wanted:
+            return super().create_optimizer(model)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs:
+            raise ConfigError(f"{', '.join(wanted)}: optim={self.args.optim!r} builds its own parameter groups; "
+                              "per-part learning rates need a standard optimizer (adamw_torch, sgd, ...)")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged loss components to HF's training (``loss``) and evaluation logs.
