@@ -90,3 +90,20 @@ def test_tiny_example_config_runs(tmp_path_factory, tmp_path, capsys):
     entries = logged(out)
     assert_consistent_losses(entries)
     assert all(e["autoregressive_loss"] > 0 for e in entries)
+    # processor files: the image processor loads here (its video twin needs torchvision) and preprocesses
+    # as the training did; the tokenizer names the family's processor
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from lmms_engine.data.qwen_vision import QwenVideoProcessing
+
+    assert {"preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert json.loads((out / "tokenizer_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    video = json.loads((out / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor" and video["size"]["longest_edge"] == 12544
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
+    saved = AutoImageProcessor.from_pretrained(out)(images=[Image.fromarray(image.permute(1, 2, 0).numpy())],
+                                                    return_tensors="pt")
+    ours = QwenVideoProcessing.for_model(AutoConfig.from_pretrained(out), min_pixels=3136, max_pixels=12544)
+    assert torch.equal(saved["pixel_values"], ours.preprocess(image[None].expand(2, -1, -1, -1).contiguous()).pixel_values)

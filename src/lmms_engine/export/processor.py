@@ -304,9 +304,10 @@ class CheckpointProcessor(ProcessorMixin):
     one from a saved checkpoint with ``AutoProcessor.from_pretrained``.
     """
 
-    def __init__(self, tokenizer: Any, processor_files: ProcessorFiles) -> None:
+    def __init__(self, tokenizer: Any, processor_files: ProcessorFiles, processor_class: str = PROCESSOR_CLASS) -> None:
         super().__init__(tokenizer)
         self.processor_files = processor_files
+        self.processor_class_name = processor_class  # recorded in tokenizer_config.json for AutoProcessor
 
     @property
     def pad_token_id(self) -> int | None:
@@ -324,7 +325,7 @@ class CheckpointProcessor(ProcessorMixin):
         if push_to_hub:
             raise NotImplementedError("push the saved folder with huggingface_hub instead")
         os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer._set_processor_class(PROCESSOR_CLASS)
+        self.tokenizer._set_processor_class(self.processor_class_name)
         written = [str(p) for p in self.tokenizer.save_pretrained(save_directory)]
         make_tokenizer_config_portable(save_directory)
         stale = Path(save_directory) / PROCESSOR_CHAT_TEMPLATE_FILE

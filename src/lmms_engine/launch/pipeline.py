@@ -190,8 +190,12 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     if is_qwen_model(model):
         from lmms_engine.data.qwen_dataset import build_qwen_data
 
+        from lmms_engine.export.qwen_processor import qwen_processing_class
+
         train_dataset, eval_dataset, collator = build_qwen_data(model.config, data, tokenizer, with_eval)
-        processing_class = tokenizer
+        # tokenizer + the family's processor files in every checkpoint (AutoProcessor)
+        processing_class = qwen_processing_class(tokenizer, model.config, train_dataset.processing,
+                                                 block.model_config.model_name_or_path)
     else:
         qwen_keys = [k for k in ("video_min_pixels", "video_max_pixels", "video_total_pixels")
                      if getattr(data, k) is not None]
