@@ -44,7 +44,7 @@ def test_labels_are_exactly_the_assistant_answers_and_end_tokens(tok):
     assert [tok.decode(run) for run in runs(enc.labels)] == [
         "left<|im_end|>", " It stays still.\nNo motion at all.<|im_end|>"]
     # labelled tokens are the input tokens at the same positions (HF shifts inside the loss)
-    assert all(l == i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX)
+    assert all(label == i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX)
 
 
 def test_pieces_tokenize_like_the_whole_text(tok):
@@ -79,8 +79,8 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l.mm_spatial_pool_mode}{l.mm_spatial_pool_stride}"
-                                                         f"-{l.mm_newline_position}-faster{l.add_faster_video}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: f"{c.mm_spatial_pool_mode}{c.mm_spatial_pool_stride}"
+                                                         f"-{c.mm_newline_position}-faster{c.add_faster_video}")
 @pytest.mark.parametrize("frames", [1, 8])
 def test_video_token_count_follows_the_layout(tok, layout, frames):
     info = ProcessorInfo(image_size=64, patch_size=8, layout=layout)

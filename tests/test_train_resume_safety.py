@@ -16,6 +16,8 @@ from train_support import demo_data_dir, subset
 
 from lmms_engine.launch.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -109,7 +111,7 @@ def test_weights_only_checkpoints_are_refused_for_an_exact_resume(finished, tmp_
             (folder / name).unlink()
     assert run(config, "max_steps=6", "resume_from_checkpoint=true") == 2
     err = capsys.readouterr().err
-    assert f"config error: " in err and "saved with save_only_model: true" in err
+    assert "config error: " in err and "saved with save_only_model: true" in err
     assert "set model_config.model_name_or_path" in err
     assert run(config, "max_steps=6", f"resume_from_checkpoint={out / 'checkpoint-4'}") == 2
     assert "exact resume is impossible" in capsys.readouterr().err
