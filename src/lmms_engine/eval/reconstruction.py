@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from lmms_engine.video.pooling import spatial_pool
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -233,20 +232,18 @@ def batch_reconstruction_errors(
     if pixels is None:
         return {}
     hidden, layout = video_hidden_states(model, batch)
-    # The module's own gather (patch tokens per frame, newline/faster tokens skipped, absent frames
-    # masked, slow frames pooled to the fast grid), so the inputs are exactly what training saw.
-    frame_hidden, valid, stride, mode = module.gather_layout(hidden, layout)
-    targets = spatial_pool(module.encode_targets(pixels, valid).float(), stride, mode)
-    tokens = module.predictor.input_proj(frame_hidden.to(module.predictor.input_proj.weight.dtype))
+    # The module's own preparation (patch tokens per frame, newline/faster tokens skipped, absent frames
+    # masked, slow frames pooled to the fast grid, targets pooled alike): exactly what training saw.
+    frames = module.prepare_frames(hidden, pixels, video_token_layout=layout)
     causal = bool(module.config.use_frame_causal_mask)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return module.predictor(x, pool_stride=stride, pool_mode=mode, causal=causal)
+        return module.predictor(x, pool_stride=frames.pool_stride, pool_mode=frames.pool_mode, causal=causal)
 
     results = {}
-    for name, idx in module.frame_streams(tokens.shape[1], tokens.device):
-        results[name] = next_frame_errors(predict, tokens[:, idx], targets[:, idx], valid[:, idx],
-                                          int(module.config.num_hist))
+    for name, idx in frames.streams:
+        results[name] = next_frame_errors(predict, frames.tokens[:, idx], frames.targets[:, idx],
+                                          frames.valid[:, idx], int(module.config.num_hist))
     return results
 
 

@@ -75,6 +75,26 @@ class AutoregressiveLossOutput:
     terms: dict[str, LossTerm] = field(default_factory=dict)
 
 
+@dataclass
+class PreparedFrames:
+    """What :meth:`AutoregressiveReconstructionModule.prepare_frames` returns.
+
+    Attributes:
+        tokens: ``[B, T, P', embedding_dim]`` projected hidden states of every frame (zeros where absent).
+        targets: ``[B, T, P', embedding_dim]`` detached float32 targets pooled like the tokens.
+        valid: ``[B, T]`` frames present.
+        pool_stride, pool_mode: how the ``P'`` grid was pooled from the tower's full grid.
+        streams: ``[(name, frame indices)]`` the temporal sequences the predictor runs on.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    pool_stride: int
+    pool_mode: str
+    streams: list[tuple[str, torch.Tensor]]
+
+
 class PredictorBlock(nn.Module):
     """Pre-norm transformer block whose attention takes a boolean mask (True = attend)."""
 
@@ -240,7 +260,7 @@ class AutoregressiveReconstructionModule(nn.Module):
             self.target_encoder = None
         self.predictor = FramePredictor(hidden_size, config, patch_side)
         self._warned: set[str] = set()
-        #: Forwards of :meth:`compute_autoregressive_loss`, and per event (``clip-fast``, ``clip-slow``:
+        #: Batches prepared (:meth:`prepare_frames`: every loss and reconstruction evaluation), and per event (``clip-fast``, ``clip-slow``:
         #: a stream clipped to a short video; ``short``: a video shorter than a window) in how many of them
         #: it happened.
         self.forward_count = 0
@@ -363,10 +383,30 @@ class AutoregressiveReconstructionModule(nn.Module):
             ``loss_weight * mse`` (a scalar that still reaches the predictor's parameters when nothing
             is supervised, so distributed backward never waits), or the full output.
         """
+        frames = self.prepare_frames(hidden_states, video_frames, target_features=target_features,
+                                     video_token_layout=video_token_layout)
+        results = {}
+        for name, idx in frames.streams:
+            results[name] = self._stream_sums(frames.tokens[:, idx], frames.targets[:, idx], frames.valid[:, idx],
+                                              frames.pool_stride, frames.pool_mode)
+        return self._combine(results, return_output)
+
+    def prepare_frames(
+        self,
+        hidden_states: torch.Tensor,
+        video_frames: torch.Tensor | None = None,
+        *,
+        target_features: torch.Tensor | None = None,
+        video_token_layout: VideoTokenLayout | None = None,
+    ) -> "PreparedFrames":
+        """The predictor's inputs and targets, as the loss and the reconstruction evaluation use them:
+        hidden states gathered per frame (or split densely), projected by ``input_proj`` (once per
+        token), the targets encoded (frames of some stream only) and pooled like the tokens, the
+        valid-frame mask and the streams. Arguments as :meth:`compute_autoregressive_loss`."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must be [B, L, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         self.forward_count += 1
-        self._events_now: set[str] = set()
+        self._events_now = set()
         num_frames = self._num_frames(video_frames, target_features, video_token_layout)
         if video_token_layout is not None:
             frame_hidden, valid, stride, mode = self.gather_layout(hidden_states, video_token_layout)
@@ -377,13 +417,9 @@ class AutoregressiveReconstructionModule(nn.Module):
                                     for _, idx in streams]).any(0)
         targets = spatial_pool(self._targets(video_frames, target_features, used, hidden_states.shape[0],
                                              num_frames).float(), stride, mode)
-
-        # Project every frame once (the projection is per token), then cut windows.
         tokens = self.predictor.input_proj(frame_hidden.to(self.predictor.input_proj.weight.dtype))
-        results = {}
-        for name, idx in streams:
-            results[name] = self._stream_sums(tokens[:, idx], targets[:, idx], valid[:, idx], stride, mode)
-        return self._combine(results, return_output)
+        return PreparedFrames(tokens=tokens, targets=targets, valid=valid, pool_stride=stride, pool_mode=mode,
+                              streams=streams)
 
     def compute_grid_loss(
         self,
@@ -578,7 +614,7 @@ class AutoregressiveReconstructionModule(nn.Module):
                 if len(idx) < wanted:
                     self._warn_counted(f"clip-{name}", f"the {name} stream wants {wanted} frames {stride} apart "
                                        f"(a span of {(wanted - 1) * stride + 1} frames) but the video has "
-                                       f"{num_frames}; using {len(idx)}", stacklevel=4)
+                                       f"{num_frames}; using {len(idx)}", stacklevel=5)
         return streams
 
     def _window_candidates(self, valid: torch.Tensor, warn: bool = True) -> list[tuple[list[int], int]]:
@@ -601,7 +637,7 @@ class AutoregressiveReconstructionModule(nn.Module):
         if short is not None and warn:
             self._warn_counted("short", f"a frame sequence with {short} usable frames is shorter than "
                                f"num_hist + 1 = {full}: using a window of {short} frames ({short - 1} history)",
-                               stacklevel=6)
+                               stacklevel=7)
         return found
 
     def _windows(self, valid: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -701,5 +737,6 @@ __all__ = [
     "AutoregressiveLossOutput",
     "AutoregressiveReconstructionModule",
     "FramePredictor",
+    "PreparedFrames",
     "create_autoregressive_reconstruction_module",
 ]
