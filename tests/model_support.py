@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-AR_SMALL = {"num_hist": 2, "num_heads": 4, "num_layers": 1}
+#: A small autoregressive module for the tiny model (every test uses this one).
+AR_SMALL: dict = {"num_hist": 2, "num_heads": 4, "num_layers": 1}
 
 
 def video_batch(model, num_frames: list[int], max_frames: int, seed: int = 0) -> dict:  # noqa: ANN001

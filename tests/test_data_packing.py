@@ -17,7 +17,6 @@ from lmms_engine.data.preprocess import ProcessorInfo
 from lmms_engine.data.tokenizer import build_tiny_tokenizer
 from lmms_engine.models.builder import build_model
 
-torch.set_num_threads(1)
 # the 2-frame video is shorter than a full window (num_hist + 1 = 3 frames); the module says so once
 pytestmark = pytest.mark.filterwarnings("ignore:autoregressive reconstruction.*shorter than num_hist")
 

@@ -14,6 +14,8 @@ from lmms_engine.eval.config import EvaluateConfig, run_evaluate
 from lmms_engine.models.builder import build_model
 from lmms_engine.utils.config import ConfigError, from_mapping
 
+pytestmark = pytest.mark.slow
+
 NUM_EVAL = 6  # question types 0,1,2,3,0,1 -> direction 2, order 2, next_color 1, which_moves 1
 MAX_FRAMES = 6
 NUM_HIST = 2

@@ -40,7 +40,6 @@ from lmms_engine.export.processor import (
 from lmms_engine.models.builder import build_model
 from lmms_engine.models.tiny import tiny_llava_config
 
-torch.set_num_threads(1)
 
 NUM_FRAMES = 8
 #: The tiny tower at LLaVA-NeXT's geometry (384 px, 14 px patches: 27x27 = 729 patches), 64 wide.

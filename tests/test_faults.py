@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from clips import make_clip
-from train_support import demo_data_dir, free_port
+from train_support import free_port
 
 from lmms_engine.launch.cli import main
 
 BROKEN = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4  # an mp4 header, then junk
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 def records_with_a_broken_video(data_dir: Path, tmp_path: Path, count: int, bad: int) -> Path:
@@ -52,6 +47,8 @@ def sft_config(tmp_path: Path, data: Path, out: Path, **keys) -> Path:
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_data_error_on_one_rank_ends_the_two_rank_job_promptly(data_dir, tmp_path):
     """Two records, one per rank at step 1, one of them unreadable: the failing rank used to wait in a
     barrier while the other waited in the step's collective, forever."""

@@ -20,6 +20,8 @@ import torch
 from loss_contract_run import AUTOREGRESSIVE, FRAMES, run, samples
 from train_support import free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 180
 

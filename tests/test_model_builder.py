@@ -17,7 +17,6 @@ from model_support import AR_SMALL, video_batch
 from lmms_engine.models.builder import ModelConfig, build_model
 from lmms_engine.utils.config import ConfigError
 
-torch.set_num_threads(1)
 
 
 def grads_by_group(model) -> dict[str, set[bool]]:

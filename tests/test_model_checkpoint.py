@@ -16,7 +16,6 @@ from lmms_engine.models.builder import build_model
 from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
 from lmms_engine.utils.config import ConfigError
 
-torch.set_num_threads(1)
 
 
 def train_step(model, batch: dict) -> None:

@@ -13,7 +13,6 @@ from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
 from lmms_engine.models.tiny import tiny_llava_config
 from lmms_engine.video.pooling import spatial_pool
 
-torch.set_num_threads(1)
 TEXT_IDS = (5, 400)  # plain text ids of the tiny vocabulary (no special ids inside)
 
 

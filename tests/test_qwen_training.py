@@ -21,6 +21,8 @@ def records(tmp_path_factory):
     return qwen_records(tmp_path_factory.mktemp("qwen_train_data"))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_ranks_match_one_process(tmp_path_factory, tmp_path, records):
     checkpoint = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")
     config = tmp_path / "ddp.yaml"

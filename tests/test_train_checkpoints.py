@@ -12,10 +12,12 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from train_support import demo_data_dir, make_trainer, train_logs
+from train_support import make_trainer, train_logs
 
 from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
 from lmms_engine.train import last_complete_checkpoint
+
+pytestmark = pytest.mark.slow
 
 RUN = dict(max_steps=6, save_strategy="steps", save_steps=3, warmup_steps=2, gradient_accumulation_steps=2)
 
@@ -33,11 +35,6 @@ class InterruptAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise Interrupt(f"interrupted after step {self.step}")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

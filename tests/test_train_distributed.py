@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_support import AR_SMALL, demo_data_dir, free_port
+from train_support import AR_SMALL, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SCRIPT = """\
 import json, os, sys
@@ -61,11 +63,6 @@ def _single_process(config: Path, out: Path) -> None:
 
 def _losses(out: Path) -> list[dict]:
     return [e for e in json.loads((out / "history.json").read_text()) if "loss" in e]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):

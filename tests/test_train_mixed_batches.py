@@ -33,6 +33,8 @@ import torch
 from mixed_support import mixed_records
 from train_support import AR_SMALL, demo_data_dir, free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 240
 MAX_STEPS = 4
@@ -83,7 +85,6 @@ sys.path.insert(0, sys.argv[1])
 from model_support import video_batch
 from lmms_engine.models.builder import build_model
 
-torch.set_num_threads(1)
 out = sys.argv[2]
 variants = sys.argv[3].split(",")
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

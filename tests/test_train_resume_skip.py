@@ -17,17 +17,14 @@ import pytest
 import torch
 
 from mixed_support import LoadSpy
-from train_support import build_parts, demo_data_dir, subset, tiny_tokenizer, train_logs, training_args
+from train_support import build_parts, subset, tiny_tokenizer, train_logs, training_args
 
 from lmms_engine.train import AutoregressiveTrainer
 
+pytestmark = pytest.mark.slow
+
 BATCH, ACCUMULATION = 2, 2
 PER_STEP = BATCH * ACCUMULATION
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 def _trainer(data_dir, out, data_path, **args):

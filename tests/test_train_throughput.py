@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)
 
 from lmms_engine.models.tiny import tiny_llava_config  # noqa: E402
 from lmms_engine.train.throughput import ModelFlops, ThroughputCallback, peak_flops  # noqa: E402

@@ -11,15 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from train_support import build_parts, demo_data_dir, make_trainer, subset, train_logs, training_args
+from train_support import build_parts, make_trainer, subset, train_logs, training_args
 
 from lmms_engine.train import AutoregressiveTrainer, LossWindow, TrainingArguments, plot_loss_curves
 from lmms_engine.train.loss_plot import loss_series
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
+pytestmark = pytest.mark.slow
 
 
 def test_guide_section3_snippet_runs_as_written(data_dir, tmp_path):

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
+from model_support import AR_SMALL
+
 torch.set_num_threads(1)
 
-#: A small autoregressive module for the tiny model (its SigLIP is 64 wide).
-AR_SMALL: dict[str, Any] = {"embedding_dim": 64, "num_hist": 3, "loss_weight": 0.1, "num_heads": 4,
-                            "num_layers": 1}
 MAX_FRAMES = 8
 _DEMO: dict[str, Path] = {}
 
@@ -23,8 +22,7 @@ def demo_data_dir(tmp_path_factory: Any) -> Path:
     """The demo dataset with the ``demo_data`` block's default settings (64 + 16 clips), generated once
     per session, so example configs pointed at it find it complete and reuse it."""
     if "dir" not in _DEMO:
-        from lmms_engine.launch.config import DemoDataConfig
-        from lmms_engine.launch.pipeline import ensure_demo_data
+        from lmms_engine.data.demo import DemoDataConfig, ensure_demo_data
 
         out = tmp_path_factory.mktemp("demo") / "data"
         ensure_demo_data(DemoDataConfig(output_dir=str(out)))
