@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from lmms_engine.launch.config import DemoDataConfig
-    from lmms_engine.launch.pipeline import ensure_demo_data
+    from lmms_engine.data.demo import DemoDataConfig, ensure_demo_data
 
     # Its own folder: other settings written into output/quickstart/data would replace the quickstart's data.
     demo = DemoDataConfig(output_dir=str(ROOT / "output" / "bench" / "packing_data"))

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lmms_engine.data import DatasetConfig, build_dataset
-from lmms_engine.data.preprocess import ProcessorInfo
-from lmms_engine.launch.config import DemoDataConfig
-from lmms_engine.launch.pipeline import build_tokenizer, ensure_demo_data, limit_cpu_threads
-from lmms_engine.models.builder import ModelConfig, build_model
-from lmms_engine.train import AutoregressiveTrainer, TrainingArguments
+from lmms_engine.data import DatasetConfig, DemoDataConfig, ProcessorInfo, build_dataset, ensure_demo_data
+from lmms_engine.models import ModelConfig, build_model, build_tokenizer
+from lmms_engine.train import AutoregressiveTrainer, TrainingArguments, limit_cpu_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lmms_engine.data.demo import DEMO_MARKER, foreign_entries, generate_demo_dataset
-from lmms_engine.launch.config import DemoDataConfig, check_pipeline
-from lmms_engine.launch.pipeline import ensure_demo_data
+from lmms_engine.data.demo import DemoDataConfig, ensure_demo_data
+from lmms_engine.launch.config import check_pipeline
 from lmms_engine.utils.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from train_support import demo_data_dir
 
 from lmms_engine.launch import config as launch_config
-from lmms_engine.launch.config import apply_overrides, check_pipeline, load_pipeline_config, parse_value
+from lmms_engine.launch.config import apply_overrides, check_pipeline, load_pipeline_config
+from lmms_engine.utils.config import parse_value
 from lmms_engine.utils.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from train_support import demo_data_dir
 
 from lmms_engine.launch.cli import main
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,11 +58,6 @@ GUIDE_FULL = """\
     per_device_train_batch_size: 2
 """
 SHORT = ["max_steps=2", "logging_steps=1", "save_steps=2", "report_to=none", "disable_tqdm=true"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 def run_cli(config: Path, sets: list[str], capsys) -> tuple[int, str]:
@@ -245,9 +241,7 @@ def test_an_evaluate_block_with_a_misspelled_key_fails_before_training(tmp_path,
 
 
 def test_demo_data_is_reused_only_when_made_by_the_same_settings_and_generator(tmp_path):
-    from lmms_engine.launch.config import DemoDataConfig
-    from lmms_engine.data.demo import DEMO_MARKER
-    from lmms_engine.launch.pipeline import ensure_demo_data
+    from lmms_engine.data.demo import DEMO_MARKER, DemoDataConfig, ensure_demo_data
 
     config = DemoDataConfig(output_dir=str(tmp_path / "data"), num_train=2, num_eval=1)
     assert ensure_demo_data(config) is True

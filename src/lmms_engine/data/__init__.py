@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "VideoSFTCollator": "collator",
     "build_collator": "collator",
     "generate_demo_dataset": "demo",
+    "DemoDataConfig": "demo",
+    "ensure_demo_data": "demo",
 }
 
 __all__ = sorted(_EXPORTS)

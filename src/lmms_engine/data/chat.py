@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from lmms_engine.data.records import Turn
-
-IGNORE_INDEX = -100
+from lmms_engine.models.loss_terms import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

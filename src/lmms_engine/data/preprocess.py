@@ -67,7 +67,9 @@ class ProcessorInfo:
     @property
     def patch_side(self) -> int:
         """Patches per side of a frame (SigLIP 384/14 -> 27; the conv drops the remainder)."""
-        return self.image_size // self.patch_size
+        from lmms_engine.models.vision import patch_grid_side
+
+        return patch_grid_side(self)
 
     def video_token_count(self, num_frames: int) -> int:
         """Tokens a ``<video>`` of ``num_frames`` frames expands to."""

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lmms_engine.launch.config import parse_value, read_config_file
+    from lmms_engine.utils.config import parse_value, read_config_file
     from lmms_engine.utils.config import ConfigError
 
     if args.config:

@@ -135,8 +135,9 @@ def num_image_tokens(config: Any) -> int:
     """``processor_config.num_image_tokens``: tower tokens of one frame as HF's processor counts them
     (``(image_size // patch_size) ** 2``, plus 1 with ``vision_feature_select_strategy: default``, which
     the processor subtracts again)."""
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
+    from lmms_engine.models.vision import patch_grid_side
+
+    side = patch_grid_side(config.vision_config)
     return side * side + (1 if config.vision_feature_select_strategy == "default" else 0)
 
 

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 
-from lmms_engine.utils.config import ConfigError, check_keys, from_mapping, suggest
+from lmms_engine.data.demo import DemoDataConfig
+from lmms_engine.utils.config import ConfigError, check_keys, from_mapping, parse_value, read_config_file, suggest
 
 BLOCK_KEYS: tuple[str, ...] = ("type", "config")
 BLOCK_TYPES: tuple[str, ...] = ("demo_data", "trainer", "evaluate")
@@ -48,53 +47,6 @@ WIDER_TYPES: dict[str, tuple[type, ...]] = {"fsdp": (bool, str, type(None))}
 #: Read by the launcher (a path, or true for the newest complete checkpoint), not by transformers.
 RESUME_KEY = "resume_from_checkpoint"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-@dataclass
-class DemoDataConfig:
-    """The ``demo_data`` block: the generated demo dataset (``lmms_engine.data.demo``).
-
-    Attributes:
-        output_dir: folder of ``train.json``, ``eval.json`` and ``videos/``.
-        num_train: training clips (``train.json``).
-        num_eval: held-out clips (``eval.json``), drawn from a different random stream.
-        seed: every clip, question and answer is a function of it.
-        num_frames: frames per clip (>= 12).
-        size: frame width and height in pixels (even, >= 32).
-        fps: frame rate of the clips.
-        overwrite: regenerate even when the folder holds a dataset made with the same settings.
-    """
-
-    output_dir: str = "output/quickstart/data"
-    num_train: int = 64
-    num_eval: int = 16
-    seed: int = 0
-    num_frames: int = 16
-    size: int = 64
-    fps: float = 4.0
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_train < 1 or self.num_eval < 0:
-            raise ValueError(f"need num_train >= 1 and num_eval >= 0, got {self.num_train}, {self.num_eval}")
-        if self.size % 2 or self.size < 32:
-            raise ValueError(f"size must be even and >= 32, got {self.size}")
-        if self.num_frames < 12:
-            raise ValueError(f"num_frames must be >= 12, got {self.num_frames}")
-        if self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
-
-    @property
-    def train_path(self) -> Path:
-        return Path(self.output_dir) / "train.json"
-
-    @property
-    def eval_path(self) -> Path:
-        return Path(self.output_dir) / "eval.json"
-
-    def outputs(self) -> set[Path]:
-        """Files this block writes (absolute)."""
-        return {self.train_path.resolve(), self.eval_path.resolve(), (Path(self.output_dir) / "videos").resolve()}
 
 
 @dataclass
@@ -147,74 +99,7 @@ class PipelineConfig:
         return [b.config for b in self.blocks if b.type == block_type]
 
 
-# ---------------------------------------------------------------------------------------------- reading
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``2e-5`` (no dot) as a string; configs mean a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    """A YAML mapping whose keys are unique: the same key twice is an error, never "the last one wins"."""
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Mark] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            first = seen[key]
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} "
-                              f"appears twice in one mapping (first on line {first.line + 1}); keep one")
-        seen[key] = key_node.start_mark
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise ConfigError(f"key {twice[0]!r} appears twice in one JSON object; keep one")
-    return dict(pairs)
-
-
-def parse_value(text: str) -> Any:
-    """A YAML scalar or flow value (``5``, ``2e-5``, ``true``, ``null``, ``[a, b]``, ``{k: v}``)."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
-
-
-def read_config_file(path: str | os.PathLike) -> Any:
-    """Parse a ``.yaml``/``.yml``/``.json`` file (other extensions: YAML, a superset of JSON)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"{path}: byte 0x{data[err.start]:02x} on line {line} is not valid UTF-8; save the "
-                          f"config as UTF-8") from err
-    try:
-        if path.suffix == ".json":
-            return json.loads(text, object_pairs_hook=_unique_json_object)
-        return yaml.load(text, Loader=_Loader)
-    except ConfigError as err:  # a duplicate key
-        raise ConfigError(f"{path}: {err}") from err
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
-
-
+# ---------------------------------------------------------------------------------------------- overrides
 def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
     """Apply ``KEY=VALUE`` overrides (``--set``) to a raw block list (a deep copy is returned).
 
@@ -589,6 +474,6 @@ def load_pipeline_config(path: str | os.PathLike, overrides: Sequence[str] = ())
     return check_pipeline(raw, str(path))
 
 
-__all__ = ["BLOCK_TYPES", "Block", "DemoDataConfig", "PipelineConfig", "TRAINER_KEYS", "TRAINER_TYPES",
-           "TrainerBlockConfig", "apply_overrides", "check_pipeline", "load_pipeline_config", "parse_value",
-           "read_config_file", "training_argument_fields"]
+__all__ = ["BLOCK_TYPES", "Block", "PipelineConfig", "TRAINER_KEYS", "TRAINER_TYPES",
+           "TrainerBlockConfig", "apply_overrides", "check_pipeline", "load_pipeline_config",
+           "training_argument_fields"]

@@ -289,7 +289,7 @@ def render_config_reference() -> str:
     """The full text of docs/config.md."""
     from lmms_engine.data.dataset import DatasetConfig
     from lmms_engine.eval.config import EvaluateConfig
-    from lmms_engine.launch.config import DemoDataConfig
+    from lmms_engine.data.demo import DemoDataConfig
     from lmms_engine.models.autoregressive_config import AutoregressiveConfig
     from lmms_engine.models.builder import ModelConfig
     from lmms_engine.models.tiny import TinyConfig

@@ -7,15 +7,13 @@ folder renamed into place, so other ranks and later runs never see half-written 
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lmms_engine.launch.config import DemoDataConfig, PipelineConfig, TrainerBlockConfig
+from lmms_engine.launch.config import PipelineConfig, TrainerBlockConfig
 from lmms_engine.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -68,82 +66,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ demo data
-def ensure_demo_data(config: DemoDataConfig) -> bool:
-    """Generate the demo dataset unless ``config.output_dir`` already holds one made with the same
-    settings; return whether it was generated. Written to a temporary sibling folder, then renamed.
-
-    A folder holding anything the demo generator did not write is refused (ConfigError), whatever
-    ``overwrite`` says: only a demo dataset of ours is ever replaced, and replacing one made with other
-    settings is logged with both settings.
-    """
-    from lmms_engine.data.demo import DEMO_MARKER, GENERATOR_VERSION, check_demo_folder, generate_demo_dataset
-
-    out = Path(config.output_dir)
-    try:
-        check_demo_folder(out)
-    except ValueError as err:
-        raise ConfigError(f"demo_data.output_dir: {err}") from err
-    settings = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "overwrite")}
-    settings["generator_version"] = GENERATOR_VERSION
-    marker = out / DEMO_MARKER
-    previous = None
-    if marker.is_file():
-        try:
-            previous = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            previous = None
-    if not config.overwrite and previous == settings and config.train_path.is_file() and config.eval_path.is_file():
-        return False
-    if previous is not None and previous != settings:
-        logger.warning("replacing the demo dataset in %s made with %s by one made with %s", out, previous, settings)
-    staging = out.with_name(f".{out.name}.incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    logger.info("generating the demo dataset (%d + %d clips) in %s", config.num_train, config.num_eval, out)
-    generate_demo_dataset(staging, config.num_train, config.num_eval, config.seed, num_frames=config.num_frames,
-                          size=config.size, fps=config.fps, progress=False)
-    (staging / DEMO_MARKER).write_text(json.dumps(settings, indent=1) + "\n")
-    if out.exists():
-        aside = out.with_name(f".{out.name}.replaced")
-        shutil.rmtree(aside, ignore_errors=True)
-        out.replace(aside)
-        staging.replace(out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.replace(out)
-    return True
-
-
 # ------------------------------------------------------------------------------------------ trainer
-def build_tokenizer(model_config: Any) -> Any:
-    """The tiny BPE tokenizer for the tiny model, else the checkpoint's own tokenizer."""
-    if model_config.model_name_or_path is None:
-        from lmms_engine.data.tokenizer import build_tiny_tokenizer
-
-        return build_tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_config.model_name_or_path)
-
-
-def limit_cpu_threads(args: Any) -> int | None:
-    """On a CPU run with ``OMP_NUM_THREADS`` unset, use one intra-op thread per process; return it.
-
-    Small models gain nothing from more, and OpenMP threads that spin-wait slow down many times when
-    the cores are shared (with DataLoader workers, other ranks or other jobs): measured 0.07 s per
-    step of the tiny model with 1 thread against 0.4-2 s with 2 threads on a busy 2-core machine.
-    """
-    import os
-
-    import torch
-
-    if args.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return None
-    torch.set_num_threads(1)
-    return 1
-
-
 def _logged_losses(log_history: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
     entries = [e for e in log_history if "loss" in e and "step" in e]
     return (dict(entries[0]), dict(entries[-1])) if entries else ({}, {})
@@ -167,8 +90,9 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     from lmms_engine.data.dataset import build_dataset
     from lmms_engine.data.preprocess import ProcessorInfo
     from lmms_engine.export.processor import build_processing_class
-    from lmms_engine.models.builder import build_model
+    from lmms_engine.models.builder import build_model, build_tokenizer
     from lmms_engine.models.qwen_vl_common import is_qwen_model
+    from lmms_engine.train.arguments import limit_cpu_threads
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
     from lmms_engine.train.checkpointing import resumable_checkpoint
 
@@ -312,6 +236,8 @@ def run_pipeline(pipeline: PipelineConfig) -> list[RunSummary | EvalSummary]:
 
     Evaluate blocks run on the main process only (the others wait at the next trainer block).
     """
+    from lmms_engine.data.demo import ensure_demo_data
+
     trainers = pipeline.of_type("trainer")
     first = trainers[0] if trainers else None
     # The first trainer block's TrainingArguments set up the process group (under torchrun) that orders
@@ -337,5 +263,5 @@ def run_pipeline(pipeline: PipelineConfig) -> list[RunSummary | EvalSummary]:
     return summaries
 
 
-__all__ = ["EvalSummary", "PreparedRun", "RunSummary", "build_tokenizer", "ensure_demo_data", "limit_cpu_threads", "prepare_trainer",
+__all__ = ["EvalSummary", "PreparedRun", "RunSummary", "prepare_trainer",
            "run_pipeline", "run_trainer_block"]

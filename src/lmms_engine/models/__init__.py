@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "SupportsLossTerms": "loss_terms",
     "ModelConfig": "builder",
     "build_model": "builder",
+    "build_tokenizer": "builder",
     "TinyConfig": "tiny",
     "tiny_llava_config": "tiny",
     "Qwen2VLVideoForConditionalGeneration": "qwen2_vl",

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping, get_type_hints
 
+from lmms_engine.models.layout import LAYOUT_FIELDS
 from lmms_engine.utils.config import ConfigError, coerce, from_mapping
 from lmms_engine.video.pooling import POOL_MODES, check_pool_args
 
@@ -18,8 +19,6 @@ TargetEncoderMode = Literal["auto", "shared", "copy"]
 WindowMode = Literal["all", "random"]
 FeatureSelectStrategy = Literal["default", "full"]
 
-# Keys that describe the video-token layout (owned by the model; see ``layout_overrides``).
-LAYOUT_KEYS: tuple[str, ...] = ("mm_spatial_pool_stride", "mm_spatial_pool_mode", "add_faster_video")
 
 
 @dataclass
@@ -119,6 +118,11 @@ class AutoregressiveConfig:
         if not self.enable_multiscale_pooling:
             return {}
         return {key: getattr(self, key) for key in LAYOUT_KEYS}
+
+
+#: The video-layout keys this block may also hold (LLaVA-NeXT's names; owned by the model's layout, see
+#: ``layout_overrides``): the fields it shares with :class:`~lmms_engine.models.layout.VideoLayoutConfig`.
+LAYOUT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(AutoregressiveConfig) if f.name in LAYOUT_FIELDS)
 
 
 def _check_field_types(config: AutoregressiveConfig) -> None:

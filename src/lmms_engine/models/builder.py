@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from lmms_engine.models.layout import VideoLayoutConfig
+from lmms_engine.models.layout import LAYOUT_FIELDS, VideoLayoutConfig
 from lmms_engine.models.tiny import TinyConfig
 from lmms_engine.utils.config import ConfigError, from_mapping
 
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
-LAYOUT_FIELDS: tuple[str, ...] = (
-    "mm_spatial_pool_stride", "mm_spatial_pool_mode", "mm_newline_position", "add_faster_video", "faster_token_stride",
-)
 
 
 @dataclass
@@ -208,6 +205,17 @@ def finish_model(model: Any, cfg: ModelConfig, tokenizer: Any, enable: bool, res
     return model
 
 
+def build_tokenizer(model_config: Any) -> Any:
+    """The tiny BPE tokenizer for the tiny model, else the checkpoint's own tokenizer."""
+    if model_config.model_name_or_path is None:
+        from lmms_engine.data.tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_config.model_name_or_path)
+
+
 def build_model(
     model_config: ModelConfig | Mapping[str, Any] | None = None,
     tokenizer: "PreTrainedTokenizerBase | None" = None,
@@ -269,4 +277,4 @@ def build_model(
     return finish_model(model, cfg, tokenizer, enable, restore, ar_config)
 
 
-__all__ = ["LAYOUT_FIELDS", "ModelConfig", "autoregressive_plan", "build_model", "finish_model", "resolve_video_layout"]
+__all__ = ["LAYOUT_FIELDS", "ModelConfig", "autoregressive_plan", "build_model", "build_tokenizer", "finish_model", "resolve_video_layout"]

@@ -13,7 +13,7 @@ One video of ``T`` frames, each a square grid of ``s x s`` vision patches, becom
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -100,6 +100,10 @@ class VideoLayoutConfig:
         total = sum(self.frame_token_count(patch_side, t) for t in range(num_frames))
         return total + (1 if self.mm_newline_position == "one_token" else 0)
 
+
+
+#: The layout keys (``model_config`` and ``config.json``'s ``video_layout`` take these names).
+LAYOUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoLayoutConfig))
 
 @dataclass(frozen=True)
 class VideoTokenTemplate:

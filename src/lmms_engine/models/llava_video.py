@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
+from lmms_engine.models.autoregressive_config import LAYOUT_KEYS
 from lmms_engine.models.layout import (
     ROLE_FASTER,
     ROLE_NEWLINE,
@@ -277,7 +278,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         cfg.setdefault("embedding_dim", self.vision_feature_size)
         if cfg.get("enable_multiscale_pooling"):
             layout = self.video_layout.to_dict()
-            for key in ("mm_spatial_pool_stride", "mm_spatial_pool_mode", "add_faster_video"):
+            for key in LAYOUT_KEYS:
                 if key in cfg and cfg[key] != layout[key]:
                     raise ConfigError(
                         f"{where}.{key}={cfg[key]!r} differs from the model's video layout {key}={layout[key]!r}; "

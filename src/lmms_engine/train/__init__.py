@@ -12,6 +12,7 @@ from lmms_engine.utils.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "AutoregressiveTrainer": "autoregressive_trainer",
     "TrainingArguments": "arguments",
+    "limit_cpu_threads": "arguments",
     "LossWindow": "loss_window",
     "plot_loss_curves": "loss_plot",
     "is_complete_checkpoint": "checkpointing",

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from lmms_engine.models.autoregressive_config import AutoregressiveConfig
+from lmms_engine.models.vision import patch_grid_side
+
 #: Dense bf16 peak TFLOP/s by device-name substring (first match wins).
 PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -80,8 +83,8 @@ class ModelFlops:
     projector_trainable: bool = True
     predictor_params: int = 0
     predictor_tokens_per_window: int = 0
-    ar_num_hist: int = 3
-    ar_window: str = "all"
+    ar_num_hist: int = AutoregressiveConfig.num_hist
+    ar_window: str = AutoregressiveConfig.window
 
     @classmethod
     def from_config(cls, config: Any, *, autoregressive: Mapping[str, Any] | None = None,
@@ -104,7 +107,7 @@ class ModelFlops:
         llm = layers * per_layer + h * text.vocab_size  # lm_head is a matmul even when tied
 
         d, v_inter = vision.hidden_size, vision.intermediate_size
-        side = vision.image_size // vision.patch_size
+        side = patch_grid_side(vision)
         feature_layer = getattr(config, "vision_feature_layer", -1)
         if isinstance(feature_layer, (list, tuple)):
             feature_layer = max(f if f >= 0 else vision.num_hidden_layers + 1 + f for f in feature_layer)
@@ -112,14 +115,16 @@ class ModelFlops:
         tower = used * (4 * d * d + 2 * d * v_inter) + 3 * vision.patch_size ** 2 * d
         projector = d * h + h * h
 
-        predictor, window_tokens, num_hist, window = 0, 0, 3, "all"
+        defaults = AutoregressiveConfig()
+        predictor, window_tokens, num_hist, window = 0, 0, defaults.num_hist, defaults.window
         if autoregressive is not None:
-            dim = int(autoregressive.get("embedding_dim", d))
-            mlp = int(dim * float(autoregressive.get("mlp_ratio", 4.0)))
-            blocks = int(autoregressive.get("num_layers", 3)) * (4 * dim * dim + 2 * dim * mlp)
+            ar = {**defaults.to_dict(), "embedding_dim": d, **autoregressive}  # embedding_dim: the tower's width
+            dim = int(ar["embedding_dim"])
+            mlp = int(dim * float(ar["mlp_ratio"]))
+            blocks = int(ar["num_layers"]) * (4 * dim * dim + 2 * dim * mlp)
             predictor = h * dim + blocks
-            num_hist = int(autoregressive.get("num_hist", 3))
-            window = str(autoregressive.get("window", "all"))
+            num_hist = int(ar["num_hist"])
+            window = str(ar["window"])
             frame_tokens = ar_tokens_per_frame if ar_tokens_per_frame is not None else (-(-side // 2)) ** 2
             window_tokens = num_hist * frame_tokens
         return cls(llm_params=llm, llm_layers=layers, llm_hidden=h, tower_params=tower, tower_layers=used,

@@ -3,15 +3,23 @@
 Every config section of the engine is a dataclass; ``from_mapping`` checks each key against the
 dataclass fields (unknown key -> error with the nearest valid name), checks value types, and returns
 the instance. Errors name the section (``where``), the key, the value and what would be valid.
+``read_config_file`` reads YAML/JSON files (duplicate keys are errors) and ``parse_value`` one YAML
+value (``2e-5`` is a float), for the launcher's and the evaluator's files and ``--set`` values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
+import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 T = TypeVar("T")
 
@@ -139,3 +147,71 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-5`` (no dot) as a string; configs mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping whose keys are unique: the same key twice is an error, never "the last one wins"."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            first = seen[key]
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} "
+                              f"appears twice in one mapping (first on line {first.line + 1}); keep one")
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"key {twice[0]!r} appears twice in one JSON object; keep one")
+    return dict(pairs)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or flow value (``5``, ``2e-5``, ``true``, ``null``, ``[a, b]``, ``{k: v}``)."""
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+
+
+def read_config_file(path: str | os.PathLike) -> Any:
+    """Parse a ``.yaml``/``.yml``/``.json`` file (other extensions: YAML, a superset of JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: byte 0x{data[err.start]:02x} on line {line} is not valid UTF-8; save the "
+                          f"config as UTF-8") from err
+    try:
+        if path.suffix == ".json":
+            return json.loads(text, object_pairs_hook=_unique_json_object)
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError as err:  # a duplicate key
+        raise ConfigError(f"{path}: {err}") from err
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
