@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lmms_engine.data import DatasetConfig, DemoDataConfig, ProcessorInfo, build_dataset, ensure_demo_data
-from lmms_engine.models import ModelConfig, build_model, build_tokenizer
+from lmms_engine.data import DatasetConfig, DemoDataConfig, ensure_demo_data
+from lmms_engine.launch import build_parts
+from lmms_engine.models import ModelConfig
 from lmms_engine.train import AutoregressiveTrainer, TrainingArguments, limit_cpu_threads
 
 
@@ -45,8 +46,18 @@ def main(argv: list[str] | None = None) -> AutoregressiveTrainer:
         autoregressive_config={"num_hist": 3, "loss_weight": 0.1, "num_heads": 8, "num_layers": 3,
                                "use_frame_causal_mask": True},
     )
-    tokenizer = build_tokenizer(model_config)
-    model = build_model(model_config, tokenizer)
+
+    # The data: LLaVA conversation records with a video each.
+    data_path = args.data
+    if data_path is None:
+        demo = DemoDataConfig(output_dir="output/demo_data")
+        ensure_demo_data(demo)
+        data_path = str(demo.train_path)
+    dataset_config = DatasetConfig(data_path=data_path, video_folder=args.video_folder, max_frames=args.max_frames)
+
+    # Tokenizer -> model -> processor info -> dataset -> collator, as the launcher builds them.
+    parts = build_parts(model_config, dataset_config)
+    model, train_dataset = parts.model, parts.train_dataset
 
     # The guide's debugging snippet.
     if hasattr(model, "autoregressive_module"):
@@ -55,18 +66,6 @@ def main(argv: list[str] | None = None) -> AutoregressiveTrainer:
         print(f"multi-scale pooling: {model.autoregressive_module.enable_multiscale_pooling}")
     else:
         print("no autoregressive module found")
-
-    # The data: LLaVA conversation records with a video each.
-    data_path = args.data
-    if data_path is None:
-        demo = DemoDataConfig(output_dir="output/demo_data")
-        ensure_demo_data(demo)
-        data_path = str(demo.train_path)
-    processor_info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
-    train_dataset = build_dataset(
-        DatasetConfig(data_path=data_path, video_folder=args.video_folder, max_frames=args.max_frames),
-        tokenizer, processor_info,
-    )
 
     # Section 3 of the guide.
     training_args = TrainingArguments(

@@ -51,20 +51,18 @@ def subset(data_dir: Path, count: int, out_dir: Path) -> Path:
 
 def build_parts(data_dir: Path, *, autoregressive: bool = True, seed: int = 0,
                 data_path: Path | None = None) -> tuple[Any, Any, Any]:
-    """(model, train dataset, collator) of the tiny model on the demo clips (or ``data_path``), seeded."""
+    """(model, train dataset, collator) of the tiny model on the demo clips (or ``data_path``), seeded,
+    built by the launcher's :func:`lmms_engine.launch.build_parts`."""
     from transformers import set_seed
 
-    from lmms_engine.data import DatasetConfig, build_collator, build_dataset
-    from lmms_engine.data.preprocess import ProcessorInfo
-    from lmms_engine.models.builder import build_model
+    from lmms_engine.data import DatasetConfig
+    from lmms_engine.launch import build_parts as build_run_parts
 
     set_seed(seed)
-    tokenizer = tiny_tokenizer()
     model_config = {"enable_autoregressive": True, "autoregressive_config": dict(AR_SMALL)} if autoregressive else {}
-    model = build_model(model_config, tokenizer)
-    info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
     dataset_config = DatasetConfig(data_path=str(data_path or data_dir / "train.json"), max_frames=MAX_FRAMES)
-    return model, build_dataset(dataset_config, tokenizer, info), build_collator(dataset_config, tokenizer)
+    parts = build_run_parts(model_config, dataset_config, tokenizer=tiny_tokenizer())
+    return parts.model, parts.train_dataset, parts.collator
 
 
 def training_args(output_dir: Path, **overrides: Any) -> Any:

@@ -86,12 +86,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     """Build the tokenizer, model, datasets, collator and :class:`AutoregressiveTrainer` of ``block``."""
     from transformers import set_seed
 
-    from lmms_engine.data.collator import build_collator
-    from lmms_engine.data.dataset import build_dataset
-    from lmms_engine.data.preprocess import ProcessorInfo
-    from lmms_engine.export.processor import build_processing_class
-    from lmms_engine.models.builder import build_model, build_tokenizer
-    from lmms_engine.models.qwen_vl_common import is_qwen_model
+    from lmms_engine.launch.parts import build_parts
     from lmms_engine.train.arguments import limit_cpu_threads
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
     from lmms_engine.train.checkpointing import resumable_checkpoint
@@ -100,8 +95,9 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     if limit_cpu_threads(args):
         logger.info("training on the CPU with 1 intra-op thread per process (set OMP_NUM_THREADS to change)")
     set_seed(args.seed)  # model initialisation is part of the run's reproducibility
-    tokenizer = build_tokenizer(block.model_config)
-    model = build_model(block.model_config, tokenizer)
+    parts = build_parts(block.model_config, block.dataset_config, where=block.where,
+                        with_eval=block.dataset_config.eval_data_path is not None and args.eval_strategy != "no")
+    model = parts.model
     enable = block.trains_autoregressive
     if enable and getattr(model, "autoregressive_module", None) is None:
         raise ConfigError(
@@ -109,36 +105,13 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
             f"set model_config.enable_autoregressive: true (with an autoregressive_config), or use "
             f"trainer_type: sft"
         )
-    data = block.dataset_config
-    with_eval = data.eval_data_path is not None and args.eval_strategy != "no"
-    if is_qwen_model(model):
-        from lmms_engine.data.qwen_dataset import build_qwen_data
-
-        from lmms_engine.export.qwen_processor import qwen_processing_class
-
-        train_dataset, eval_dataset, collator = build_qwen_data(model.config, data, tokenizer, with_eval)
-        # tokenizer + the family's processor files in every checkpoint (AutoProcessor)
-        processing_class = qwen_processing_class(tokenizer, model.config, train_dataset.processing,
-                                                 block.model_config.model_name_or_path)
-    else:
-        qwen_keys = [k for k in ("video_min_pixels", "video_max_pixels", "video_total_pixels")
-                     if getattr(data, k) is not None]
-        if qwen_keys:
-            raise ConfigError(f"{block.where}: dataset_config.{qwen_keys[0]} applies to Qwen-VL checkpoints only "
-                              f"(this model is {model.config.model_type}); remove it")
-        info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
-        train_dataset = build_dataset(data, tokenizer, info, split="train")
-        eval_dataset = build_dataset(data, tokenizer, info, split="eval") if with_eval else None
-        collator = build_collator(data, tokenizer)
-        # tokenizer + LLaVA-OneVision processor files in every checkpoint (AutoProcessor, lmms-eval llava_hf)
-        processing_class = build_processing_class(tokenizer, model, block.model_config.model_name_or_path)
     trainer = AutoregressiveTrainer(
         model=model,
         args=args,
-        data_collator=collator,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processing_class,
+        data_collator=parts.collator,
+        train_dataset=parts.train_dataset,
+        eval_dataset=parts.eval_dataset,
+        processing_class=parts.processing_class,
         enable_autoregressive=enable,
     )
     resume = block.resume_from_checkpoint
@@ -151,7 +124,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
         if resume is None:
             logger.warning("resume_from_checkpoint: true but %s holds no complete checkpoint: starting fresh",
                            args.output_dir)
-    return PreparedRun(trainer, train_dataset, resume, enable)
+    return PreparedRun(trainer, parts.train_dataset, resume, enable)
 
 
 def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> RunSummary:
