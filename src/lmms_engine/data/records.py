@@ -44,7 +44,6 @@ Rules (every violation is a :class:`BadRecordError` naming the file, the record 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
