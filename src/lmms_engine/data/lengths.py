@@ -139,7 +139,6 @@ def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
     probes = probe_videos((v.path for r in records if r is not None for v in r.videos),
                           timeout=dataset.config.decode_timeout, max_workers=max_workers, progress=show)
     estimates = []
-    info = dataset.processor_info
     for record in tqdm(records, desc="estimating token lengths", disable=not show, unit="record"):
         try:
             if record is None:

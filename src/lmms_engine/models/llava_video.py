@@ -394,109 +394,146 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         keep_features: bool,
         video_row: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, VideoTokenLayout, torch.Tensor | None]:
-        """Scatter the laid-out video tokens into ``inputs_embeds`` ``[R, L, D]``; return the layout.
+        """Scatter the laid-out video tokens into ``inputs_embeds`` ``[R, L, D]``; return the layout and,
+        with ``keep_features``, the tower features ``[B, T, P, D_vision]`` (zeros for absent frames).
 
-        Without ``video_row`` video ``b`` belongs to row ``b`` and the layout indexes ``[B, L]`` by
-        column. With ``video_row`` ``[V]`` (packed rows) the layout has one entry per video and its
-        positions are flat indices ``row * L + column`` into the ``R * L`` tokens.
+        In steps: the batch's videos and their ``<video>`` runs (checked against the layout), the layout
+        with one token-bank index per ``<video>`` token (:meth:`_lay_out_videos`, no tower needed), the
+        real frames through tower and projector (:meth:`encode_frames`), the pooled token bank
+        (:meth:`_video_token_bank`), the scatter. Without ``video_row`` video ``b`` belongs to row ``b``
+        and the layout indexes ``[B, L]`` by column; with ``video_row`` ``[V]`` (packed rows) it has one
+        entry per video and its positions are flat indices ``row * L + column`` into the ``R * L`` tokens.
         """
-        layout_cfg = self.video_layout
-        side = self.patch_side
-        rows, length = input_ids.shape
+        rows = input_ids.shape[0]
         device = input_ids.device
-        packed = video_row is not None
         video_mask = input_ids == self.config.video_token_id
         num_frames, owner, max_frames = self._videos_of_batch(rows, pixel_values_videos, video_num_frames, video_row)
-        runs = self._video_token_runs(video_mask, num_frames, owner, packed)
-        batch = len(owner)
+        runs = self._video_token_runs(video_mask, num_frames, owner, video_row is not None)
+        layout, bank_index = self._lay_out_videos(input_ids.shape, num_frames, owner, max_frames, runs,
+                                                  packed=video_row is not None, device=device)
+        real = [(b, t) for b in range(len(owner)) for t in range(num_frames[b])]
+        if not real:
+            features_out = None
+            if keep_features:
+                features_out = torch.zeros(len(owner), max_frames, self._tokens_per_frame(), self.vision_feature_size,
+                                           dtype=inputs_embeds.dtype, device=device)
+            return self._touch_visual_parameters(inputs_embeds), layout, features_out
+        b_idx = torch.tensor([b for b, _ in real], device=device)
+        t_idx = torch.tensor([t for _, t in real], device=device)
+        features, projected = self.encode_frames(pixel_values_videos[b_idx, t_idx])
+        slow_rows = torch.tensor([self.video_layout.is_slow_frame(t) for _, t in real], device=device)
+        bank = self._video_token_bank(projected, slow_rows)
+        inputs_embeds = inputs_embeds.masked_scatter(video_mask[..., None],
+                                                     bank[bank_index[video_mask]].to(inputs_embeds.dtype))
+        features_out = None
+        if keep_features:
+            features_out = features.new_zeros(len(owner), max_frames, *features.shape[1:])
+            features_out[b_idx, t_idx] = features.detach()
+        return inputs_embeds, layout, features_out
 
-        slow_side = layout_cfg.frame_grid_side(side, 0)
-        slow_stride = layout_cfg.mm_spatial_pool_stride
-        fast_stride = layout_cfg.fast_pool_stride
-        fast_side = pooled_side(side, fast_stride, layout_cfg.mm_spatial_pool_mode) \
-            if layout_cfg.add_faster_video else 0
+    def _video_token_bank(self, projected: torch.Tensor, slow_rows: torch.Tensor) -> torch.Tensor:
+        """The embeddings every ``<video>`` token is taken from: ``[N_tokens, D]``.
+
+        ``projected`` ``[N, P, D]`` are the real frames' projected features in batch order and
+        ``slow_rows`` ``[N]`` marks the slow ones. The bank holds the slow frames pooled at the stride
+        (in order), then the fast frames pooled at the fast stride, then ``image_newline`` and
+        ``faster_token``; :meth:`_lay_out_videos` indexes it in that order.
+        """
+        cfg = self.video_layout
+        pooled = [spatial_pool(projected[slow_rows], cfg.mm_spatial_pool_stride, cfg.mm_spatial_pool_mode).flatten(0, 1)]
+        if cfg.add_faster_video:
+            pooled.append(spatial_pool(projected[~slow_rows], cfg.fast_pool_stride, cfg.mm_spatial_pool_mode).flatten(0, 1))
+        extras = [self.model.image_newline[None].to(projected.dtype)]
+        if self.faster_token is not None:
+            extras.append(self.faster_token[None].to(projected.dtype))
+        return torch.cat(pooled + extras, dim=0)
+
+    def _lay_out_videos(self, shape: torch.Size, num_frames: list[int], owner: list[int], max_frames: int,
+                        runs: list[torch.Tensor], packed: bool, device: torch.device
+                        ) -> tuple[VideoTokenLayout, torch.Tensor]:
+        """The batch's :class:`VideoTokenLayout` and, per token ``[R, L]``, its index into the token bank
+        of :meth:`_video_token_bank` (0 where there is no ``<video>`` token). Needs no features: a
+        frame's place in the bank follows from which real frames are slow."""
+        cfg = self.video_layout
+        side = self.patch_side
+        rows, length = shape
+        batch = len(owner)
+        slow_side = cfg.frame_grid_side(side, 0)
+        fast_side = pooled_side(side, cfg.fast_pool_stride, cfg.mm_spatial_pool_mode) if cfg.add_faster_video else 0
         slow_pos = torch.full((batch, max_frames, slow_side * slow_side), -1, dtype=torch.long, device=device)
         fast_pos = (torch.full((batch, max_frames, fast_side * fast_side), -1, dtype=torch.long, device=device)
-                    if layout_cfg.add_faster_video else None)
+                    if cfg.add_faster_video else None)
         separator = torch.zeros(rows, length, dtype=torch.bool, device=device)
-        frame_ids = torch.arange(max_frames, device=device)
-        present = frame_ids[None, :] < torch.tensor(num_frames, dtype=torch.long, device=device)[:, None]
-        is_slow = torch.tensor([layout_cfg.is_slow_frame(t) for t in range(max_frames)], dtype=torch.bool,
-                               device=device)
-        features_out = None
+        present = torch.arange(max_frames, device=device)[None, :] < \
+            torch.tensor(num_frames, dtype=torch.long, device=device)[:, None]
+        is_slow = torch.tensor([cfg.is_slow_frame(t) for t in range(max_frames)], dtype=torch.bool, device=device)
 
-        real = [(b, t) for b in range(batch) for t in range(num_frames[b])]
-        if real:
-            b_idx = torch.tensor([b for b, _ in real], device=device)
-            t_idx = torch.tensor([t for _, t in real], device=device)
-            features, projected = self.encode_frames(pixel_values_videos[b_idx, t_idx])
-            slow_rows = is_slow[t_idx]
-            pooled = [spatial_pool(projected[slow_rows], slow_stride, layout_cfg.mm_spatial_pool_mode).flatten(0, 1)]
-            # bank offset of each real frame's first pooled token
-            slow_rank = torch.cumsum(slow_rows.long(), 0) - 1
-            offset = slow_rank * slow_side * slow_side
-            if layout_cfg.add_faster_video:
-                fast_rows = ~slow_rows
-                pooled.append(spatial_pool(projected[fast_rows], fast_stride,
-                                           layout_cfg.mm_spatial_pool_mode).flatten(0, 1))
-                fast_rank = torch.cumsum(fast_rows.long(), 0) - 1
-                fast_offset = pooled[0].shape[0] + fast_rank * fast_side * fast_side
-                offset = torch.where(slow_rows, offset, fast_offset)
-            newline_index = sum(p.shape[0] for p in pooled)
-            extras = [self.model.image_newline[None].to(projected.dtype)]
-            if self.faster_token is not None:
-                extras.append(self.faster_token[None].to(projected.dtype))
-            bank = torch.cat(pooled + extras, dim=0)
+        # Bank offset of each real frame's first pooled token (slow frames first, then fast ones).
+        slow_flags = [cfg.is_slow_frame(t) for b in range(batch) for t in range(num_frames[b])]
+        slow_rows = torch.tensor(slow_flags, dtype=torch.bool, device=device)
+        slow_count = sum(slow_flags)
+        offset = (torch.cumsum(slow_rows.long(), 0) - 1) * slow_side * slow_side
+        fast_offset = slow_count * slow_side * slow_side + (torch.cumsum((~slow_rows).long(), 0) - 1) * fast_side ** 2
+        offset = torch.where(slow_rows, offset, fast_offset)
+        newline_index = slow_count * slow_side * slow_side + (len(slow_flags) - slow_count) * fast_side * fast_side
 
-            # One bank index per <video> token, in sequence order (rows, then columns).
-            index_map = torch.zeros(rows, length, dtype=torch.long, device=device)
-            first_real = 0
-            for b in range(batch):
-                n = num_frames[b]
-                if n == 0:
-                    continue
-                template = _cached_template(n, side, layout_cfg)
-                role = template.role.to(device)
-                frame = template.frame.to(device)
-                patch = template.patch.to(device)
-                seq = runs[b]
-                row = owner[b]
-                is_patch = role == ROLE_PATCH
-                frame_safe = frame.clamp(min=0)
-                index = torch.where(is_patch, offset[first_real + frame_safe] + patch.clamp(min=0),
-                                    torch.full_like(role, newline_index))
-                index = torch.where(role == ROLE_FASTER, newline_index + 1, index)
-                index_map[row, seq] = index
-                pf, pp, ps = frame[is_patch], patch[is_patch], seq[is_patch]
-                if packed:
-                    ps = ps + row * length
-                slow_tok = is_slow[pf]
-                slow_pos[b, pf[slow_tok], pp[slow_tok]] = ps[slow_tok]
-                if fast_pos is not None:
-                    fast_pos[b, pf[~slow_tok], pp[~slow_tok]] = ps[~slow_tok]
-                separator[row, seq[(role == ROLE_NEWLINE) | (role == ROLE_FASTER)]] = True
-                first_real += n
-            video_embeds = bank[index_map[video_mask]].to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(video_mask[..., None], video_embeds)
-            if keep_features:
-                features_out = features.new_zeros(batch, max_frames, *features.shape[1:])
-                features_out[b_idx, t_idx] = features.detach()
-        else:
-            if keep_features:
-                features_out = torch.zeros(batch, max_frames, self._tokens_per_frame(),
-                                           self.vision_feature_size, dtype=inputs_embeds.dtype, device=device)
-            inputs_embeds = self._touch_visual_parameters(inputs_embeds)
+        bank_index = torch.zeros(rows, length, dtype=torch.long, device=device)
+        first_real = 0
+        for b in range(batch):
+            n = num_frames[b]
+            if n == 0:
+                continue
+            template = _cached_template(n, side, cfg)
+            role, frame, patch = template.role.to(device), template.frame.to(device), template.patch.to(device)
+            seq, row = runs[b], owner[b]
+            is_patch = role == ROLE_PATCH
+            index = torch.where(is_patch, offset[first_real + frame.clamp(min=0)] + patch.clamp(min=0),
+                                torch.full_like(role, newline_index))
+            bank_index[row, seq] = torch.where(role == ROLE_FASTER, newline_index + 1, index)
+            pf, pp, ps = frame[is_patch], patch[is_patch], seq[is_patch]
+            if packed:
+                ps = ps + row * length
+            slow_tok = is_slow[pf]
+            slow_pos[b, pf[slow_tok], pp[slow_tok]] = ps[slow_tok]
+            if fast_pos is not None:
+                fast_pos[b, pf[~slow_tok], pp[~slow_tok]] = ps[~slow_tok]
+            separator[row, seq[(role == ROLE_NEWLINE) | (role == ROLE_FASTER)]] = True
+            first_real += n
 
         layout = VideoTokenLayout(
             slow=FrameTokenIndex(positions=slow_pos, frame_mask=present & is_slow[None, :], grid_side=slow_side,
-                                 pool_stride=slow_stride),
+                                 pool_stride=cfg.mm_spatial_pool_stride),
             fast=(FrameTokenIndex(positions=fast_pos, frame_mask=present & ~is_slow[None, :], grid_side=fast_side,
-                                  pool_stride=fast_stride) if fast_pos is not None else None),
+                                  pool_stride=cfg.fast_pool_stride) if fast_pos is not None else None),
             separator_mask=separator,
-            pool_mode=layout_cfg.mm_spatial_pool_mode,
+            pool_mode=cfg.mm_spatial_pool_mode,
             num_frames=torch.tensor(num_frames, dtype=torch.long, device=device),
         )
-        return inputs_embeds, layout, features_out
+        return layout, bank_index
+
+    def _embed_images(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor,
+                      image_sizes: torch.Tensor | None, batch_num_images: torch.Tensor | None) -> torch.Tensor:
+        """LLaVA-OneVision's image path, as transformers runs it: features scattered into the ``<image>`` tokens."""
+        image_outputs = self.model.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images,
+                                                      return_dict=True)
+        image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                        image_features=image_features)
+        return inputs_embeds.masked_scatter(image_mask, image_features)
+
+    def _loss_terms(self, logits: torch.Tensor, labels: torch.Tensor, hidden_states: torch.Tensor,
+                    pixel_values_videos: torch.Tensor | None, vision_features: torch.Tensor | None,
+                    layout: VideoTokenLayout | None, packed: bool) -> LossTerms:
+        """The raw loss terms of the contract: the LM token-loss sum and, with the module, its streams."""
+        module = getattr(self, "autoregressive_module", None)
+        ar_terms: dict[str, LossTerm] = {}
+        if module is not None:
+            if layout is None:
+                raise ValueError("the autoregressive loss needs input_ids to locate the video tokens")
+            ar_terms = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features, layout,
+                                                   packed=packed).terms
+        return LossTerms(language_model=token_loss_sum(logits, labels), autoregressive=ar_terms,
+                         autoregressive_weight=module.loss_weight if module is not None else 0.0)
 
     def _autoregressive_output(
         self,
@@ -640,12 +677,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
                 video_row=video_row,
             )
         if pixel_values is not None:
-            image_outputs = self.model.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images,
-                                                          return_dict=True)
-            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
-                                                            image_features=image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+            inputs_embeds = self._embed_images(input_ids, inputs_embeds, pixel_values, image_sizes, batch_num_images)
 
         outputs = self.model.language_model(
             inputs_embeds=inputs_embeds,
@@ -660,14 +692,8 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
 
         loss = terms = components = None
         if labels is not None:
-            ar_terms: dict[str, LossTerm] = {}
-            if module is not None:
-                if layout is None:
-                    raise ValueError("the autoregressive loss needs input_ids to locate the video tokens")
-                ar_terms = self._autoregressive_output(module, hidden_states, pixel_values_videos, vision_features,
-                                                       layout, packed=video_row is not None).terms
-            terms = LossTerms(language_model=token_loss_sum(logits, labels), autoregressive=ar_terms,
-                              autoregressive_weight=module.loss_weight if module is not None else 0.0)
+            terms = self._loss_terms(logits, labels, hidden_states, pixel_values_videos, vision_features, layout,
+                                     packed=video_row is not None)
             loss = terms.objective()
             components = terms.components()
 
