@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -47,6 +48,8 @@ finish_distributed()
 """
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_image_video_and_text_batches_train_together_under_ddp(tmp_path_factory, tmp_path):
     data_dir = demo_data_dir(tmp_path_factory)
     demo = json.loads((data_dir / "train.json").read_text())
