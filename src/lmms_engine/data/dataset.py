@@ -503,14 +503,18 @@ class VideoSFTDataset(Dataset):
         return images_to_pixel_values(resized, image_size=info.image_size, mean=info.image_mean, std=info.image_std,
                                       grid_pinpoints=info.image_grid_pinpoints)
 
+    def _decode_size(self) -> tuple[int, int] | None:
+        """Frame size the decoder resizes to (the tower's square input); None = native size."""
+        size = self.processor_info.image_size
+        return size, size
+
     def _decode(self, record: ConversationRecord, video: Medium | None = None, max_frames: int | None = None) -> Any:
         from lmms_engine.video.decode import DecodeTimeout, VideoReadError
 
         video = video if video is not None else record.videos[0]
-        size = self.processor_info.image_size
         try:
             return self.loader.load_video(video.path, **dataclasses.asdict(self.sampling_spec(record, video, max_frames)),
-                                          target_size=(size, size), timeout=self.config.decode_timeout)
+                                          target_size=self._decode_size(), timeout=self.config.decode_timeout)
         except DecodeTimeout as err:
             raise _SampleFailure("decode_timeout", f"{err} (dataset_config.decode_timeout="
                                                    f"{self.config.decode_timeout:g})") from err

@@ -73,9 +73,10 @@ class QwenVideoSFTDataset(VideoSFTDataset):
     def processing(self) -> QwenVideoProcessing:
         return self.processor_info.processing
 
-    def sampling_spec(self, record: ConversationRecord) -> SamplingSpec:
-        """fps sampling at ``dataset_config.fps`` or Qwen's 2, capped at ``max_frames``."""
-        return SamplingSpec(max_frames=self.config.max_frames, fps=self.config.fps or DEFAULT_FPS,
+    def sampling_spec(self, record: ConversationRecord, video: Any = None, max_frames: int | None = None) -> SamplingSpec:
+        """fps sampling at ``dataset_config.fps`` or Qwen's 2, capped at ``max_frames`` (default
+        ``dataset_config.max_frames``); one video per record."""
+        return SamplingSpec(max_frames=max_frames or self.config.max_frames, fps=self.config.fps or DEFAULT_FPS,
                             force_sample=self.config.force_sample, start_time=record.video_start,
                             end_time=record.video_end)
 
@@ -174,19 +175,9 @@ class QwenVideoSFTDataset(VideoSFTDataset):
             sample["metadata"] = dict(record.metadata)
         return sample
 
-    def _decode(self, record: ConversationRecord) -> Any:
-        from lmms_engine.video.decode import DecodeTimeout, VideoReadError
-
-        try:  # native size: the frame size Qwen resizes to depends on it and on the frame count
-            return self.loader.load_video(record.video, **dataclasses.asdict(self.sampling_spec(record)),
-                                          target_size=None, timeout=self.config.decode_timeout)
-        except DecodeTimeout as err:
-            raise _SampleFailure("decode_timeout", f"{err} (dataset_config.decode_timeout="
-                                                   f"{self.config.decode_timeout:g})") from err
-        except VideoReadError as err:
-            raise _SampleFailure("broken_video", str(err)) from err
-        except Exception as err:  # noqa: BLE001 - any decoder failure on one file must not kill a worker
-            raise _SampleFailure("broken_video", f"{record.video}: {type(err).__name__}: {err}") from err
+    def _decode_size(self) -> None:
+        """Native size: the frame size Qwen resizes to depends on it and on the frame count."""
+        return None
 
 
 def _coded_size(path: str, timeout: float | None) -> tuple[int, int] | None:
