@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, get_type_hints
+from typing import Any, Callable, Literal, Mapping, get_type_hints
 
 from lmms_engine.models.layout import LAYOUT_FIELDS
 from lmms_engine.utils.config import ConfigError, coerce, from_mapping
@@ -125,6 +125,26 @@ class AutoregressiveConfig:
 LAYOUT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(AutoregressiveConfig) if f.name in LAYOUT_FIELDS)
 
 
+#: Keys the models add to the HF config (``config.json``): whether the module exists, and its resolved
+#: config (``target_encoder`` always ``shared`` or ``copy``), so a checkpoint rebuilds the same module.
+CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
+CONFIG_AR_KEY = "autoregressive_config"
+
+
+def restore_autoregressive_module(model: Any, config: Any, freeze_tower: Callable[[], None]) -> None:
+    """In a model's ``__init__``: rebuild the autoregressive module ``config`` (an HF config) records, via
+    ``model.attach_autoregressive_module``, or record that there is none. A ``shared`` target encoder is
+    only valid over a frozen tower (targets must stay fixed), so ``freeze_tower()`` runs first then."""
+    if getattr(config, CONFIG_AR_ENABLE_KEY, False):
+        stored = dict(getattr(config, CONFIG_AR_KEY, None) or {})
+        if stored.get("target_encoder") == "shared":
+            freeze_tower()
+        model.attach_autoregressive_module(stored)
+    else:
+        setattr(config, CONFIG_AR_ENABLE_KEY, False)
+        setattr(config, CONFIG_AR_KEY, None)
+
+
 def _check_field_types(config: AutoregressiveConfig) -> None:
     """Type-check direct construction too (``from_dict`` already checks dict input), with the rules
     ``from_mapping`` applies (:func:`~lmms_engine.utils.config.coerce`)."""
@@ -133,4 +153,5 @@ def _check_field_types(config: AutoregressiveConfig) -> None:
         setattr(config, f.name, coerce(getattr(config, f.name), hints[f.name], f.name))
 
 
-__all__ = ["AutoregressiveConfig", "ConfigError", "LAYOUT_KEYS", "TargetEncoderMode", "WindowMode"]
+__all__ = ["AutoregressiveConfig", "CONFIG_AR_ENABLE_KEY", "CONFIG_AR_KEY", "ConfigError", "LAYOUT_KEYS", "TargetEncoderMode", "WindowMode",
+           "restore_autoregressive_module"]

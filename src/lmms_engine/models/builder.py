@@ -152,7 +152,7 @@ def autoregressive_plan(cfg: ModelConfig, hf_config: Any) -> tuple[bool, bool, d
     place): ``restore`` = the checkpoint holds the module's weights, so the model builds it inside
     ``__init__`` with the stored target mode; otherwise an enabled module is attached after freezing.
     The same rule for every model family."""
-    from lmms_engine.models.llava_video import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
+    from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
 
     stored_enabled = bool(getattr(hf_config, CONFIG_AR_ENABLE_KEY, False))
     stored_ar = dict(getattr(hf_config, CONFIG_AR_KEY, None) or {}) if stored_enabled else {}

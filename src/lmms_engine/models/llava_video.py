@@ -28,7 +28,12 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
-from lmms_engine.models.autoregressive_config import LAYOUT_KEYS
+from lmms_engine.models.autoregressive_config import (
+    CONFIG_AR_ENABLE_KEY,
+    CONFIG_AR_KEY,
+    LAYOUT_KEYS,
+    restore_autoregressive_module,
+)
 from lmms_engine.models.layout import (
     ROLE_FASTER,
     ROLE_NEWLINE,
@@ -46,8 +51,6 @@ from lmms_engine.video.pooling import pooled_side, spatial_pool
 
 # Keys our model adds to the HF config (config.json); plain transformers keeps them as inert attributes.
 CONFIG_LAYOUT_KEY = "video_layout"
-CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
-CONFIG_AR_KEY = "autoregressive_config"
 
 
 def _register_weight_renaming() -> None:
@@ -148,15 +151,7 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             self.register_parameter("faster_token", None)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
-        if getattr(config, CONFIG_AR_ENABLE_KEY, False):
-            stored = dict(getattr(config, CONFIG_AR_KEY, None) or {})
-            if stored.get("target_encoder") == "shared":
-                # A shared target encoder is only valid over a frozen tower (targets must stay fixed).
-                self.model.vision_tower.requires_grad_(False)
-            self.attach_autoregressive_module(stored)
-        else:
-            setattr(config, CONFIG_AR_ENABLE_KEY, False)
-            setattr(config, CONFIG_AR_KEY, None)
+        restore_autoregressive_module(self, config, lambda: self.model.vision_tower.requires_grad_(False))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -35,11 +35,10 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
+from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY, restore_autoregressive_module
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
 from lmms_engine.utils.config import ConfigError
 
-CONFIG_AR_ENABLE_KEY = "enable_autoregressive"
-CONFIG_AR_KEY = "autoregressive_config"
 
 
 @dataclasses.dataclass
@@ -212,14 +211,7 @@ class QwenVideoMixin:
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        if getattr(config, CONFIG_AR_ENABLE_KEY, False):
-            stored = dict(getattr(config, CONFIG_AR_KEY, None) or {})
-            if stored.get("target_encoder") == "shared":
-                self.vision_tower_parameters_requires_grad(False)
-            self.attach_autoregressive_module(stored)
-        else:
-            setattr(config, CONFIG_AR_ENABLE_KEY, False)
-            setattr(config, CONFIG_AR_KEY, None)
+        restore_autoregressive_module(self, config, lambda: self.vision_tower_parameters_requires_grad(False))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
