@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lmms_engine.data import DatasetConfig, DemoDataConfig, ensure_demo_data
-from lmms_engine.launch import build_parts
 from lmms_engine.models import ModelConfig
+from lmms_engine.parts import build_parts
 from lmms_engine.train import AutoregressiveTrainer, TrainingArguments, limit_cpu_threads
 
 

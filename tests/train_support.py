@@ -52,11 +52,11 @@ def subset(data_dir: Path, count: int, out_dir: Path) -> Path:
 def build_parts(data_dir: Path, *, autoregressive: bool = True, seed: int = 0,
                 data_path: Path | None = None) -> tuple[Any, Any, Any]:
     """(model, train dataset, collator) of the tiny model on the demo clips (or ``data_path``), seeded,
-    built by the launcher's :func:`lmms_engine.launch.build_parts`."""
+    built by :func:`lmms_engine.parts.build_parts`."""
     from transformers import set_seed
 
     from lmms_engine.data import DatasetConfig
-    from lmms_engine.launch import build_parts as build_run_parts
+    from lmms_engine.parts import build_parts as build_run_parts
 
     set_seed(seed)
     model_config = {"enable_autoregressive": True, "autoregressive_config": dict(AR_SMALL)} if autoregressive else {}

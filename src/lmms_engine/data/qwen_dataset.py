@@ -285,13 +285,15 @@ def qwen_processing(model_config: Any, dataset_config: DatasetConfig) -> QwenVid
                                          total_pixels=dataset_config.video_total_pixels)
 
 
-def build_qwen_data(model_config: Any, dataset_config: DatasetConfig, tokenizer: Any, with_eval: bool
-                    ) -> tuple[QwenVideoSFTDataset, QwenVideoSFTDataset | None, QwenVideoCollator]:
-    """The train dataset, the eval dataset (``with_eval``) and the collator for a Qwen-VL model config."""
+def build_qwen_data(model_config: Any, dataset_config: DatasetConfig, tokenizer: Any, with_eval: bool,
+                    with_train: bool = True
+                    ) -> tuple[QwenVideoSFTDataset | None, QwenVideoSFTDataset | None, QwenVideoCollator]:
+    """The train dataset (``with_train``), the eval dataset (``with_eval``) and the collator for a Qwen-VL
+    model config."""
     from lmms_engine.data.collator import build_collator
 
     processing = qwen_processing(model_config, dataset_config)
-    train = build_qwen_dataset(dataset_config, tokenizer, processing, split="train")
+    train = build_qwen_dataset(dataset_config, tokenizer, processing, split="train") if with_train else None
     evaluation = build_qwen_dataset(dataset_config, tokenizer, processing, split="eval") if with_eval else None
     return train, evaluation, QwenVideoCollator(**dataclasses.asdict(build_collator(dataset_config, tokenizer)))
 

@@ -173,15 +173,23 @@ def _load_tokenizer(config: EvaluateConfig, where: str) -> Any:
     return tokenizer
 
 
+def _model_config(config: EvaluateConfig) -> Any:
+    from lmms_engine.models.builder import ModelConfig
+
+    return ModelConfig(model_name_or_path=config.checkpoint, torch_dtype=config.torch_dtype,
+                       attn_implementation=config.attn_implementation)  # type: ignore[arg-type]
+
+
 def load_model(config: EvaluateConfig, tokenizer: Any) -> Any:
     """The checkpoint as a :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`
     in eval mode on the configured device (its autoregressive module restored when it has one)."""
-    from lmms_engine.models.builder import ModelConfig, build_model
+    from lmms_engine.models.builder import build_model
 
     device = _resolve_device(config.device)  # before loading: a missing GPU fails fast
-    model_config = ModelConfig(model_name_or_path=config.checkpoint, torch_dtype=config.torch_dtype,
-                               attn_implementation=config.attn_implementation)  # type: ignore[arg-type]
-    model = build_model(model_config, tokenizer)
+    return _for_evaluation(build_model(_model_config(config), tokenizer), device)
+
+
+def _for_evaluation(model: Any, device: Any) -> Any:
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -234,12 +242,10 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
     import torch
     from tqdm.auto import tqdm
 
-    from lmms_engine.data.dataset import build_dataset
-    from lmms_engine.data.preprocess import ProcessorInfo
     from lmms_engine.eval.accuracy import score_predictions, write_predictions
     from lmms_engine.eval.generation import generate_answers, prompt_loader, stop_token_ids, to_predictions
     from lmms_engine.eval.reconstruction import ReconstructionAccumulator, batch_reconstruction_errors
-    from lmms_engine.models.qwen_vl_common import is_qwen_model
+    from lmms_engine.parts import build_parts
 
     cfg = config if isinstance(config, EvaluateConfig) else from_mapping(EvaluateConfig, config, where)
     try:
@@ -249,20 +255,11 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
     _check_files(cfg, dataset_config, where)
     start = time.time()
     tokenizer = _load_tokenizer(cfg, where)
-    model = load_model(cfg, tokenizer)
-    device = next(model.parameters()).device
-    qwen = is_qwen_model(model)
-    if qwen:
-        from lmms_engine.data.qwen_dataset import QwenVideoCollator, build_qwen_dataset, qwen_processing
-
-        dataset = build_qwen_dataset(dataset_config, tokenizer, qwen_processing(model.config, dataset_config), "eval")
-        collator_cls: type = QwenVideoCollator
-    else:
-        from lmms_engine.data.collator import VideoSFTCollator
-
-        info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
-        dataset = build_dataset(dataset_config, tokenizer, info, split="eval")
-        collator_cls = VideoSFTCollator
+    device = _resolve_device(cfg.device)  # before loading: a missing GPU fails fast
+    parts = build_parts(_model_config(cfg), dataset_config, with_train=False, with_eval=True, tokenizer=tokenizer,
+                        where=where)
+    model = _for_evaluation(parts.model, device)
+    dataset, collator_cls = parts.eval_dataset, type(parts.collator)
     loader = prompt_loader(dataset, tokenizer, cfg.batch_size, limit=cfg.max_samples,
                            num_workers=cfg.dataloader_num_workers, collator_cls=collator_cls)
     num_samples = len(loader.dataset)

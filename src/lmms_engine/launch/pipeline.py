@@ -86,7 +86,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     """Build the tokenizer, model, datasets, collator and :class:`AutoregressiveTrainer` of ``block``."""
     from transformers import set_seed
 
-    from lmms_engine.launch.parts import build_parts
+    from lmms_engine.parts import build_parts
     from lmms_engine.train.arguments import limit_cpu_threads
     from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer
     from lmms_engine.train.checkpointing import resumable_checkpoint
