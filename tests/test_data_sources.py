@@ -189,6 +189,9 @@ def test_parquet_arrow_and_datasets_folders_give_the_same_samples(tok, tmp_path)
             assert ds[i]["input_ids"].tolist() == reference[i]["input_ids"].tolist(), (path, i)
     assert [s["data_type"] for s in build_dataset({"data_path": [str(arrow), str(tmp_path / "saved")]}, tok,
                                                   INFO).bad_record_report().sources] == ["arrow", "hf_dataset"]
+    mixture = tmp_path / "mix.yaml"  # lmms-engine's keys: data_type arrow on a save_to_disk folder
+    mixture.write_text(f"datasets:\n  - path: {tmp_path / 'saved'}\n    data_type: arrow\n")
+    assert len(build_dataset({"data_path": str(mixture)}, tok, INFO)) == 6
 
 
 def test_missing_datasets_library_names_the_extra(tok, tmp_path, monkeypatch):

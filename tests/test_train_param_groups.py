@@ -150,3 +150,15 @@ def test_the_launcher_types_the_part_rates(tmp_path):
     raw[0]["config"]["vision_tower_lrr"] = 1e-5
     with pytest.raises(ConfigError, match=r"unknown key 'vision_tower_lrr' \(did you mean 'vision_tower_lr'\?\)"):
         check_pipeline(raw, "run.yaml")
+
+
+def test_freezing_a_part_leaves_it_out_of_the_optimizer(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = build_model({"freeze_projector": True, "freeze_autoregressive": True, "enable_autoregressive": True,
+                         "autoregressive_config": dict(AR_SMALL)}, tiny_tokenizer())
+    with caplog.at_level(logging.INFO, logger="lmms_engine.train.autoregressive_trainer"):
+        optimizer = trainer_for(model, tmp_path, language_model_lr=5e-5).create_optimizer()
+    assert {g["name"] for g in optimizer.param_groups} == {"language_model", "language_model.no_decay"}
+    assert not any(p.requires_grad for p in model.autoregressive_module.parameters())
+    lines = {line.split()[0]: line for line in caplog.text.splitlines()[1:] if line.strip()}
+    assert all(lines[part].endswith("frozen") for part in ("vision_tower", "projector", "autoregressive"))

@@ -526,6 +526,8 @@ def open_table(path: str | Path, data_type: DataType | None = None) -> RecordTab
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     kind = data_type or detect_data_type(path)
+    if kind == "arrow" and path.is_dir():  # lmms-engine's data_type: arrow names a save_to_disk folder
+        kind = "hf_dataset"
     if kind in ("json", "jsonl") and path.is_dir():
         raise ValueError(f"{path}: a folder, not a {kind} file")
     if kind == "jsonl":

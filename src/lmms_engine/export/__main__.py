@@ -5,6 +5,8 @@
               newline position; the autoregressive head only with --include-autoregressive)
   processor   add the LLaVA-OneVision processor files to a checkpoint saved without them (for
               lmms-eval's ``llava_hf``); copied from --source when given, else generated
+  merge-lora  fold a LoRA training checkpoint's adapters into the base weights: a checkpoint plain
+              transformers loads, with the adapter model's logits (needs the ``lora`` extra)
 
 Exit status: 0 done, 2 the checkpoint cannot be exported (the message says why).
 """
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     proc = commands.add_parser("processor", help="add processor files to a checkpoint (lmms-eval llava_hf)")
     proc.add_argument("--checkpoint", required=True, help="folder saved by training")
     proc.add_argument("--source", default=None, help="checkpoint to copy processor files from (folder or hub id)")
+    merge = commands.add_parser("merge-lora", help="merge LoRA adapters into a plain checkpoint")
+    merge.add_argument("--checkpoint", required=True, help="a LoRA training checkpoint (output_dir or checkpoint-N)")
+    merge.add_argument("--output", required=True, help="new folder for the merged checkpoint")
     return parser
 
 
@@ -50,12 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("evaluate with (LLaVA-NeXT and lmms-eval installed):")
             print(f"  python -m lmms_eval --model llava_vid --model_args {result.model_args} "
                   f"--tasks videomme --batch_size 1 --log_samples --output_path ./logs/")
+        elif args.command == "merge-lora":
+            from lmms_engine.models.lora import merge_lora_checkpoint
+
+            print(f"wrote the merged checkpoint to {merge_lora_checkpoint(args.checkpoint, args.output)}")
         else:
             from lmms_engine.export.processor import add_processor_files
 
             for path in add_processor_files(args.checkpoint, args.source):
                 print(path)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

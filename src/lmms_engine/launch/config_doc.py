@@ -292,6 +292,7 @@ def render_config_reference() -> str:
     from lmms_engine.data.demo import DemoDataConfig
     from lmms_engine.models.autoregressive_config import AutoregressiveConfig
     from lmms_engine.models.builder import ModelConfig
+    from lmms_engine.models.lora import LoraSettings
     from lmms_engine.models.tiny import TinyConfig
     from lmms_engine.train.arguments import TrainingArguments
 
@@ -319,8 +320,15 @@ def render_config_reference() -> str:
         "`model_name_or_path`).\n",
         field_table(TinyConfig, meanings_for(TinyConfig)),
         "",
-        "## `dataset_config`\n\n`lmms_engine.data.DatasetConfig`. Records: LLaVA `conversations` (with `video`) or "
-        "OpenAI-style `messages`, as a JSON list or JSONL.\n",
+        "### `model_config.lora`\n\n`lmms_engine.models.lora.LoraSettings` (needs the `lora` extra: "
+        "`pip install 'lmms-video[lora]'`). Adapters on the language model's linear layers named in "
+        "`target_modules`; its base weights freeze, the projector and the autoregressive predictor train in full. "
+        "Merge with `python -m lmms_engine.export merge-lora --checkpoint C --output D`.\n",
+        field_table(LoraSettings, meanings_for(LoraSettings)),
+        "",
+        "## `dataset_config`\n\n`lmms_engine.data.DatasetConfig`. Records: LLaVA `conversations` (with `video` / "
+        "`image`) or OpenAI-style `messages`, in JSON lists, JSONL, Parquet, Arrow or `datasets` folders, one file, "
+        "a list of files or a mixture file: see docs/data.md for every format with an example.\n",
         field_table(DatasetConfig, meanings_for(DatasetConfig)),
         "",
         "## TrainingArguments fields\n\nEvery field of `transformers.TrainingArguments` "

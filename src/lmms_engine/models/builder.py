@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from lmms_engine.models.layout import LAYOUT_FIELDS, VideoLayoutConfig
+from lmms_engine.models.lora import LoraSettings
 from lmms_engine.models.tiny import TinyConfig
 from lmms_engine.utils.config import ConfigError, from_mapping
 
@@ -53,9 +54,14 @@ class ModelConfig:
             ``post_layernorm``/``head`` are frozen in every case (DDP).
         freeze_projector: freezes the projector, ``image_newline`` and ``faster_token``.
         freeze_language_model: freezes the LLM and ``lm_head``.
+        freeze_autoregressive: freezes the autoregressive predictor (a trained predictor kept fixed: its loss
+            then trains only what feeds it, the LLM's hidden states).
         gradient_checkpointing: activation checkpointing of the LLM and tower layers.
         enable_autoregressive: attach the autoregressive module; None = as the checkpoint has it
             (False for an HF checkpoint or the tiny model), or True when ``autoregressive_config`` is given.
+        lora: LoRA adapters on the language model (:class:`~lmms_engine.models.lora.LoraSettings`: ``r``,
+            ``alpha``, ``dropout``, ``target_modules``; needs the ``lora`` extra); the LLM's base weights
+            freeze, the projector and the autoregressive predictor train in full. None = no LoRA.
         autoregressive_config: the module's keys (``AutoregressiveConfig``); ``embedding_dim`` defaults to
             the tower's feature size; ``vision_feature_layer``/``vision_feature_select_strategy`` come from
             the model.
@@ -73,11 +79,15 @@ class ModelConfig:
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     freeze_language_model: bool = False
+    freeze_autoregressive: bool = False
     gradient_checkpointing: bool = False
+    lora: dict | None = None
     enable_autoregressive: bool | None = None
     autoregressive_config: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.lora is not None:
+            from_mapping(LoraSettings, self.lora, "model_config.lora")  # checked now, before any model is built
         if self.model_name_or_path is not None and self.tiny_config is not None:
             raise ValueError("tiny_config only applies without model_name_or_path (the tiny model); remove one")
         if self.enable_autoregressive is False and self.autoregressive_config is not None:
@@ -199,6 +209,15 @@ def finish_model(model: Any, cfg: ModelConfig, tokenizer: Any, enable: bool, res
     )
     if enable and not restore:
         model.attach_autoregressive_module(ar_config)
+    module = getattr(model, "autoregressive_module", None)
+    if cfg.freeze_autoregressive:
+        if module is None:
+            raise ConfigError("model_config.freeze_autoregressive: the model has no autoregressive module")
+        module.requires_grad_(False)
+    if cfg.lora is not None:
+        from lmms_engine.models.lora import inject_lora
+
+        inject_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
@@ -253,6 +272,9 @@ def build_model(
         if hf_config.model_type in QWEN_FAMILIES:
             from lmms_engine.models.qwen_vl_common import build_qwen_model
 
+            if cfg.lora is not None:
+                raise ConfigError(f"model_config.lora: LoRA is built for LLaVA-OneVision checkpoints so far, not "
+                                  f"{hf_config.model_type!r}; remove the key")
             return build_qwen_model(cfg, hf_config, tokenizer)
         if hf_config.model_type != "llava_onevision":
             raise ConfigError(

@@ -152,6 +152,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
         restore_autoregressive_module(self, config, lambda: self.model.vision_tower.requires_grad_(False))
+        if getattr(config, "lora", None):
+            # A LoRA training checkpoint: the same adapters before its weights load (lmms_engine.models.lora).
+            from lmms_engine.models.lora import inject_lora
+
+            inject_lora(self, config.lora)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -174,9 +179,18 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         ``resume_from_checkpoint`` then loads the file with a plain ``load_state_dict`` and matches no
         key. The native names load everywhere (transformers' own loader reads both forms).
         """
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        result = super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        if getattr(self.config, "lora", None) and kwargs.get("is_main_process", True):
+            from lmms_engine.models.lora import save_trained_tensors
+
+            save_trained_tensors(self, save_directory)  # adapters + fully trained modules, on their own
+        return result
 
     def _refreeze(self) -> None:
+        if getattr(self.config, "lora", None):
+            from lmms_engine.models.lora import freeze_for_lora
+
+            freeze_for_lora(self)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
         module = getattr(self, "autoregressive_module", None)
