@@ -6,7 +6,9 @@ Arms (tiny model, identical data, steps, schedule and hyper-parameters; only the
   nor the predictor gets any gradient from it; the frame-causal mask then has no effect on training,
   which is why there is no separate "weight 0, mask off" arm: it would train the same model);
 - ``ar_causal``: ``loss_weight: 0.1`` (the guide's default), frame-causal mask on;
-- ``ar_nomask``: ``loss_weight: 0.1``, mask off (only the last window position is supervised).
+- ``ar_nomask``: ``loss_weight: 0.1``, mask off (only the last window position is supervised);
+- ``ar_sliding``: ``loss_weight: 0.1``, the one-pass predictor (``window: sliding``: every frame
+  supervised once through a banded frame-causal mask); the three arms above use ``window: all``.
 
 Each arm trains once per seed (the seed sets initialisation and data order) with the engine's own
 launcher (``python -m lmms_engine.launch.cli``, one subprocess per run, one intra-op thread), then:
@@ -42,9 +44,10 @@ from _results import machine_line, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS: dict[str, dict[str, Any]] = {
-    "baseline": {"loss_weight": 0.0, "use_frame_causal_mask": True},
-    "ar_causal": {"loss_weight": 0.1, "use_frame_causal_mask": True},
-    "ar_nomask": {"loss_weight": 0.1, "use_frame_causal_mask": False},
+    "baseline": {"loss_weight": 0.0, "use_frame_causal_mask": True, "window": "all"},
+    "ar_causal": {"loss_weight": 0.1, "use_frame_causal_mask": True, "window": "all"},
+    "ar_nomask": {"loss_weight": 0.1, "use_frame_causal_mask": False, "window": "all"},
+    "ar_sliding": {"loss_weight": 0.1, "use_frame_causal_mask": True, "window": "sliding"},
 }
 #: The launcher config of a run, in its run folder (the trained model's own config.json sits beside it).
 RUN_CONFIG = "run_config.json"
@@ -54,7 +57,7 @@ PREDICTOR = {"embedding_dim": 64, "num_hist": 3, "num_heads": 4, "num_layers": 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="output/ablation", help="work folder (data, runs, summary)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=["baseline", "ar_causal", "ar_nomask"], choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--data-seed", type=int, default=0, help="demo dataset seed (same data for every run)")
     p.add_argument("--num-train", type=int, default=1200)

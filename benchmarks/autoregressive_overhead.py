@@ -2,22 +2,30 @@
 
 Shape (LLaVA-OneVision-0.5B on a 16-frame video): LLM hidden 896, 16 frames, 14x14 = 196 tokens per frame
 (SigLIP-so400m's 27x27 grid, bilinear stride 2), embedding 1152, batch 1, the default predictor
-(3 layers, 8 heads, num_hist 3). Measured:
+(3 layers, 8 heads, num_hist 3). Measured, windows interleaved over ``--rounds`` rounds:
 
-- forward+backward wall time of ``compute_autoregressive_loss`` (median of ``--repeats`` after one warm-up),
-  for ``window="all"`` (the default: all 13 windows) and ``window="random"`` (one window);
-- FLOPs of that step counted by ``torch.utils.flop_counter.FlopCounterMode`` -> achieved GFLOP/s, next to
-  a peer measured in the same run: a plain GEMM of the predictor's token count x 1152 x 1152;
+- forward+backward wall time of ``compute_autoregressive_loss`` for ``window="sliding"`` (one
+  banded frame-causal pass, every frame supervised once; chunked attention, and the dense mask as
+  the kernel's peer), ``"all"`` (every window of ``num_hist + 1`` frames) and ``"random"``;
+- FLOPs of that step counted by ``torch.utils.flop_counter.FlopCounterMode`` with a formula for the
+  CPU flash-attention kernels registered (``lmms_engine.utils.flops``; torch has none, so attention
+  used to count zero) -> achieved GFLOP/s, next to a peer measured in the same run: a plain GEMM of
+  the predictor's token count x 1152 x 1152;
+- the step it is added to, at real widths with layers cut for the CPU: one Qwen2-0.5B decoder layer
+  forward+backward on the sequence, one SigLIP-so400m layer forward on the 16 frames, and the LM head
+  + loss forward+backward, each timed in the same rounds; the full step is estimated as 24 LLM layers
+  + 27 tower layers + the head, and the module's time is stated per LLM layer too;
+- FLOPs of a Qwen2-0.5B forward+backward on the same sequence and of a SigLIP-so400m forward on the
+  16 frames (counted on the meta device: nothing is allocated; attention included);
 - peak memory of one step: peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` before the
   step) minus the resident set before it, in a fresh subprocess per case (Linux);
-- the FLOPs of a Qwen2-0.5B forward+backward on the same sequence and of a SigLIP-so400m forward on the
-  16 frames (both counted on the meta device: nothing is allocated);
-- a tiny-model step (LLaVA-OneVision from the tiny test config, 2 videos x 8 frames) against the module
-  at that tiny shape;
+- the tiny CPU size: the engine's tiny model (the `cpu` size of benchmarks/train_throughput.py)
+  forward+backward with the module off, ``all`` and ``sliding``;
 - shared vs copy target encoder: parameters the module registers, state-dict bytes, and the measured RSS
   growth of creating the module next to a real-memory so400m tower.
 
-Run: ``python benchmarks/autoregressive_overhead.py [--repeats 3] [--no-write]``.
+Run: ``python benchmarks/autoregressive_overhead.py [--rounds 2] [--quick] [--no-write]``
+(``--quick``: no memory or target-encoder probes).
 """
 
 from __future__ import annotations
@@ -32,12 +40,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_line, write_section  # noqa: E402
 
 from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module  # noqa: E402
+from lmms_engine.utils.flops import count_flops  # noqa: E402
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               image_size=384, patch_size=14, vision_use_head=False)
@@ -59,9 +67,16 @@ def so400m(device: str = "meta", trainable: bool = False):
     return tower.requires_grad_(trainable)
 
 
+WINDOWS = ("sliding", "sliding_dense", "all", "random")  # sliding_dense: the one pass on the dense-mask kernel
+
+
 def realistic(window: str):
     """Module (shared, meta tower: no vision weights in memory) and its inputs."""
-    module = create_autoregressive_reconstruction_module(so400m(), HIDDEN, {**LLAVA_POOLING, "window": window})
+    config_window = "sliding" if window.startswith("sliding") else window
+    torch.manual_seed(0)
+    module = create_autoregressive_reconstruction_module(so400m(), HIDDEN, {**LLAVA_POOLING, "window": config_window})
+    if window == "sliding_dense":
+        module.predictor.attention_backend = "dense"
     torch.manual_seed(0)
     hidden = torch.randn(1, FRAMES * TOKENS, HIDDEN, requires_grad=True)
     features = torch.randn(1, FRAMES, FULL, 1152)
@@ -83,12 +98,6 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _status_mb(field: str) -> float:
@@ -163,39 +172,89 @@ def vision_flops() -> int:
         return count_flops(lambda: tower(pixel_values=pixels, output_hidden_states=True))
 
 
-def tiny_comparison(repeats: int) -> dict:
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+HEAD_TOKENS = 800  # the LM head is timed on this many tokens and scaled to the sequence (a GEMM: linear)
+
+
+def formula_flops(window: str) -> tuple[float, int]:
+    """(FLOPs as torch's counter counts them, supervised target tokens) of the module's step from the
+    accounting formula (``ModelFlops``; tests/test_autoregressive_sliding.py checks it against the count)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    from lmms_engine.train.throughput import ModelFlops
+
+    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**SO400M).to_dict(),
+                                  text_config=Qwen2Config(**QWEN2_05B).to_dict())
+    config_window = "sliding" if window.startswith("sliding") else window
+    estimate = ModelFlops.from_config(config, autoregressive={"embedding_dim": 1152, "window": config_window},
+                                      ar_tokens_per_frame=TOKENS)
+    if window == "sliding_dense":
+        from dataclasses import replace
+
+        estimate = replace(estimate, ar_window="all", ar_num_hist=FRAMES - 1)  # one window: the dense square
+    matmuls, attention = estimate.predictor_parts(FRAMES)
+    module = create_autoregressive_reconstruction_module(so400m(), HIDDEN, {**LLAVA_POOLING, "window": config_window})
+    targets = sum(module.supervised_target_counts([FRAMES], TOKENS).values())
+    return matmuls + attention * 3.5 / 3, targets  # torch counts attention's backward as 2.5x the forward
+
+
+def step_parts(seq_len: int) -> dict:
+    """Callables timing one forward+backward of each part of the real-width step, layers cut:
+    ``llm_layer`` (one Qwen2-0.5B decoder layer on ``seq_len`` tokens, causal SDPA), ``vision_layer``
+    (one SigLIP-so400m layer forward on the 16 frames, frozen: no backward), ``head`` (final norm, LM
+    head and loss on ``HEAD_TOKENS`` tokens)."""
+    from transformers import Qwen2Config, Qwen2Model, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
-    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**TINY_VISION).to_dict(),
-                                  text_config=Qwen2Config(**TINY_TEXT).to_dict(),
-                                  vision_feature_select_strategy="full", video_token_index=299, image_token_index=298)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: thread hand-offs would dominate, more so on a shared machine
-    model = LlavaOnevisionForConditionalGeneration(config)
-    frames, per_frame = 8, 16  # 8x8 patches, bilinear stride 2 -> 4x4
-    video = frames * per_frame + 1
-    ids = torch.cat([torch.randint(0, 290, (2, 16)), torch.full((2, video), 299), torch.randint(0, 290, (2, 16))], 1)
-    pixels = torch.randn(2, frames, 3, 64, 64)
+    llm = Qwen2Model(Qwen2Config(**{**QWEN2_05B, "num_hidden_layers": 1, "vocab_size": 16},
+                                 attn_implementation="sdpa"))
+    embeds = torch.randn(1, seq_len, HIDDEN, requires_grad=True)
+    tower = SiglipVisionModel(SiglipVisionConfig(**{**SO400M, "num_hidden_layers": 1},
+                                                 attn_implementation="sdpa")).requires_grad_(False)
+    pixels = torch.randn(FRAMES, 3, 384, 384)
+    head = torch.nn.Linear(HIDDEN, QWEN2_05B["vocab_size"], bias=False)
+    norm = torch.nn.RMSNorm(HIDDEN)
+    head_in = torch.randn(1, HEAD_TOKENS, HIDDEN, requires_grad=True)
+    labels = torch.randint(0, QWEN2_05B["vocab_size"], (HEAD_TOKENS,))
 
-    def model_step():
-        model(input_ids=ids, pixel_values_videos=pixels, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
+    def llm_layer():
+        llm(inputs_embeds=embeds).last_hidden_state.sum().backward()
+        llm.zero_grad(set_to_none=True)
+        embeds.grad = None
 
-    tower = model.model.vision_tower
-    tower.requires_grad_(False)
-    module = create_autoregressive_reconstruction_module(tower, 64, {**LLAVA_POOLING, "embedding_dim": 64})
-    hidden = torch.randn(2, frames * per_frame, 64, requires_grad=True)
-    features = torch.randn(2, frames, 64, 64)
-    result = {
-        "model_s": statistics.median(timed(model_step, repeats=max(20, 5 * repeats), warmup=3)),
-        "module_s": statistics.median(timed(lambda: step(module, hidden, features), repeats=max(20, 5 * repeats),
-                                            warmup=3)),
-        "module_flops": count_flops(lambda: step(module, hidden, features)),
-    }
-    torch.set_num_threads(threads)
-    return result
+    def vision_layer():
+        with torch.no_grad():
+            tower(pixel_values=pixels)
+
+    def head_step():
+        torch.nn.functional.cross_entropy(head(norm(head_in))[0], labels).backward()
+        head.zero_grad(set_to_none=True)
+        head_in.grad = None
+
+    return {"llm_layer": llm_layer, "vision_layer": vision_layer, "head": head_step}
+
+
+def tiny_steps() -> dict:
+    """The engine's tiny model (train_throughput's ``cpu`` size) forward+backward: AR off / all / sliding."""
+    from train_throughput import SIZES, model_config, samples
+
+    from lmms_engine.models.builder import build_model
+
+    batch_samples = samples("cpu", True)[: SIZES["cpu"]["batch"]]
+    batch = {k: torch.stack([s[k] for s in batch_samples]) for k in batch_samples[0]}
+    steps = {}
+    for case in ("off", "all", "sliding"):
+        cfg = model_config("cpu", case != "off")
+        if case != "off":
+            cfg["autoregressive_config"] = {**cfg["autoregressive_config"], "window": case}
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+
+        def run(model=model):
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        steps[case] = run
+    return steps
 
 
 def state_bytes(module) -> tuple[int, int, int]:
@@ -206,102 +265,186 @@ def state_bytes(module) -> tuple[int, int, int]:
     return params, trainable, size
 
 
+def _med(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f}x ({min(values):.3f}-{max(values):.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    parser.add_argument("--quick", action="store_true", help="no memory or target-encoder probes")
     parser.add_argument("--no-write", action="store_true", help="print only, do not rewrite RESULTS.md")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe)))
         return
-
-    load_start = os.getloadavg()[0]
-    rows = []
-    for window in ("all", "random"):
-        module, hidden, features = realistic(window)
-        flops = count_flops(lambda: step(module, hidden, features))
-        out = module.compute_autoregressive_loss(hidden, target_features=features, return_output=True)
-        times = timed(lambda: step(module, hidden, features), repeats=args.repeats)
-        memory = run_probe(f"step-{window}")
-        rows.append((window, statistics.median(times), min(times), max(times), flops, memory["growth_mb"],
-                     out.num_targets))
-        print(rows[-1], flush=True)
-    predictor_tokens = (FRAMES - 3) * 3 * TOKENS
-    gemm = gemm_peer(predictor_tokens, args.repeats)
+    rounds = args.rounds
+    load_start, started = os.getloadavg()[0], time.perf_counter()
     seq_len = FRAMES * TOKENS + 1 + 64  # video tokens, the newline, 64 text tokens
+
+    timed_windows = ("sliding",) if args.quick else WINDOWS
+    cases = {w: realistic(w) for w in timed_windows}
+    flops, targets = {}, {}
+    for window, (module, hidden, features) in cases.items():  # the counted run doubles as the warm-up
+        flops[window] = count_flops(lambda: step(module, hidden, features))
+        targets[window] = module.compute_autoregressive_loss(hidden, target_features=features,
+                                                             return_output=True).num_targets
+    for window in WINDOWS:  # --quick: the others from the accounting formula (tested equal to the count)
+        if window not in flops:
+            flops[window], targets[window] = formula_flops(window)
+    parts = step_parts(seq_len)
+    for fn in parts.values():
+        fn()
+    tiny = tiny_steps()
+    for fn in tiny.values():
+        timed(fn, repeats=1, warmup=3)
+
+    times: dict[str, list[float]] = {k: [] for k in [*timed_windows, *parts]}
+    tiny_times: dict[str, list[float]] = {k: [] for k in tiny}
+    tiny_ratio: dict[str, list[float]] = {"all": [], "sliding": []}
+    for r in range(rounds):
+        order = list(cases) + list(parts)
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            if key in cases:
+                module, hidden, features = cases[key]
+                times[key] += timed(lambda: step(module, hidden, features), repeats=1, warmup=0)
+            else:
+                times[key] += timed(parts[key], repeats=1, warmup=0)
+            print(key, f"{times[key][-1]:.2f} s", flush=True)
+        # Tiny steps: many short ones, cases alternating, one thread (thread hand-offs dominate there).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        for _ in range(10):
+            for key, fn in tiny.items():
+                tiny_times[key] += timed(fn, repeats=3, warmup=0)
+        torch.set_num_threads(threads)
+        for window in tiny_ratio:
+            tiny_ratio[window].append(statistics.median(tiny_times[window][-30:]) / statistics.median(tiny_times["off"][-30:]))
+
+    memory = {} if args.quick else {w: run_probe(f"step-{w}")["growth_mb"] for w in ("sliding", "all", "random")}
+    predictor_tokens = (FRAMES - 1) * TOKENS
+    gemm = gemm_peer(predictor_tokens, 3)
     llm = llm_flops(seq_len)
     vision = vision_flops()
-    tiny = tiny_comparison(args.repeats)
-    print(tiny, flush=True)
+
+    def full_step(r: int) -> float:  # round r's estimate of the real-width step without the module
+        return (QWEN2_05B["num_hidden_layers"] * times["llm_layer"][r] + SO400M["num_hidden_layers"]
+                * times["vision_layer"][r] + times["head"][r] * seq_len / HEAD_TOKENS)
+
+    step_s = [full_step(r) for r in range(rounds)]
+    step_ratio = {w: [1 + times[w][r] / step_s[r] for r in range(rounds)] for w in timed_windows}
+    per_layer = {w: [times[w][r] / times["llm_layer"][r] for r in range(rounds)] for w in timed_windows}
 
     encoders = {}
-    for mode in ("shared", "copy"):
-        tower = so400m(trainable=(mode == "copy"))
-        module = create_autoregressive_reconstruction_module(tower, HIDDEN, {**LLAVA_POOLING, "target_encoder": mode})
-        encoders[mode] = (*state_bytes(module), run_probe(f"create-{mode}"))
+    if not args.quick:
+        for mode in ("shared", "copy"):
+            tower = so400m(trainable=(mode == "copy"))
+            module = create_autoregressive_reconstruction_module(tower, HIDDEN,
+                                                                 {**LLAVA_POOLING, "target_encoder": mode})
+            encoders[mode] = (*state_bytes(module), run_probe(f"create-{mode}"))
     tower_params = sum(p.numel() for p in so400m().parameters())
-    load_end = os.getloadavg()[0]
+    load_end, minutes = os.getloadavg()[0], (time.perf_counter() - started) / 60
 
     lines = [
         "## Autoregressive reconstruction overhead (`benchmarks/autoregressive_overhead.py`)",
         "",
-        machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}; 1-minute load "
-        f"average {load_start:.1f} at the start, {load_end:.1f} at the end (other work on the machine slows "
-        "every timing here alike; the peer ratios hold better than absolute times).",
+        machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}. Command: "
+        f"`python benchmarks/autoregressive_overhead.py --rounds {rounds}{' --quick' if args.quick else ''}` "
+        f"({minutes:.0f} min). **Shared, loaded machine**: 1-minute load average {load_start:.1f} at the start, "
+        f"{load_end:.1f} at the end (2 cores, several users); times are medians (min-max) over {rounds} "
+        "interleaved round(s), and the ratios are taken within a round.",
         "",
         f"Module at LLM hidden {HIDDEN}, {FRAMES} frames x {TOKENS} tokens (SigLIP-so400m 27x27 grid, bilinear "
-        "stride 2), embedding 1152, batch 1, default predictor (3 layers, 8 heads, num_hist 3), frame-causal mask, "
-        "shared target encoder (features handed over). Time: forward+backward of `compute_autoregressive_loss`, "
-        f"median of {args.repeats} after one warm-up (min-max). FLOPs: `torch.utils.flop_counter.FlopCounterMode` "
-        "over the same step. Peak memory: peak resident set during one step (`VmHWM`, reset through "
-        "`/proc/self/clear_refs`) minus the resident set before it, in a fresh subprocess per case.",
+        "stride 2), embedding 1152, batch 1, default predictor (3 layers, 8 heads, num_hist 3), shared target "
+        "encoder (features handed over). `sliding`: one banded frame-causal pass (chunked attention, the CPU "
+        "default); `sliding_dense`: the same on one SDPA call with the dense banded mask (the kernel's peer); "
+        "`all`: every window of 4 frames; `random`: one window. FLOPs: `FlopCounterMode` with the CPU "
+        "flash-attention formula registered (attention counted as the kernel computes it: the chunked kernel "
+        "its blocks, a dense mask the full square).",
         "",
-        "| window | supervised targets | fwd+bwd (s) | min-max (s) | GFLOP | achieved GFLOP/s | peak RSS growth (MB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for window, median, lo, hi, flops, growth, targets in rows:
-        lines.append(f"| `{window}` | {targets} | {median:.2f} | {lo:.2f}-{hi:.2f} | {flops / 1e9:.0f} | "
-                     f"{flops / median / 1e9:.0f} | {growth:.0f} |")
-    all_row, random_row = rows
-    lines += [
-        "",
-        f"Peer in the same run: a {predictor_tokens} x 1152 x 1152 float32 GEMM (the predictor's token count) "
-        f"reaches {gemm:.0f} GFLOP/s, so the `all` step runs at {all_row[4] / all_row[1] / 1e9 / gemm:.0%} of "
-        f"plain-GEMM speed. `all` costs {all_row[1] / random_row[1]:.1f}x `random` in time "
-        f"({all_row[4] / random_row[4]:.1f}x in FLOPs): 13 windows, each frame predicted from up to 3 contexts.",
-        "",
-        "| compared with (FLOPs counted on the meta device) | GFLOP | AR `all` step / it | AR `random` step / it |",
-        "|---|---|---|---|",
-        f"| Qwen2-0.5B forward+backward, {seq_len} tokens | {llm / 1e9:.0f} | {all_row[4] / llm:.1%} | "
-        f"{random_row[4] / llm:.1%} |",
-        f"| SigLIP-so400m forward, {FRAMES} frames at 384 px (what `copy` mode adds per step) | {vision / 1e9:.0f} | "
-        f"{all_row[4] / vision:.1%} | {random_row[4] / vision:.1%} |",
-        "",
-        f"Tiny model (LLaVA-OneVision from the tiny test config: SigLIP 64/2 layers, Qwen2 64/2 layers), 2 videos x "
-        f"8 frames x 16 tokens, one thread: a full forward+backward step takes {tiny['model_s'] * 1e3:.1f} ms (median); the "
-        f"module at that shape (hidden 64, embedding 64, default predictor, `all`) takes "
-        f"{tiny['module_s'] * 1e3:.1f} ms "
-        f"({tiny['module_flops'] / 1e6:.0f} MFLOP), {tiny['module_s'] / tiny['model_s']:.0%} of the model step.",
-        "",
-        f"Target encoder, SigLIP-so400m tower ({tower_params / 1e6:.1f} M parameters; parameter counts and "
-        "state-dict bytes from the module itself, RSS growth measured when creating the module next to a "
-        "resident float32 tower):",
-        "",
-        "| target_encoder | registered params (M) | trainable params (M) | state-dict MB (fp32) | "
-        "same in bf16 (MB) | measured RSS growth at creation (MB) |",
+        "| window | supervised target tokens | fwd+bwd (s) | GFLOP | achieved GFLOP/s | peak RSS growth (MB) |",
         "|---|---|---|---|---|---|",
     ]
-    for mode, (params, trainable, size, probe_result) in encoders.items():
-        lines.append(f"| `{mode}` | {params / 1e6:.1f} | {trainable / 1e6:.1f} | {size / 2**20:.0f} | "
-                     f"{size / 2 / 2**20:.0f} | {probe_result['growth_mb']:.0f} |")
-    shared, copy_ = encoders["shared"], encoders["copy"]
+    for window in WINDOWS:
+        mem = f"{memory[window]:.0f}" if window in memory else "-"
+        if window in times:
+            med = statistics.median(times[window])
+            lines.append(f"| `{window}` | {targets[window]} | {_med(times[window])} | {flops[window] / 1e9:.0f} | "
+                         f"{flops[window] / med / 1e9:.0f} | {mem} |")
+        else:
+            lines.append(f"| `{window}` | {targets[window]} | not timed (--quick) | {flops[window] / 1e9:.0f} "
+                         f"(formula) | - | {mem} |")
+    sl, al = "sliding", "all"
     lines += [
         "",
-        f"`copy` adds {(copy_[2] - shared[2]) / 2**20:.0f} MB of weights (= {tower_params / 1e6:.1f} M x 4 bytes; "
-        f"half in bf16), saved in every checkpoint, and one vision forward per step ({vision / 1e9:.0f} GFLOP); "
-        "`shared` adds neither. Neither mode adds trainable parameters beyond the predictor.",
+        f"Peer in the same run: a {predictor_tokens} x 1152 x 1152 float32 GEMM (the one pass's token count) "
+        f"reaches {gemm:.0f} GFLOP/s. The one pass costs {flops[sl] / flops[al]:.2f}x `all` in FLOPs"
+        + (f" and {_ratio([times[sl][r] / times[al][r] for r in range(rounds)])} in time" if al in times else "")
+        + f", supervising every frame once ({targets[sl]} target tokens) where `all` predicts most frames 3 "
+        f"times ({targets[al]})"
+        + (f"; chunked attention vs the dense mask: "
+           f"{_ratio([times[sl][r] / times['sliding_dense'][r] for r in range(rounds)])} in time"
+           if "sliding_dense" in times else "") + ".",
+        "",
+        "| compared with (FLOPs counted on the meta device, attention included) | GFLOP | AR `sliding` / it "
+        "| AR `all` / it | AR `random` / it |",
+        "|---|---|---|---|---|",
+        f"| Qwen2-0.5B forward+backward, {seq_len} tokens | {llm / 1e9:.0f} | {flops[sl] / llm:.1%} | "
+        f"{flops[al] / llm:.1%} | {flops['random'] / llm:.1%} |",
+        f"| SigLIP-so400m forward, {FRAMES} frames at 384 px | {vision / 1e9:.0f} | {flops[sl] / vision:.1%} | "
+        f"{flops[al] / vision:.1%} | {flops['random'] / vision:.1%} |",
+        f"| the whole step: both (frozen tower, forward only) | {(llm + vision) / 1e9:.0f} | "
+        f"{flops[sl] / (llm + vision):.1%} | {flops[al] / (llm + vision):.1%} | "
+        f"{flops['random'] / (llm + vision):.1%} |",
+        "",
+        "Measured step time at real widths, layers cut for the CPU (same rounds): one Qwen2-0.5B decoder layer "
+        f"forward+backward on {seq_len} tokens {_med(times['llm_layer'])} s, one SigLIP-so400m layer forward on "
+        f"{FRAMES} frames {_med(times['vision_layer'])} s, LM head + loss forward+backward on {HEAD_TOKENS} "
+        f"tokens {_med(times['head'])} s (scaled x{seq_len / HEAD_TOKENS:.1f} to the sequence). Estimated full "
+        f"step (24 + 27 layers + head): {_med(step_s)} s.",
+        "",
+        "| window | module time / one LLM layer | step with the module / without (estimated full step) |",
+        "|---|---|---|",
     ]
+    for window in timed_windows:
+        lines.append(f"| `{window}` | {_ratio(per_layer[window])} | {_ratio(step_ratio[window])} |")
+    lines += [
+        "",
+        "Tiny CPU size (the engine's tiny model, the `cpu` size of `benchmarks/train_throughput.py`: 2 videos x "
+        "8 frames at 64 px, predictor 1 layer, one thread), forward+backward through the model, steps "
+        f"alternating: module off {statistics.median(tiny_times['off']) * 1e3:.1f} ms, `all` "
+        f"{statistics.median(tiny_times['all']) * 1e3:.1f} ms, `sliding` "
+        f"{statistics.median(tiny_times['sliding']) * 1e3:.1f} ms (medians of {len(tiny_times['off'])} steps); "
+        f"AR step / SFT step: `all` {_ratio(tiny_ratio['all'])}, `sliding` {_ratio(tiny_ratio['sliding'])} "
+        "(per-round medians).",
+    ]
+    if encoders:
+        lines += [
+            "",
+            f"Target encoder, SigLIP-so400m tower ({tower_params / 1e6:.1f} M parameters; parameter counts and "
+            "state-dict bytes from the module itself, RSS growth measured when creating the module next to a "
+            "resident float32 tower):",
+            "",
+            "| target_encoder | registered params (M) | trainable params (M) | state-dict MB (fp32) | "
+            "same in bf16 (MB) | measured RSS growth at creation (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode, (params, trainable, size, probe_result) in encoders.items():
+            lines.append(f"| `{mode}` | {params / 1e6:.1f} | {trainable / 1e6:.1f} | {size / 2**20:.0f} | "
+                         f"{size / 2 / 2**20:.0f} | {probe_result['growth_mb']:.0f} |")
+        shared, copy_ = encoders["shared"], encoders["copy"]
+        lines += [
+            "",
+            f"`copy` adds {(copy_[2] - shared[2]) / 2**20:.0f} MB of weights (= {tower_params / 1e6:.1f} M x 4 "
+            f"bytes; half in bf16), saved in every checkpoint, and one vision forward per step "
+            f"({vision / 1e9:.0f} GFLOP); `shared` adds neither. Neither mode adds trainable parameters beyond "
+            "the predictor.",
+        ]
     markdown = "\n".join(lines)
     print(markdown)
     if not args.no_write:

@@ -24,7 +24,7 @@ def test_defaults_are_the_guides_and_design_keys_exist():
     for key, type_ in {k: type(v) for k, v in GUIDE_DEFAULTS.items()}.items():
         assert type(got[key]) is type_, key
     assert (cfg.target_encoder, cfg.window, cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == \
-        ("auto", "all", -1, "full")
+        ("auto", "sliding", -1, "full")
 
 
 def test_round_trip_and_int_for_float():

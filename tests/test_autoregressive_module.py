@@ -45,7 +45,7 @@ def tiny_tower(frozen: bool = False, seed: int = 0) -> SiglipVisionModel:
 
 
 def make_module(tower=None, hidden: int = 32, seed: int = 0, **overrides) -> AutoregressiveReconstructionModule:
-    config = {"embedding_dim": WIDTH, "num_heads": 4, "num_layers": 2, "num_hist": 3, **overrides}
+    config = {"embedding_dim": WIDTH, "num_heads": 4, "num_layers": 2, "num_hist": 3, "window": "all", **overrides}
     torch.manual_seed(seed)
     module = create_autoregressive_reconstruction_module(tower if tower is not None else tiny_tower(frozen=True),
                                                          hidden, config)

@@ -102,7 +102,8 @@ def test_offsets_agree_with_the_training_loss(causal):
     the video cut after frame k: the LLM is causal, so the earlier frames' hidden states are the same."""
     torch.manual_seed(0)
     model = build_model({"enable_autoregressive": True, "autoregressive_config": {
-        "num_hist": 3, "num_heads": 4, "num_layers": 1, "use_frame_causal_mask": causal}}).eval()
+        "num_hist": 3, "num_heads": 4, "num_layers": 1, "use_frame_causal_mask": causal,
+        "window": "sliding" if causal else "all"}}).eval()
     batch = video_batch(model, [4, 4, 4])
     with torch.no_grad():
         parts = model(**batch).loss_components

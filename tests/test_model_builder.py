@@ -64,7 +64,7 @@ def test_autoregressive_loss_components_and_shared_features() -> None:
     torch.manual_seed(1)
     model = build_model({"enable_autoregressive": True,
                          "autoregressive_config": {**AR_SMALL, "use_fast_slow_frames": True, "num_fast": 3,
-                                                   "num_slow": 2, "slow_stride": 2}})
+                                                   "num_slow": 2, "slow_stride": 2, "window": "all"}})
     batch = video_batch(model, [4, 3], max_frames=4)
     calls = []
     hook = model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))

@@ -25,11 +25,16 @@ def test_flops_of_tiny_config_equal_hand_computation() -> None:
     trainable = ModelFlops.from_config(tiny_llava_config(), tower_trainable=True)
     assert trainable.vision_per_frame() == 3 * (9961472 + 2097152) + 3145728
     # AR predictor dim 64, 1 layer, mlp 4: input_proj 64*64 + block 4*64^2 + 2*64*256 = 53248;
-    # num_hist 3 x 16 pooled tokens per window, 8 frames -> 5 windows.
+    # input_proj on 8 frames x 16 pooled tokens; window "all": 5 windows of 3 x 16 tokens, full attention
+    # 4 * 48^2 * 64 forward per window (x3 with backward).
     ar = ModelFlops.from_config(tiny_llava_config(), autoregressive={"embedding_dim": 64, "num_layers": 1,
-                                                                      "num_hist": 3})
+                                                                      "num_hist": 3, "window": "all"})
     assert ar.predictor_params == 4096 + 16384 + 32768
-    assert ar.predictor_per_video(8) == 6 * 53248 * 48 * 5
+    assert ar.predictor_per_video(8) == 6 * (4096 * 128 + 49152 * 48 * 5) + 3 * 5 * 4 * 48 ** 2 * 64
+    # "sliding": one pass over 7 frames (112 tokens: too short for chunked attention, one dense call).
+    sliding = ModelFlops.from_config(tiny_llava_config(), autoregressive={"embedding_dim": 64, "num_layers": 1,
+                                                                           "num_hist": 3, "window": "sliding"})
+    assert sliding.predictor_per_video(8) == 6 * (4096 * 128 + 49152 * 112) + 3 * 4 * 112 ** 2 * 64
     mask = torch.tensor([[1] * 100, [1] * 60 + [0] * 40])
     expected = 100 * flops.llm_per_token(100) + 60 * flops.llm_per_token(60) + 8 * flops.vision_per_frame()
     assert flops.batch_flops(mask.sum(-1).tolist(), torch.tensor([8, 0])) == expected

@@ -16,7 +16,7 @@ from lmms_engine.utils.config import ConfigError, coerce, from_mapping
 from lmms_engine.video.pooling import POOL_MODES, check_pool_args
 
 TargetEncoderMode = Literal["auto", "shared", "copy"]
-WindowMode = Literal["all", "random"]
+WindowMode = Literal["sliding", "all", "random"]
 FeatureSelectStrategy = Literal["default", "full"]
 
 
@@ -48,8 +48,10 @@ class AutoregressiveConfig:
             frozen snapshot of the tower, for a tower that trains), ``auto`` (shared when every tower
             parameter is frozen at creation, else copy).
         dropout: attention/residual dropout of the predictor. mlp_ratio: MLP width / embedding_dim.
-        window: ``all`` trains on every window of ``num_hist + 1`` frames (unfold), ``random`` on one
-            random window per sample.
+        window: ``sliding`` (default) runs the predictor once over each video, every frame ``t >= 1``
+            predicted from frames ``max(0, t - num_hist) .. t - 1`` through a banded frame-causal mask
+            (every frame supervised once; needs ``use_frame_causal_mask``); ``all`` trains on every
+            window of ``num_hist + 1`` frames (unfold), ``random`` on one random window per sample.
         vision_feature_layer, vision_feature_select_strategy: where targets are read from the tower
             (``hidden_states[vision_feature_layer]``, a list of layers concatenated as the model reads
             them; ``default`` drops the first token, ``full`` keeps all); the model sets them from its
@@ -74,7 +76,7 @@ class AutoregressiveConfig:
     target_encoder: TargetEncoderMode = "auto"
     dropout: float = 0.0
     mlp_ratio: float = 4.0
-    window: WindowMode = "all"
+    window: WindowMode = "sliding"
     vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: FeatureSelectStrategy = "full"
 
@@ -93,6 +95,10 @@ class AutoregressiveConfig:
                              f"({self.num_heads})")
         if not math.isfinite(self.loss_weight) or self.loss_weight < 0:
             raise ValueError(f"loss_weight must be a finite number >= 0, got {self.loss_weight}")
+        if self.window == "sliding" and not self.use_frame_causal_mask:
+            raise ValueError("window: sliding (the default) predicts every frame in one pass, which needs "
+                             "use_frame_causal_mask: true (without the mask a position would see the frame it "
+                             "predicts); set window: all or random to train with full attention inside windows")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:

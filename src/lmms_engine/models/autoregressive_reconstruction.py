@@ -18,6 +18,11 @@ Shapes and conventions
 - Faster video (``layout.fast`` set): slow frames' hidden states are pooled down to the fast grid with
   the layout's pool mode (pooling by ``s`` then by 2 gives the same side as pooling by ``2s``) and every
   frame's targets are pooled at the fast stride: the predictor sees one uniform grid.
+- One pass (``window="sliding"``, the default): the predictor runs once over each video's frames
+  ``0..T-2``; position ``t`` attends frames ``t-num_hist+1..t`` (banded frame-causal mask; deeper
+  layers reach further back through earlier positions, never forward) and predicts frame ``t+1``, so
+  every frame ``1..T-1`` is a target exactly once. Frames count while present from frame 0 on
+  (truncation cuts a video's end).
 - Windows of ``num_hist + 1`` frames (teacher forcing): inputs frames ``i..i+num_hist-1``, targets
   ``i+1..i+num_hist``. A window is used only when all its frames are present. With the frame-causal
   mask every position is supervised; without it only the last position (which never sees its target).
@@ -41,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
+from lmms_engine.models.frame_attention import apply_rotary, banded_attention, rotary_tables
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
 from lmms_engine.models.loss_terms import LossTerm, autoregressive_mean
 from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
@@ -96,7 +102,8 @@ class PreparedFrames:
 
 
 class PredictorBlock(nn.Module):
-    """Pre-norm transformer block whose attention takes a boolean mask (True = attend)."""
+    """Pre-norm transformer block whose attention takes a boolean mask (True = attend), or a banded
+    frame-causal attention with rotary temporal positions (the one-pass predictor)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -110,32 +117,64 @@ class PredictorBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """``x`` ``[N, L, dim]``; ``attn_mask`` bool ``[L, L]`` or None (full attention)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                band: BandedAttention | None = None) -> torch.Tensor:
+        """``x`` ``[N, L, dim]``; ``attn_mask`` bool ``[L, L]`` or None (full attention); ``band``: the
+        one-pass predictor's banded attention (``attn_mask`` unused then)."""
         n, length, dim = x.shape
         qkv = self.qkv(self.norm1(x)).view(n, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if band is None:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        else:
+            attn = band(q, k, v, dropout)
         x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(n, length, dim)))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class BandedAttention:
+    """The one-pass predictor's attention: banded frame-causal (``band`` frames), rotary positions."""
+
+    tokens_per_frame: int
+    band: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    backend: str
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+        return banded_attention(q, k, v, tokens_per_frame=self.tokens_per_frame, band=self.band,
+                                backend=self.backend, dropout_p=dropout)
 
 
 class FramePredictor(nn.Module):
     """DINO-WM-style predictor: Linear(hidden -> embedding), pre-norm blocks, final LayerNorm.
 
-    Position embeddings are learned per (frame-in-window, token) on the tower's full patch grid
-    ``[num_hist, patch_side**2, embedding_dim]`` and pooled like the tokens when the grid is pooled,
-    so one table serves every pooling stride.
+    Window modes (``all``, ``random``): position embeddings are learned per (frame-in-window, token)
+    on the tower's full patch grid ``[num_hist, patch_side**2, embedding_dim]`` and pooled like the
+    tokens when the grid is pooled, so one table serves every pooling stride.
+
+    One pass (``sliding``): the table holds one frame (``[1, patch_side**2, embedding_dim]``: where a
+    token sits in its frame); which frame it is comes from rotary embeddings of the frame index inside
+    attention, so a score depends only on how many frames apart query and key are, never on where the
+    sequence starts. Attention is banded frame-causal over ``num_hist`` frames
+    (:mod:`lmms_engine.models.frame_attention`; ``attention_backend`` picks the kernel, ``auto`` by
+    device).
     """
 
     def __init__(self, hidden_size: int, config: AutoregressiveConfig, patch_side: int) -> None:
         super().__init__()
         dim = config.embedding_dim
         self.patch_side = patch_side
+        self.sliding = config.window == "sliding"
+        self.num_hist = config.num_hist
+        self.num_heads = config.num_heads
+        self.attention_backend = "auto"
         self.input_proj = nn.Linear(hidden_size, dim)
-        self.pos_embed = nn.Parameter(torch.zeros(config.num_hist, patch_side * patch_side, dim))
+        table_frames = 1 if self.sliding else config.num_hist
+        self.pos_embed = nn.Parameter(torch.zeros(table_frames, patch_side * patch_side, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(
             PredictorBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
@@ -147,7 +186,7 @@ class FramePredictor(nn.Module):
                            grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``[num_frames, P', dim]`` for frames pooled with ``pool_stride`` / ``pool_mode``, or, with
         ``grid = (h, w)`` (towers of variable frame size, e.g. Qwen-VL), the table resized bilinearly
-        to ``h x w`` (``P' = h * w``)."""
+        to ``h x w`` (``P' = h * w``). One pass: ``[1, P', dim]``, the same for every frame."""
         table = self.pos_embed[:num_frames]
         if grid is None:
             return spatial_pool(table, pool_stride, pool_mode)
@@ -161,26 +200,36 @@ class FramePredictor(nn.Module):
         """Predict the next frame's embeddings for every input frame.
 
         Args:
-            tokens: ``[N, F, P', dim]`` projected hidden states (``input_proj`` output) of ``F`` frames.
+            tokens: ``[N, F, P', dim]`` projected hidden states (``input_proj`` output) of ``F`` frames
+                (``F <= num_hist`` in the window modes; any ``F`` in one pass).
             pool_stride, pool_mode: how the ``P'`` grid was pooled from the tower's full grid.
-            causal: frame-causal mask (True) or full attention (False).
+            causal: frame-causal mask (True) or full attention (False); the one-pass predictor is
+                always causal.
             grid: ``(h, w)`` of the ``P' = h * w`` tokens for frames of any size (see ``position_embedding``).
 
         Returns:
             ``[N, F, P', dim]``; position ``f`` predicts frame ``f + 1``.
         """
         n, frames, patches, dim = tokens.shape
-        if not 1 <= frames <= self.pos_embed.shape[0]:
+        if not self.sliding and not 1 <= frames <= self.pos_embed.shape[0]:
             raise ValueError(f"predictor takes 1..num_hist = {self.pos_embed.shape[0]} frames, got {frames}")
-        pos = self.position_embedding(frames, pool_stride, pool_mode, grid)
+        if frames < 1:
+            raise ValueError("predictor got no frames")
+        pos = self.position_embedding(1 if self.sliding else frames, pool_stride, pool_mode, grid)
         if pos.shape[1] != patches:
             raise ValueError(f"predictor got {patches} tokens per frame, but pooling the tower's "
                              f"{self.patch_side}x{self.patch_side} grid with {pool_mode} stride {pool_stride} "
                              f"gives {pos.shape[1]}")
         x = (tokens + pos.to(tokens.dtype)).reshape(n, frames * patches, dim)
-        mask = frame_causal_mask(frames, patches, device=x.device) if causal else None
+        band = mask = None
+        if self.sliding:
+            frame_of_token = torch.arange(frames, device=x.device).repeat_interleave(patches)
+            cos, sin = rotary_tables(frame_of_token, dim // self.num_heads, x.dtype)
+            band = BandedAttention(patches, self.num_hist, cos, sin, self.attention_backend)
+        elif causal:
+            mask = frame_causal_mask(frames, patches, device=x.device)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, band)
         return self.norm(x).view(n, frames, patches, dim)
 
 
@@ -662,6 +711,9 @@ class AutoregressiveReconstructionModule(nn.Module):
         counts = {}
         for name, idx in self._stream_frames(max(max_frames, 1), torch.device("cpu")):
             valid = idx[None, :] < frames[:, None]
+            if self.config.window == "sliding":  # every present frame after the first, once
+                counts[name] = int((valid.long().cumprod(1).sum(1) - 1).clamp(min=0).sum()) * tokens_per_frame
+                continue
             total = 0
             for starts, length in self._window_candidates(valid, warn=False):
                 windows = min(len(starts), 1) if self.config.window == "random" else len(starts)
@@ -671,6 +723,8 @@ class AutoregressiveReconstructionModule(nn.Module):
 
     def _stream_sums(self, tokens, targets, valid, stride: int, mode: str, grid: tuple[int, int] | None = None):
         """(squared error sum, copy-last squared error sum, supervised tokens) of one frame sequence."""
+        if self.config.window == "sliding":
+            return self._sliding_sums(tokens, targets, valid, stride, mode, grid)
         causal = self.config.use_frame_causal_mask
         sq = base = None
         count = 0
@@ -689,6 +743,24 @@ class AutoregressiveReconstructionModule(nn.Module):
             base = base_err if base is None else base + base_err
             count += pred.shape[0] * pred.shape[1] * pred.shape[2]
         return sq, base, count
+
+    def _sliding_sums(self, tokens, targets, valid, stride: int, mode: str, grid: tuple[int, int] | None = None):
+        """One banded frame-causal pass over each sample's frames: position ``t`` predicts frame ``t + 1``
+        and is supervised when frames ``0 .. t + 1`` are all present (frames are present as a prefix:
+        truncation cuts a video's end), so every frame ``t >= 1`` of that prefix is a target once."""
+        lead = valid.long().cumprod(1).sum(1)  # [B] leading present frames
+        supervised = torch.arange(valid.shape[1] - 1, device=valid.device)[None, :] + 1 < lead[:, None]
+        if valid.shape[1] < 2 or not supervised.any():
+            return None, None, 0
+        rows = supervised.any(1).nonzero().flatten()
+        last = int(lead[rows].max())  # frames the longest sample supplies; later ones are padding
+        pred = self.predictor(tokens[rows, :last - 1], pool_stride=stride, pool_mode=mode, causal=True, grid=grid)
+        keep = supervised[rows, :last - 1]
+        target, previous = targets[rows, 1:last][keep], targets[rows, :last - 1][keep]
+        pred = pred[keep]
+        err = (pred.float() - target).pow(2).sum()
+        base_err = (previous - target).pow(2).sum()
+        return err, base_err, pred.shape[0] * pred.shape[1]
 
     def _combine(self, results: dict, return_output: bool):
         """Per-stream :class:`LossTerm` s (squared error per target token, mean over the embedding, summed

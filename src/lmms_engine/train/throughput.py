@@ -14,9 +14,12 @@ activations, pooling and the softmax are left out; embedding lookups are free):
   tower: nothing below it needs a gradient, so forward only).
 
 Activation recomputation (gradient checkpointing) is not counted, as usual for MFU.
-- **Autoregressive predictor** (when configured): ``6 x N_pred`` per predictor token, with
-  ``N_pred`` = ``input_proj`` + blocks, over ``num_hist x P'`` tokens per window and
-  ``T - num_hist`` windows per video (``window="all"``) or 1 (``"random"``); its attention is left out.
+- **Autoregressive predictor** (when configured): ``input_proj`` (``6 x hidden x dim``) on every
+  frame's ``P'`` tokens, the blocks' weights ``6 x N_blocks`` per token they run on, and their
+  attention ``12 x Lq x Lk x dim`` per layer (the LLM's convention) over the blocks the kernel computes:
+  ``window="sliding"``: one pass over ``T - 1`` frames, chunked banded attention
+  (:func:`lmms_engine.models.frame_attention.attention_flops`); ``"all"``: ``T - num_hist`` windows of
+  ``num_hist`` frames, full attention inside each; ``"random"``: one window.
 
 :class:`ThroughputCallback` logs, at every logging step, ``tokens_per_second_per_device``,
 ``samples_per_second`` (local rate x world size), ``vision_tokens_per_sample`` and ``mfu`` (when a
@@ -68,7 +71,8 @@ class ModelFlops:
         tower_trainable: whether the tower gets a backward (3x its forward) or not (1x).
         projector_params, projector_trainable: the multimodal projector.
         predictor_params: autoregressive predictor matmul weights (0 = no autoregressive loss).
-        predictor_tokens_per_window: ``num_hist x P'``. ar_num_hist, ar_window: window settings.
+        ar_input_params: of those, ``input_proj``'s (run on every frame); ar_dim, ar_layers: width and
+            blocks of the predictor; ar_frame_tokens: ``P'``. ar_num_hist, ar_window: window settings.
     """
 
     llm_params: int
@@ -82,7 +86,10 @@ class ModelFlops:
     projector_params: int = 0
     projector_trainable: bool = True
     predictor_params: int = 0
-    predictor_tokens_per_window: int = 0
+    ar_input_params: int = 0
+    ar_dim: int = 0
+    ar_layers: int = 0
+    ar_frame_tokens: int = 0
     ar_num_hist: int = AutoregressiveConfig.num_hist
     ar_window: str = AutoregressiveConfig.window
 
@@ -116,22 +123,22 @@ class ModelFlops:
         projector = d * h + h * h
 
         defaults = AutoregressiveConfig()
-        predictor, window_tokens, num_hist, window = 0, 0, defaults.num_hist, defaults.window
+        predictor = dim = ar_layers = frame_tokens = 0
+        num_hist, window = defaults.num_hist, defaults.window
         if autoregressive is not None:
             ar = {**defaults.to_dict(), "embedding_dim": d, **autoregressive}  # embedding_dim: the tower's width
             dim = int(ar["embedding_dim"])
             mlp = int(dim * float(ar["mlp_ratio"]))
-            blocks = int(ar["num_layers"]) * (4 * dim * dim + 2 * dim * mlp)
-            predictor = h * dim + blocks
+            ar_layers = int(ar["num_layers"])
+            predictor = h * dim + ar_layers * (4 * dim * dim + 2 * dim * mlp)
             num_hist = int(ar["num_hist"])
             window = str(ar["window"])
             frame_tokens = ar_tokens_per_frame if ar_tokens_per_frame is not None else (-(-side // 2)) ** 2
-            window_tokens = num_hist * frame_tokens
         return cls(llm_params=llm, llm_layers=layers, llm_hidden=h, tower_params=tower, tower_layers=used,
                    tower_width=d, patches=side * side, tower_trainable=tower_trainable,
                    projector_params=projector, projector_trainable=projector_trainable,
-                   predictor_params=predictor, predictor_tokens_per_window=window_tokens,
-                   ar_num_hist=num_hist, ar_window=window)
+                   predictor_params=predictor, ar_input_params=h * dim if predictor else 0, ar_dim=dim,
+                   ar_layers=ar_layers, ar_frame_tokens=frame_tokens, ar_num_hist=num_hist, ar_window=window)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelFlops":
@@ -165,10 +172,25 @@ class ModelFlops:
 
     def predictor_per_video(self, num_frames: int) -> float:
         """Autoregressive predictor forward+backward FLOPs of one video of ``num_frames`` frames."""
+        return sum(self.predictor_parts(num_frames))
+
+    def predictor_parts(self, num_frames: int) -> tuple[float, float]:
+        """(weight matmuls, attention) forward+backward FLOPs of the predictor on one video."""
+        from lmms_engine.models.frame_attention import attention_flops
+
         if self.predictor_params == 0 or num_frames < 2:
-            return 0.0
-        windows = 1 if self.ar_window == "random" else max(num_frames - self.ar_num_hist, 1)
-        return 6.0 * self.predictor_params * self.predictor_tokens_per_window * windows
+            return 0.0, 0.0
+        per, blocks = self.ar_frame_tokens, self.predictor_params - self.ar_input_params
+        if self.ar_window == "sliding":
+            run_tokens = (num_frames - 1) * per
+            attention = attention_flops(num_frames - 1, per, self.ar_num_hist, self.ar_dim)[0]
+        else:
+            frames = min(self.ar_num_hist, num_frames - 1)  # a short video: one window of its frames
+            windows = 1 if self.ar_window == "random" else max(num_frames - self.ar_num_hist, 1)
+            run_tokens = windows * frames * per
+            attention = windows * attention_flops(frames, per, None, self.ar_dim)[0]
+        matmuls = 6.0 * (self.ar_input_params * num_frames * per + blocks * run_tokens)
+        return matmuls, 3.0 * self.ar_layers * attention
 
     def batch_flops(self, sequence_lengths: Sequence[int], video_num_frames: torch.Tensor | None = None) -> float:
         """FLOPs of one micro-batch: the token count of each sample (attention is per sample, also in
@@ -184,7 +206,8 @@ class ModelFlops:
         return (f"LLM 6x{self.llm_params / 1e6:.1f}M params/token + attention 12*L*h*seq; vision tower "
                 f"{'fwd+bwd' if self.tower_trainable else 'forward only (frozen)'} 2x{self.tower_params / 1e6:.1f}M"
                 f" x {self.patches} patches/frame + attention; projector {self.projector_params / 1e6:.2f}M; "
-                f"AR predictor {self.predictor_params / 1e6:.2f}M x {self.predictor_tokens_per_window} tokens/window")
+                f"AR predictor ({self.ar_window}) {self.predictor_params / 1e6:.2f}M x {self.ar_frame_tokens} "
+                f"tokens/frame + attention")
 
 
 def sample_lengths(inputs: Mapping[str, Any], pad_token_id: int | None = None) -> list[int]:

@@ -47,10 +47,16 @@ def register_cpu_attention_flops() -> None:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of running ``fn()`` (forward and, if ``fn`` calls it, backward), CPU attention included."""
+    return sum(flops_by_op(fn).values())
+
+
+def flops_by_op(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of running ``fn()`` per operator (e.g. ``aten.mm``,
+    ``aten._scaled_dot_product_flash_attention_for_cpu``), CPU attention included."""
     register_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
 
-__all__ = ["count_flops", "register_cpu_attention_flops"]
+__all__ = ["count_flops", "flops_by_op", "register_cpu_attention_flops"]

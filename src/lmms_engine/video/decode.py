@@ -28,8 +28,9 @@ How a read works (``read_video``):
    preallocated output, so the result is the same frame for frame whatever the split; memory grows by
    one decoder (its reference frames) per context, and contexts never outnumber the thread budget.
    The budget (``num_threads``; 0 = ``decode_thread_budget()``: the process's cores, shared out among
-   DataLoader workers) buys contexts first, and FFmpeg frame/slice threads inside them with what is
-   left (all of it when one interval holds every target).
+   DataLoader workers) buys contexts first, then FFmpeg frame/slice threads inside them (FFmpeg's own
+   count when one context has every core), and a context with two or more converts its frames in a
+   thread beside the decoder.
 
 Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
 in output order; a decoding error there ends the read (later frames could not be told apart).
@@ -951,7 +952,7 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
     )
 
 
-# With two threads or more, a context converts in a thread of its own (one fewer for FFmpeg).
+# With two threads or more, a context converts in a thread of its own beside FFmpeg's.
 PIPELINE_CONVERSION = True
 
 
@@ -961,11 +962,15 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
     """Decode ``groups`` in one decoder context with ``threads`` threads; return the slots filled.
 
     With 2 threads or more the kept frames are converted in a thread of their own while FFmpeg decodes
-    with the others: after non-reference frames are skipped the decode is a serial chain that FFmpeg's
-    frame threads barely shorten, while conversion overlaps it fully.
+    with ``threads`` threads (FFmpeg's own choice when this context has every core): after
+    non-reference frames are skipped the decode is a serial chain that frame threads only partly
+    shorten, while conversion overlaps it fully.
     """
     pipelined = PIPELINE_CONVERSION and threads >= 2
-    stream.codec_context.thread_count = threads - 1 if pipelined else threads
+    # One context holding every core lets FFmpeg pick its thread count (one per core, plus one); the
+    # converter thread mostly waits on the decoder, so it is not counted against the share.
+    whole_machine = threads >= _available_cores()
+    stream.codec_context.thread_count = 0 if whole_machine else threads
     sink = _PipelinedConverter(convert) if pipelined else convert
     try:
         done = _Reader(path, container, stream, table, cancel).read(slot_of, sink, groups)
