@@ -30,10 +30,14 @@ PER_STEP = BATCH * ACCUMULATION
 def _trainer(data_dir, out, data_path, **args):
     """A fresh (seeded) trainer on ``data_path``, as a new process would build it."""
     model, dataset, collator = build_parts(data_dir, data_path=data_path)
-    return AutoregressiveTrainer(
+    trainer = AutoregressiveTrainer(
         model=model, train_dataset=dataset, data_collator=collator, processing_class=tiny_tokenizer(),
         args=training_args(out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                            dataloader_num_workers=0, save_strategy="steps", **args))
+    # Before the spy: the predictor's calibration reads the first samples once, before any step (a
+    # fresh run's train() would do it; a resumed run restores it from the checkpoint instead).
+    trainer.calibrate_autoregressive_targets()
+    return trainer
 
 
 def _train(trainer, **kwargs) -> list[tuple[int, str | None]]:

@@ -162,6 +162,15 @@ class FramePredictor(nn.Module):
     sequence starts. Attention is banded frame-causal over ``num_hist`` frames
     (:mod:`lmms_engine.models.frame_attention`; ``attention_backend`` picks the kernel, ``auto`` by
     device).
+
+    The output is ``target_mean + target_std * norm(x)``: two buffers ``[embedding_dim]`` (0 and 1, an
+    identity, until :meth:`calibrate` sets them from target features; ``calibrated`` records that).
+    Why: DINO-WM's targets are LayerNorm outputs, which a final LayerNorm matches, but a vision
+    tower's hidden states are not normalised. The tiny SigLIP's per-channel means span -3.4..2.8
+    while each channel varies by 0.2-0.5; the LayerNorm's bias, the only parameter that can carry
+    that offset, moves about ``lr`` per Adam step, so at lr 2e-3 it travels ~0.4 in 400 steps and
+    the predictor ended above the best constant prediction. With the statistics as a fixed output
+    affine it starts at the targets' scale and learns only what varies.
     """
 
     def __init__(self, hidden_size: int, config: AutoregressiveConfig, patch_side: int) -> None:
@@ -181,6 +190,21 @@ class FramePredictor(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(dim)
+        self.register_buffer("target_mean", torch.zeros(dim))
+        self.register_buffer("target_std", torch.ones(dim))
+        # A float flag (1 = calibrated): the predictor's tensors are all float32, even in a bf16 model.
+        self.register_buffer("calibrated", torch.zeros(()))
+
+    @torch.no_grad()
+    def calibrate(self, targets: torch.Tensor) -> None:
+        """Set the output affine to the per-channel mean and standard deviation of ``targets``
+        ``[..., embedding_dim]`` (e.g. the target features of the first training videos)."""
+        flat = targets.detach().reshape(-1, targets.shape[-1]).float()
+        if flat.shape[0] < 2:
+            raise ValueError(f"calibration needs at least 2 target vectors, got {flat.shape[0]}")
+        self.target_mean.copy_(flat.mean(0))
+        self.target_std.copy_(flat.std(0).clamp(min=1e-6))
+        self.calibrated.fill_(1.0)
 
     def position_embedding(self, num_frames: int, pool_stride: int, pool_mode: str,
                            grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -230,7 +254,8 @@ class FramePredictor(nn.Module):
             mask = frame_causal_mask(frames, patches, device=x.device)
         for block in self.blocks:
             x = block(x, mask, band)
-        return self.norm(x).view(n, frames, patches, dim)
+        out = self.target_mean.to(x.dtype) + self.target_std.to(x.dtype) * self.norm(x)
+        return out.view(n, frames, patches, dim)
 
 
 #: Side of the predictor's position table for towers of variable frame size (Qwen-VL): resized to each
@@ -390,6 +415,21 @@ class AutoregressiveReconstructionModule(nn.Module):
                                 self.config.vision_feature_select_strategy)
         out[used] = self._check_features(feats, "the target encoder's features")
         return out
+
+    @torch.no_grad()
+    def calibrate_targets(self, video_frames: torch.Tensor, frames_used: torch.Tensor | None = None, *,
+                          pool_stride: int = 1, pool_mode: str = "average") -> int:
+        """Set the predictor's output affine (:meth:`FramePredictor.calibrate`) from the target features
+        of ``video_frames`` ``[B, T, 3, H, W]`` (frames marked in ``frames_used`` ``[B, T]``), pooled as the
+        predictor sees them; return how many frames were used (0: nothing changed)."""
+        b, t = video_frames.shape[:2]
+        used = torch.ones(b, t, dtype=torch.bool, device=video_frames.device) if frames_used is None \
+            else frames_used.to(video_frames.device).bool()
+        if not used.any():
+            return 0
+        feats = spatial_pool(self.encode_targets(video_frames, used).float(), pool_stride, pool_mode)
+        self.predictor.calibrate(feats[used])
+        return int(used.sum())
 
     def predict(self, frame_hidden: torch.Tensor, *, pool_stride: int | None = None,
                 pool_mode: str | None = None) -> torch.Tensor:

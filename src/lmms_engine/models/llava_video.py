@@ -221,6 +221,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         super()._init_weights(module)
         if isinstance(module, LlavaVideoForConditionalGeneration) and module.faster_token is not None:
             init.normal_(module.faster_token, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+        if hasattr(module, "target_std") and hasattr(module, "calibrated"):
+            # FramePredictor's output affine, absent from checkpoints written before it existed: identity.
+            init.zeros_(module.target_mean)
+            init.ones_(module.target_std)
+            init.zeros_(module.calibrated)
 
     def _tokens_per_frame(self) -> int:
         """Tower tokens per frame after ``vision_feature_select_strategy`` (``default`` drops the first)."""
@@ -260,6 +265,27 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             self.faster_token.requires_grad_(projector)
         self.model.language_model.requires_grad_(language_model)
         self.lm_head.requires_grad_(language_model)
+
+    @torch.no_grad()
+    def calibrate_autoregressive_targets(self, pixel_values_videos: torch.Tensor,
+                                         video_num_frames: torch.Tensor | None = None) -> int:
+        """Calibrate the autoregressive predictor's output to the target features of these videos
+        (``[B, T, 3, H, W]``, ``video_num_frames`` ``[B]`` real frames), pooled on the grid the predictor
+        sees (the fast grid with ``add_faster_video``); return the frames used. See
+        :class:`~lmms_engine.models.autoregressive_reconstruction.FramePredictor`."""
+        module = getattr(self, "autoregressive_module", None)
+        if module is None:
+            raise ValueError("the model has no autoregressive_module to calibrate")
+        layout = self.video_layout
+        stride = layout.mm_spatial_pool_stride * (2 if layout.add_faster_video else 1)
+        b, t = pixel_values_videos.shape[:2]
+        used = None
+        if video_num_frames is not None:
+            used = torch.arange(t, device=pixel_values_videos.device)[None] < video_num_frames.to(
+                pixel_values_videos.device)[:, None]
+        device = next(module.predictor.parameters()).device
+        return module.calibrate_targets(pixel_values_videos.to(device), None if used is None else used.to(device),
+                                        pool_stride=stride, pool_mode=layout.mm_spatial_pool_mode)
 
     def attach_autoregressive_module(self, config: Mapping[str, Any] | Any) -> nn.Module:
         """Create ``self.autoregressive_module`` over this model's vision tower.

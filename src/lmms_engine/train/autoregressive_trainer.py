@@ -59,6 +59,8 @@ from lmms_engine.utils.config import ConfigError
 logger = logging.getLogger(__name__)
 
 AR_MODULE_ATTR = "autoregressive_module"
+#: Training samples whose target features calibrate the predictor's output (see FramePredictor).
+CALIBRATION_SAMPLES = 16
 #: Components in the order they are logged (any others follow, sorted).
 COMPONENT_ORDER: tuple[str, ...] = OBJECTIVE_NAMES + METRIC_NAMES
 
@@ -289,6 +291,8 @@ class AutoregressiveTrainer(Trainer):
             done = finished_run(resume_from_checkpoint, self.args)
             if done is not None:
                 return self._finished(str(resume_from_checkpoint), done)
+        if not resume_from_checkpoint:  # a resumed run restores the calibration with the weights
+            self.calibrate_autoregressive_targets()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _finished(self, checkpoint: str, step: int) -> Any:
@@ -303,6 +307,29 @@ class AutoregressiveTrainer(Trainer):
         self._load_from_checkpoint(checkpoint)
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
+
+    def calibrate_autoregressive_targets(self, num_samples: int = CALIBRATION_SAMPLES) -> int:
+        """Before the first step: set the predictor's output affine to the target features of the first
+        ``num_samples`` training samples (dataset order, so every rank and every batch split gets the
+        same values); a no-op when already calibrated (e.g. a fine-tuned checkpoint), without the
+        autoregressive loss, or for datasets without random access. Returns the frames used."""
+        model = self.model
+        module = getattr(model, AR_MODULE_ATTR, None)
+        dataset = self.train_dataset
+        if (not self.enable_autoregressive or module is None or bool(module.predictor.calibrated)
+                or not callable(getattr(model, "calibrate_autoregressive_targets", None))
+                or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")):
+            return 0
+        count = min(num_samples, len(dataset))
+        frames = calibrate_autoregressive_targets(model, [dataset[i] for i in range(count)])
+        if not frames:
+            logger.info("autoregressive predictor: no video among the first %d samples, output left uncalibrated",
+                        count)
+            return 0
+        logger.info("autoregressive predictor: output calibrated to the target features of %d frames "
+                    "(per-channel std %.3g..%.3g)", frames, float(module.predictor.target_std.min()),
+                    float(module.predictor.target_std.max()))
+        return frames
 
     def _plain_weights_load(self) -> bool:
         """Whether weights load with ``load_state_dict`` (no FSDP, DeepSpeed, SageMaker MP or PEFT)."""
@@ -381,6 +408,31 @@ class AutoregressiveTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
 
+def calibrate_autoregressive_targets(model: nn.Module, samples: list[Any]) -> int:
+    """Calibrate ``model``'s predictor output to the target features of the real frames (the first
+    ``video_num_frames``) of ``samples`` (dataset items with ``pixel_values_videos`` ``[T, 3, H, W]``);
+    return the frames used (0: no video, nothing changed). What the trainer does before its first step."""
+    videos = []
+    for sample in samples:
+        pixels = sample.get("pixel_values_videos") if isinstance(sample, dict) else None
+        counts = sample.get("video_num_frames") if isinstance(sample, dict) else None
+        if isinstance(pixels, torch.Tensor):  # one video; else a list, one [T, 3, H, W] per video
+            pixels, counts = [pixels], [counts]
+        if not isinstance(pixels, (list, tuple)):
+            continue
+        if not isinstance(counts, (list, tuple)) or len(counts) != len(pixels):
+            counts = [None] * len(pixels)
+        for clip, real in zip(pixels, counts):
+            if isinstance(clip, torch.Tensor) and clip.dim() == 4:
+                count = clip.shape[0] if real is None else int(real)
+                if count:
+                    videos.append(clip[:count])
+    if not videos:
+        return 0
+    # Targets are per frame: the videos' frames side by side as one [1, sum T, 3, H, W] clip.
+    return model.calibrate_autoregressive_targets(torch.cat(videos)[None])
+
+
 def _default_data_arguments(kwargs: dict[str, Any], model: nn.Module | None) -> None:
     """For a :class:`~lmms_engine.data.dataset.VideoSFTDataset` without an explicit collator or
     tokenizer: its collator (HF's default one cannot pad) and its tokenizer with the model's processor
@@ -425,4 +477,4 @@ def configure_autoregressive(model: nn.Module, enable_autoregressive: bool) -> N
             config.autoregressive_config = None
 
 
-__all__ = ["AutoregressiveTrainer", "configure_autoregressive"]
+__all__ = ["AutoregressiveTrainer", "calibrate_autoregressive_targets", "configure_autoregressive"]
