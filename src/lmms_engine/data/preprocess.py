@@ -124,14 +124,16 @@ def frames_to_pixel_values(
 ) -> torch.Tensor:
     """uint8 RGB frames ``[T, 3, H, W]`` -> float32 ``[T, 3, S, S]``, ``(x / 255 - mean) / std``.
 
-    Frames not already ``S x S`` are resized (bilinear, antialiased, aspect ratio not kept: what the
-    LLaVA-OneVision video processor does).
+    Frames not already ``S x S`` are resized (aspect ratio not kept) with the training resize filter,
+    :data:`lmms_engine.video.decode.RESIZE_FILTER` (antialiased, as PIL resizes).
     """
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected uint8 frames [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
     pixels = frames.float()
     if tuple(pixels.shape[-2:]) != (image_size, image_size):
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False,
+        from lmms_engine.video.decode import RESIZE_FILTER
+
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode=RESIZE_FILTER, align_corners=False,
                                antialias=True).clamp_(0, 255)
     mean_t = torch.tensor(_triple(mean, "mean"), dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(_triple(std, "std"), dtype=torch.float32).view(1, 3, 1, 1)

@@ -21,8 +21,9 @@ nested ``processor_config.json`` transformers 5 writes, so do earlier versions):
 With a source checkpoint (``model_name_or_path``: a folder or a hub id) its processor files are copied
 as they are (a hub download that fails falls back to generated files, with a warning); otherwise, or for
 files the source lacks, they are generated from the model config: frame size ``vision_config.image_size``,
-mean/std as :class:`~lmms_engine.data.preprocess.ProcessorInfo` reads them (0.5 for SigLIP), bicubic
-resize (LLaVA-OneVision's), ``num_image_tokens = (image_size // patch_size) ** 2``. The tokenizer is
+mean/std as :class:`~lmms_engine.data.preprocess.ProcessorInfo` reads them (0.5 for SigLIP), ``resample``
+= the training resize filter (:data:`lmms_engine.video.decode.RESIZE_FILTER`, bicubic in RGB like
+LLaVA-OneVision's), ``num_image_tokens = (image_size // patch_size) ** 2``. The tokenizer is
 always the training tokenizer (loaded from the source when there is one): copying the source's raw
 tokenizer files could silently undo tokens added for training.
 
@@ -168,6 +169,15 @@ def processor_chat_template(tokenizer: Any, video_token: str = "<video>", image_
     return template
 
 
+def resize_resample() -> int:
+    """The processors' ``resample`` (a ``PILImageResampling`` value) for the training resize filter."""
+    from transformers.image_utils import PILImageResampling
+
+    from lmms_engine.video.decode import RESIZE_FILTER
+
+    return int(PILImageResampling[RESIZE_FILTER.upper()])
+
+
 def generate_processor_files(tokenizer: Any, model: Any) -> dict[str, bytes]:
     """The four processor files generated from the model config (see the module docstring).
 
@@ -186,7 +196,8 @@ def generate_processor_files(tokenizer: Any, model: Any) -> dict[str, bytes]:
     _token(tokenizer, info.video_token, getattr(config, "video_token_id", None), "video")
     _token(tokenizer, "<image>", getattr(config, "image_token_id", None), "image", required=False)
     size = {"height": info.image_size, "width": info.image_size}
-    common = {"size": size, "image_mean": list(info.image_mean), "image_std": list(info.image_std)}
+    common = {"size": size, "image_mean": list(info.image_mean), "image_std": list(info.image_std),
+              "resample": resize_resample()}
     pinpoints = getattr(config, "image_grid_pinpoints", None) or [[info.image_size, info.image_size]]
     image_processor = LlavaOnevisionImageProcessorPil(**common, image_grid_pinpoints=[list(p) for p in pinpoints])
     video_processor = LlavaOnevisionVideoProcessor(**common)
@@ -230,6 +241,14 @@ def _check_copied(files: Mapping[str, bytes], config: Any, source: str) -> None:
         if "num_image_tokens" in copied and copied["num_image_tokens"] != num_image_tokens(config):
             logger.warning("%s's processor_config.json has num_image_tokens=%s but the model's tower gives %d",
                            source, copied["num_image_tokens"], num_image_tokens(config))
+    for name in (IMAGE_PROCESSOR_FILE, VIDEO_PROCESSOR_FILE):
+        resample = json.loads(files[name]).get("resample") if name in files else None
+        if resample is not None and resample != resize_resample():
+            from lmms_engine.video.decode import RESIZE_FILTER
+
+            logger.warning("%s's %s resizes with resample=%s, training resized with %s (resample=%d): evaluation "
+                           "through these files sees other pixels than training", source, name, resample,
+                           RESIZE_FILTER, resize_resample())
     if IMAGE_PROCESSOR_FILE in files:
         size = (json.loads(files[IMAGE_PROCESSOR_FILE]).get("size") or {}).get("height")
         if size is not None and size != config.vision_config.image_size:

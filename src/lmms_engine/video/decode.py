@@ -20,7 +20,8 @@ How a read works (``read_video``):
 4. Decode: packets of frames nobody asked for are decoded with ``skip_frame="NONREF"`` for
    H.264/HEVC, so the decoder drops them when no other frame references them (reference frames are
    always decoded, so requested frames are bit-exact). Only the requested frames are converted to
-   RGB, resized inside FFmpeg's scaler (bilinear), once per output size.
+   RGB at the native size, then resized in RGB by FFmpeg's scaler with :data:`RESIZE_FILTER`, once per
+   output size (see :data:`RESIZE_FILTER` for why in RGB).
 5. Parallelism: keyframe intervals are independent (each starts at a keyframe with a flushed decoder),
    so the groups are split into contiguous runs of about equal decode work, one per decoder context,
    each context its own container over the same file in its own thread (PyAV releases the GIL while
@@ -536,6 +537,17 @@ def output_sizes(native: tuple[int, int], target_size: tuple[int, int] | None,
     return [(max(1, math.floor(s * base[0] + 0.5)), max(1, math.floor(s * base[1] + 0.5))) for s in scale_factors]
 
 
+#: The one resize filter of training and evaluation: FFmpeg's bicubic scaler applied to RGB frames,
+#: and ``resample`` bicubic in the processor files every checkpoint carries (LLaVA-OneVision's own
+#: choice), so an evaluator resizing decoded RGB frames with the saved processor sees the training
+#: pixels. Scaling in RGB matters more than the filter: on a 720p frame resized to 384 px, scaling the
+#: YUV frame (chroma at half resolution) differs from PIL's bicubic resize of the RGB frame by 1.3/255
+#: on average and up to 55; scaling RGB with the same filter, by 0.22 and at most 4.
+RESIZE_FILTER = "bicubic"
+#: :data:`RESIZE_FILTER` as PyAV's ``interpolation`` name.
+FFMPEG_INTERPOLATION = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}[RESIZE_FILTER]
+
+
 class _Converter:
     """Converts kept frames to RGB at each output size into preallocated ``[N, 3, H, W]`` arrays.
 
@@ -550,7 +562,8 @@ class _Converter:
         self.sizes = sizes
         self.arrays = arrays if arrays is not None else [np.empty((count, 3, h, w), dtype=np.uint8)
                                                          for h, w in sizes]
-        # One reformatter per size keeps FFmpeg's scaler set up between frames.
+        # One reformatter per conversion keeps FFmpeg's scaler set up between frames.
+        self.to_rgb = av.video.reformatter.VideoReformatter()
         self.reformatters = [av.video.reformatter.VideoReformatter() for _ in sizes]
         # Quarter turns counterclockwise to display orientation; sizes are the displayed picture's.
         self.turns = turns
@@ -560,10 +573,12 @@ class _Converter:
         return _Converter(self.sizes, 0, self.arrays, self.turns)
 
     def __call__(self, frame: av.VideoFrame, slot: int) -> None:
+        native = self.to_rgb.reformat(frame, format="gbrp")  # no chroma is scaled before the RGB conversion
         for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
             if self.turns % 2:  # scaled in the coded orientation, then turned upright
                 h, w = w, h
-            planar = reformatter.reformat(frame, width=w, height=h, format="gbrp")
+            planar = native if (h, w) == (native.height, native.width) else reformatter.reformat(
+                native, width=w, height=h, format="gbrp", interpolation=FFMPEG_INTERPOLATION)
             for channel, plane in zip(_GBRP_TO_RGB, planar.planes):
                 pixels = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
                 array[slot, channel] = np.rot90(pixels, self.turns) if self.turns else pixels
