@@ -24,7 +24,8 @@ def test_special_tokens_are_single_tokens(tokenizer):
     assert len(set(ids)) == len(SPECIAL_TOKENS)
     for token, token_id in zip(SPECIAL_TOKENS, ids):
         assert tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id]
-    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token == "<|im_end|>"  # where assistant turns end: generation stops there
     assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # a placeholder inside text stays one token, never split into '<', 'video', '>'
     ids = tokenizer("see <video>\nnow", add_special_tokens=False)["input_ids"]

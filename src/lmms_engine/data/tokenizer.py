@@ -1,8 +1,9 @@
 """A tiny byte-level BPE tokenizer trained on the fly: tests and the quickstart run fully offline.
 
 It behaves like Qwen2's tokenizer where the engine depends on it: byte-level BPE (any text encodes,
-nothing is unknown), the special tokens ``<|endoftext|>`` (pad and eos), ``<|im_start|>``,
-``<|im_end|>``, ``<video>``, ``<image>``, and a Qwen2-style chat template::
+nothing is unknown), the special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>``
+(eos: the end of an assistant turn, as in Qwen2-Instruct, so ``generate`` stops where answers end),
+``<video>``, ``<image>``, and a Qwen2-style chat template::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n...<|im_end|>\\n
@@ -68,13 +69,14 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
 
     ``vocab_size`` counts the 256 byte symbols and the special tokens; training stops early when the
     corpus has no more merges, so ``len(tokenizer)`` may be smaller. Deterministic for a given corpus.
-    Returns a ``PreTrainedTokenizerFast`` with pad = eos = ``<|endoftext|>`` and a Qwen2-style chat
-    template. ``special_tokens`` (ids 0, 1, ... in this order; ``<|endoftext|>`` first) and
-    ``chat_template`` replace the defaults (the Qwen-VL tiny checkpoints use Qwen's vision tokens).
+    Returns a ``PreTrainedTokenizerFast`` with pad ``<|endoftext|>``, eos ``<|im_end|>`` (when among the
+    special tokens, else ``<|endoftext|>``) and a Qwen2-style chat template. ``special_tokens`` (ids 0, 1,
+    ... in this order; ``<|endoftext|>`` first) and ``chat_template`` replace the defaults (the Qwen-VL
+    tiny checkpoints use Qwen's vision tokens).
     """
     special_tokens = list(special_tokens)
     if not special_tokens or special_tokens[0] != PAD_TOKEN:
-        raise ValueError(f"special_tokens must start with {PAD_TOKEN!r} (pad and eos), got {special_tokens[:1]}")
+        raise ValueError(f"special_tokens must start with {PAD_TOKEN!r} (the pad token), got {special_tokens[:1]}")
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size must be >= {256 + len(special_tokens)} (256 bytes + special tokens), "
                          f"got {vocab_size}")
@@ -92,7 +94,7 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=PAD_TOKEN,
+        eos_token=IM_END if IM_END in special_tokens else PAD_TOKEN,
         pad_token=PAD_TOKEN,
         additional_special_tokens=special_tokens[1:],
         padding_side="right",

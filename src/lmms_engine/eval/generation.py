@@ -91,6 +91,24 @@ def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     return ids
 
 
+def set_chat_generation_config(model: Any, tokenizer: Any) -> list[int]:
+    """Make ``model.generation_config`` (saved as ``generation_config.json`` with every checkpoint) stop
+    where the chat's answers end: ``eos_token_id`` = the end-of-turn token first (``<|im_end|>``), then
+    the other :func:`stop_token_ids`; ``pad_token_id`` = the tokenizer's. Plain transformers'
+    ``generate`` (and lmms-eval on top of it) then ends each answer as training taught. Returns the ids."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    ids = stop_token_ids(tokenizer, model)
+    vocab = tokenizer.get_vocab()
+    turn_ends = [int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab]
+    ids = turn_ends + [i for i in ids if i not in turn_ends]
+    config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = int(tokenizer.pad_token_id)
+    return ids
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,

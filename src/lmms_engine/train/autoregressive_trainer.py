@@ -129,6 +129,11 @@ class AutoregressiveTrainer(Trainer):
                 raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with "
                                  f"{type(self.model).__name__}, whose loss terms the trainer normalises: set it to 0")
             self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if model is not None and callable(getattr(tokenizer, "get_vocab", None)):
+            from lmms_engine.eval.generation import set_chat_generation_config
+
+            set_chat_generation_config(model, tokenizer)  # checkpoints stop generating where answers end
         add_throughput_logging(self)
         self.add_callback(NothingLoggedWarningCallback())
         if log_file:
