@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from lmms_engine.data.chat import IGNORE_INDEX
 from lmms_engine.data.collator import build_collator
 from lmms_engine.data.dataset import DatasetConfig, build_dataset, time_instruction
-from lmms_engine.data.demo import BACKGROUND, generate_demo_dataset
+from lmms_engine.data.demo import BACKGROUND, MOTION_QUESTION_TYPES, generate_demo_dataset
 from lmms_engine.data.preprocess import ProcessorInfo
 from lmms_engine.data.records import BadRecordError
 from lmms_engine.data.tokenizer import build_tiny_tokenizer
@@ -32,7 +32,7 @@ def tok():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    generate_demo_dataset(root, 8, 0, seed=2, progress=False)
+    generate_demo_dataset(root, 8, 0, seed=2, question_types=MOTION_QUESTION_TYPES, progress=False)
     (root / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     return root
 

@@ -10,27 +10,29 @@ import numpy as np
 import pytest
 
 from lmms_engine.data.dataset import load_records
-from lmms_engine.data.demo import COLORS, DEFAULT_QUESTION_TYPES, generate_demo_dataset, main, make_sample
+from lmms_engine.data.demo import COLORS, DEFAULT_QUESTION_TYPES, MOTION_QUESTION_TYPES, generate_demo_dataset, main, make_sample
 
 NUM_TRAIN, NUM_EVAL = 24, 8
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), NUM_TRAIN, NUM_EVAL, seed=5, progress=False)
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), NUM_TRAIN, NUM_EVAL, seed=5,
+                                 question_types=MOTION_QUESTION_TYPES, progress=False)
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path, demo):
-    again = generate_demo_dataset(tmp_path / "again", NUM_TRAIN, NUM_EVAL, seed=5, progress=False)
+    again = generate_demo_dataset(tmp_path / "again", NUM_TRAIN, NUM_EVAL, seed=5, question_types=MOTION_QUESTION_TYPES,
+                                  progress=False)
     for split in ("train.json", "eval.json"):
         assert (tmp_path / "again" / split).read_bytes() == (demo.train_path.parent / split).read_bytes()
     for name in ("train_00000.mp4", "train_00023.mp4", "eval_00007.mp4"):
         assert (again.video_folder / name).read_bytes() == (demo.video_folder / name).read_bytes()
-    other = [make_sample("train", i, seed=6)[1:3] for i in range(8)]
-    assert other != [make_sample("train", i, seed=5)[1:3] for i in range(8)]
+    other = [make_sample("train", i, seed=6, question_types=MOTION_QUESTION_TYPES)[1:3] for i in range(8)]
+    assert other != [make_sample("train", i, seed=5, question_types=MOTION_QUESTION_TYPES)[1:3] for i in range(8)]
 
 
-def test_cli_writes_the_dataset(tmp_path, capsys):
+def test_cli_writes_the_dataset(tmp_path, capsys, monkeypatch):
     assert main(["--out", str(tmp_path), "--seed", "5", "--num-train", "4", "--num-eval", "0"]) == 0
     err = capsys.readouterr().err
     assert "demo dataset: 4/4 clips written" in err
@@ -43,6 +45,9 @@ def test_cli_writes_the_dataset(tmp_path, capsys):
     records = json.loads((tmp_path / "dir" / "train.json").read_text())
     assert [r["question_type"] for r in records] == ["direction"] * 8
     assert Counter(r["answer"] for r in records) == {"left": 2, "right": 2, "up": 2, "down": 2}
+    monkeypatch.chdir(tmp_path)  # no --out: output/demo under the current folder
+    assert main(["--num-train", "2", "--num-eval", "0", "--quiet", "--question-types", "color_change"]) == 0
+    assert len(json.loads((tmp_path / "output" / "demo" / "train.json").read_text())) == 2
     with pytest.raises(ValueError, match="question_types must be distinct names among direction"):
         generate_demo_dataset(tmp_path / "bad", 1, 0, question_types=["spin"])
 
@@ -52,8 +57,8 @@ def test_records_are_valid_balanced_and_held_out(demo):
     assert total == NUM_TRAIN and not failures
     raw = json.loads(demo.train_path.read_text())
     types = Counter(r["question_type"] for r in raw)
-    assert types == {t: NUM_TRAIN // 4 for t in DEFAULT_QUESTION_TYPES}
-    for qtype in DEFAULT_QUESTION_TYPES:
+    assert types == {t: NUM_TRAIN // 4 for t in MOTION_QUESTION_TYPES}
+    for qtype in MOTION_QUESTION_TYPES:
         answers = Counter(r["answer"] for r in raw if r["question_type"] == qtype)
         assert max(answers.values()) - min(answers.values()) <= 1, (qtype, answers)
         assert len(answers) == (4 if qtype == "direction" else len(COLORS))
@@ -62,8 +67,10 @@ def test_records_are_valid_balanced_and_held_out(demo):
         assert r["conversations"][0]["value"].startswith("<video>\n")
     eval_raw = json.loads(demo.eval_path.read_text())
     assert len(eval_raw) == NUM_EVAL and {r["video"] for r in eval_raw}.isdisjoint({r["video"] for r in raw})
-    train_frames = {make_sample("train", i, 5)[0][0].tobytes() for i in range(NUM_EVAL)}
-    assert not train_frames & {make_sample("eval", i, 5)[0][0].tobytes() for i in range(NUM_EVAL)}
+    train_frames = {make_sample("train", i, 5, question_types=MOTION_QUESTION_TYPES)[0][0].tobytes()
+                    for i in range(NUM_EVAL)}
+    assert not train_frames & {make_sample("eval", i, 5, question_types=MOTION_QUESTION_TYPES)[0][0].tobytes()
+                               for i in range(NUM_EVAL)}
 
 
 def _color_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -131,3 +138,25 @@ def test_color_change_clips_change_colour_once_and_answer_the_asked_end(tmp_path
         question = record["conversations"][0]["value"]
         assert record["answer"] == (seq[0] if "at the start" in question else seq[-1]), (record["id"], seq)
         assert record["options"] == list(COLORS)
+
+
+def test_flash_is_the_default_and_its_clips_show_the_answer_on_half_the_frames(tmp_path):
+    """The quickstart's task: one shape on screen for 8 of 16 frames (never the first), on 4 of the 8
+    frames the loader samples; the answer is its colour, every colour equally often."""
+    from lmms_engine.models.video_frame_utils import MultiScaleVideoFrameLoader
+
+    assert DEFAULT_QUESTION_TYPES == ("flash",)
+    demo = generate_demo_dataset(tmp_path, 12, 0, seed=2, progress=False)
+    raw = json.loads(demo.train_path.read_text())
+    assert Counter(r["answer"] for r in raw) == {c: 2 for c in COLORS}
+    assert {r["question_type"] for r in raw} == {"flash"} and all(r["options"] == list(COLORS) for r in raw)
+    loader = MultiScaleVideoFrameLoader()
+    for record in raw:
+        path = str(tmp_path / record["video"])
+        masks = _color_masks(loader.load_video(path, max_frames=16).frames.numpy())
+        seen = [t for t in range(16) if masks[record["answer"]][t].sum() > 10]
+        assert len(seen) == 8 and seen == list(range(seen[0], seen[0] + 8)) and seen[0] >= 2, (record["id"], seen)
+        others = [c for c in COLORS if c != record["answer"]]
+        assert all(masks[c].sum() < 10 for c in others), record["id"]
+        sampled = loader.load_video(path, max_frames=8).frame_indices
+        assert sum(t in seen for t in sampled) == 4, (record["id"], sampled)

@@ -12,7 +12,7 @@ from transformers import set_seed
 from lmms_engine.data.chat import IGNORE_INDEX
 from lmms_engine.data.collator import VideoSFTCollator, build_collator, first_fit_decreasing
 from lmms_engine.data.dataset import DatasetConfig, build_dataset
-from lmms_engine.data.demo import generate_demo_dataset
+from lmms_engine.data.demo import MOTION_QUESTION_TYPES, generate_demo_dataset
 from lmms_engine.data.preprocess import ProcessorInfo
 from lmms_engine.data.tokenizer import build_tiny_tokenizer
 from lmms_engine.models.builder import build_model
@@ -41,7 +41,7 @@ def tok():
 def samples(tok, tmp_path_factory) -> list[dict]:
     """Four real samples: videos of 2, 4 and 3 frames and a two-turn text-only conversation."""
     root: Path = tmp_path_factory.mktemp("packing")
-    generate_demo_dataset(root, 3, 0, seed=1, num_frames=12, progress=False)
+    generate_demo_dataset(root, 3, 0, seed=1, num_frames=12, question_types=MOTION_QUESTION_TYPES, progress=False)
     text = [{"conversations": [{"from": "human", "value": "Say hello twice."}, {"from": "gpt", "value": "hello hello"},
                                {"from": "human", "value": "And once more?"}, {"from": "gpt", "value": "hello"}]}]
     (root / "text.json").write_text(json.dumps(text))

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lmms_engine.data.demo import make_sample
+from lmms_engine.data.demo import MOTION_QUESTION_TYPES, make_sample
 from lmms_engine.eval.accuracy import (
     Prediction,
     accuracy_markdown,
@@ -23,7 +23,8 @@ def demo_references(count: int, seed: int = 3) -> list[Prediction]:
     """References of the first ``count`` held-out demo samples, with an empty prediction."""
     refs = []
     for i in range(count):
-        _, _, answer, options, qtype = make_sample("eval", i, seed, num_frames=12, size=32)
+        _, _, answer, options, qtype = make_sample("eval", i, seed, num_frames=12, size=32,
+                                                   question_types=MOTION_QUESTION_TYPES)
         refs.append(Prediction(id=f"eval_{i}", prediction="", reference=answer, question_type=qtype, options=options))
     return refs
 

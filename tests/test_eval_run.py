@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lmms_engine.data.demo import generate_demo_dataset
+from lmms_engine.data.demo import MOTION_QUESTION_TYPES, generate_demo_dataset
 from lmms_engine.data.tokenizer import build_tiny_tokenizer
 from lmms_engine.eval.config import EvaluateConfig, run_evaluate
 from lmms_engine.models.builder import build_model
@@ -27,7 +27,7 @@ def workspace(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     data = generate_demo_dataset(root / "data", num_train=0, num_eval=NUM_EVAL, seed=5, num_frames=12, size=64,
-                                 progress=False)
+                                 question_types=MOTION_QUESTION_TYPES, progress=False)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
     for name, spec in (("with_ar", {"enable_autoregressive": True, "autoregressive_config": {

@@ -135,9 +135,12 @@ def test_quickstart_shortened_summary_outputs_and_resume(data_dir, tmp_path, cap
     sets = [f"demo_data.output_dir={data_dir}", "demo_data.num_train=64", "demo_data.num_eval=16",
             f"dataset_config.data_path={data_dir / 'train.json'}",
             f"dataset_config.eval_data_path={data_dir / 'eval.json'}", f"output_dir={out}",
-            "max_steps=6", "logging_steps=2", "save_steps=3", "eval_steps=3", "dataloader_num_workers=0"]
+            "max_steps=6", "logging_steps=2", "save_steps=3", "eval_steps=3", "dataloader_num_workers=0",
+            f"evaluate.checkpoint={out}", f"evaluate.data_path={data_dir / 'eval.json'}",
+            f"evaluate.output_dir={out / 'eval'}", "evaluate.max_samples=4"]
     code, stdout = run_cli(REPO / "examples" / "quickstart.yaml", sets, capsys)
     assert code == 0
+    assert "Evaluation of " in stdout and "verdict      answers: " in stdout  # the short built-in evaluation
     for line in (f"output dir   {out}", f"checkpoint   {out / 'checkpoint-6'}", f"loss plot    {out / 'loss_curve.png'}",
                  f"log file     {out / 'train_log.jsonl'}", "Training finished: 6 optimisation steps"):
         assert line in stdout
@@ -195,7 +198,7 @@ def test_dry_run_prints_the_resolved_blocks(tmp_path, capsys):
     code = main(["--config", str(REPO / "examples" / "quickstart.yaml"), "--dry-run",
                  "--set", f"output_dir={tmp_path}"])
     stdout = capsys.readouterr().out
-    assert code == 0 and "2 block(s), config OK" in stdout and "autoregressive loss: on" in stdout
+    assert code == 0 and "3 block(s), config OK" in stdout and "autoregressive loss: on" in stdout
     assert not any(tmp_path.iterdir())  # nothing trained or written
 
 

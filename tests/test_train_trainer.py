@@ -154,13 +154,17 @@ def test_loss_window_weights_nan_and_reset():
 
 
 def test_loss_plot_series_and_file(tmp_path):
-    history = [{"loss": 3.0, "main_loss": 2.9, "autoregressive_loss": 0.1, "total_loss": 3.0, "step": 1},
-               {"eval_loss": 9.0, "step": 1},
+    history = [{"loss": 3.0, "main_loss": 2.9, "autoregressive_loss": 0.1, "total_loss": 3.0, "ar_mse": 1.0,
+                "ar_copy_last_mse": 0.4, "step": 1},
+               {"eval_loss": 9.0, "eval_ar_mse": 0.8, "step": 1},
                {"loss": 2.0, "step": 2},  # a model without components: HF's loss stands for the total
                {"train_loss": 2.5, "step": 2}]
     series = loss_series(history)
     assert series["main_loss"] == ([1], [2.9])
     assert series["total_loss"] == ([1, 2], [3.0, 2.0])
+    assert series["ar_mse"] == ([1], [1.0]) and series["ar_copy_last_mse"] == ([1], [0.4])
+    assert series["eval_loss"] == ([1], [9.0]) and series["eval_ar_mse"] == ([1], [0.8])
+    assert "train_loss" not in series
     path = plot_loss_curves(history, tmp_path / "sub" / "curve.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert plot_loss_curves([{"eval_loss": 1.0, "step": 1}], tmp_path / "none.png") is None

@@ -30,12 +30,13 @@ frequent normalised reference of that group.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 ScoringMode = Literal["auto", "exact_match", "multiple_choice"]
 NO_TYPE = "(none)"
@@ -170,6 +171,24 @@ def score_predictions(predictions: Iterable[Prediction], scoring: ScoringMode = 
 
 
 # ---------------------------------------------------------------------------------------------- writers
+def accuracy_verdict(group: GroupScore | Mapping[str, Any]) -> str:
+    """A plain-words reading of a group's accuracy against chance, with its binomial standard error
+    under guessing (``sqrt(p (1 - p) / n)``): "well above" at 3 or more standard errors."""
+    g = asdict(group) if isinstance(group, GroupScore) else dict(group)
+    n, accuracy, chance = int(g["num_samples"]), float(g["accuracy"]), float(g["chance_accuracy"])
+    if n == 0:
+        return "no samples: nothing to judge"
+    se = math.sqrt(max(chance * (1 - chance), 1e-12) / n)
+    z = (accuracy - chance) / se
+    if z >= 3:
+        return (f"learned: accuracy {accuracy:.3f} is well above chance {chance:.3f} "
+                f"({z:.0f} standard errors over {n} held-out samples)")
+    if z >= 2:
+        return f"barely above chance: accuracy {accuracy:.3f} against {chance:.3f} ({z:.1f} standard errors)"
+    return (f"not learned: accuracy {accuracy:.3f} is at chance {chance:.3f}; the answers do not depend on "
+            f"the videos yet (majority answer {g['majority_answer']!r} alone scores {float(g['majority_accuracy']):.3f})")
+
+
 def accuracy_markdown(report: AccuracyReport | dict[str, Any]) -> str:
     """A markdown table: one row per question type, then ``all``."""
     data = report.to_dict() if isinstance(report, AccuracyReport) else report
@@ -196,5 +215,5 @@ def write_predictions(path: str | Path, scored: Sequence[ScoredPrediction]) -> P
 
 
 __all__ = ["AccuracyReport", "GroupScore", "NO_TYPE", "Prediction", "ScoredPrediction", "ScoringMode",
-           "accuracy_markdown", "accuracy_report", "match_option", "normalize_answer", "score_prediction",
+           "accuracy_markdown", "accuracy_report", "accuracy_verdict", "match_option", "normalize_answer", "score_prediction",
            "score_predictions", "write_predictions"]

@@ -247,6 +247,22 @@ def batch_reconstruction_errors(
     return results
 
 
+def reconstruction_verdict(row: Mapping[str, Any]) -> str:
+    """A plain-words reading of one offset's (or all offsets') predictor MSE against copying the last
+    frame and against the best constant prediction (``mean_target_mse``)."""
+    mse, copy_last, constant = row.get("mse"), row.get("copy_last_mse"), row.get("mean_target_mse")
+    if mse is None or not copy_last:
+        return "no supervised windows: nothing to judge"
+    ratio = mse / copy_last
+    if ratio < 1:
+        return f"the predictor beats copying the last frame (MSE {mse:.4f} = {ratio:.2f}x copy-last {copy_last:.4f})"
+    if constant is not None and mse < constant:
+        return (f"the predictor uses the video (MSE {mse:.4f} below the best constant prediction {constant:.4f}) "
+                f"but does not beat copying the last frame yet ({ratio:.2f}x copy-last {copy_last:.4f})")
+    return (f"the predictor has not learned: MSE {mse:.4f} is no better than a constant prediction"
+            + (f" ({constant:.4f})" if constant is not None else "") + f", {ratio:.2f}x copy-last {copy_last:.4f}")
+
+
 def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
     """A markdown table, one row per frame offset, then all offsets pooled."""
     def cell(value: float | None, fmt: str = ".5f") -> str:
@@ -268,4 +284,4 @@ def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
 
 
 __all__ = ["OffsetSums", "ReconstructionAccumulator", "batch_reconstruction_errors", "next_frame_errors",
-           "reconstruction_markdown", "video_hidden_states"]
+           "reconstruction_markdown", "reconstruction_verdict", "video_hidden_states"]

@@ -299,8 +299,8 @@ def render_config_reference() -> str:
     ta_meanings = {f.name: _first_sentences(f.metadata.get("help", "")) for f in dataclasses.fields(TrainingArguments)}
     parts = [
         HEADER,
-        "## `demo_data` block\n\nGenerates the demo dataset (moving coloured shapes; questions about motion, order and "
-        "colour) unless `output_dir` already holds one made with the same settings. Writes `train.json`, "
+        "## `demo_data` block\n\nGenerates the demo dataset (coloured shapes; by default the `flash` question, the one the "
+        "tiny model learns in minutes; questions about motion, order and colour change too) unless `output_dir` already holds one made with the same settings. Writes `train.json`, "
         "`eval.json`, `videos/` and the marker `demo_config.json` (its settings). It never deletes or overwrites what "
         "it did not write: a folder holding anything else (or a `train.json` without the marker) is a config "
         "error, also with `overwrite: true`; replacing a demo dataset made with other settings is logged.\n",

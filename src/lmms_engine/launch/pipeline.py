@@ -92,8 +92,7 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     from lmms_engine.train.checkpointing import resumable_checkpoint
 
     args = args if args is not None else block.training_arguments()
-    if limit_cpu_threads(args):
-        logger.info("training on the CPU with 1 intra-op thread per process (set OMP_NUM_THREADS to change)")
+    limit_cpu_threads(args)  # before the model is built; the trainer applies (and logs) the same policy
     set_seed(args.seed)  # model initialisation is part of the run's reproducibility
     parts = build_parts(block.model_config, block.dataset_config, where=block.where,
                         with_eval=block.dataset_config.eval_data_path is not None and args.eval_strategy != "no")
@@ -124,6 +123,14 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
         if resume is None:
             logger.warning("resume_from_checkpoint: true but %s holds no complete checkpoint: starting fresh",
                            args.output_dir)
+    elif not resume:
+        from lmms_engine.train.checkpointing import last_complete_checkpoint
+
+        earlier = last_complete_checkpoint(args.output_dir)
+        if earlier is not None:
+            logger.warning("%s already holds a run (newest checkpoint %s): training starts again from step 0 and "
+                           "replaces its final model and checkpoints as it saves; --set resume_from_checkpoint=true "
+                           "continues that run instead", args.output_dir, earlier.name)
     return PreparedRun(trainer, parts.train_dataset, resume, enable)
 
 
@@ -187,17 +194,28 @@ class EvalSummary:
         seconds = sum((self.results.get("seconds") or {}).values())
         lines = ["=" * 72, f"Evaluation of {self.results.get('checkpoint')}: "
                  f"{self.results.get('num_samples')} samples in {seconds:.1f} s"]
+        from lmms_engine.eval.accuracy import accuracy_verdict
+        from lmms_engine.eval.reconstruction import reconstruction_verdict
+
         accuracy = self.results.get("accuracy")
+        verdicts = []
         if isinstance(accuracy, dict) and "overall" in accuracy:
             overall = accuracy["overall"]
             lines.append(f"  accuracy     {overall['accuracy']:.4f} (chance {overall['chance_accuracy']:.4f})")
+            verdicts.append(f"answers: {accuracy_verdict(overall)}")
         reconstruction = self.results.get("reconstruction")
         if isinstance(reconstruction, dict) and "skipped" in reconstruction:
             lines.append(f"  reconstruction skipped: {reconstruction['skipped']}")
-        elif isinstance(reconstruction, dict) and "full_history" in reconstruction:
-            full = reconstruction["full_history"]
-            lines.append(f"  next frame   MSE {full['mse']:.4f} vs copy-last {full['copy_last_mse']:.4f} "
-                         f"(offset {full['offset']})")
+        elif isinstance(reconstruction, dict) and "all_offsets" in reconstruction:
+            pooled = reconstruction["all_offsets"]
+            constant = pooled.get("mean_target_mse")
+            if pooled.get("mse") is not None:
+                lines.append(f"  next frame   MSE {pooled['mse']:.4f} vs copy-last {pooled['copy_last_mse']:.4f}, best "
+                             f"constant {'n/a' if constant is None else format(constant, '.4f')} (every window of "
+                             f"1..{reconstruction['num_hist']} history frames)")
+            verdicts.append(f"next frame: {reconstruction_verdict(pooled)}")
+        if verdicts:
+            lines.append("  verdict      " + "\n               ".join(verdicts))
         for name, path in sorted((self.results.get("files") or {}).items()):
             lines.append(f"  {name:<12} {path}")
         lines.append("=" * 72)
