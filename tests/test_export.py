@@ -175,7 +175,9 @@ def test_non_hf_layout_is_saved_with_a_warning(tokenizer, tiny_config, caplog):
     config = with_layout(tiny_config, mm_spatial_pool_mode="average", mm_newline_position="grid")
     with caplog.at_level(logging.WARNING, logger="lmms_engine.export.processor"):
         processor = build_processing_class(tokenizer, config)
-    assert "llava_hf cannot evaluate" in caplog.text and "lmms_engine.export llava-next" in caplog.text
+    assert "lmms_video_llava, which plain transformers (and lmms-eval's llava_hf) refuse" in caplog.text
+    assert "lmms-eval llava_hf: does not reproduce this checkpoint" in caplog.text
+    assert "- lmms_engine.eval: reproduces this checkpoint" in caplog.text
     assert processor.processor_files.processor_config["num_image_tokens"] == 64
 
 

@@ -119,3 +119,79 @@ def test_saved_processor_resizes_a_frame_to_the_training_pixels(tokenizer, hd_cl
     resized = frames_to_pixel_values(native[None].contiguous(), size, info.image_mean, info.image_std)[0]
     assert ((resized - theirs).abs() * 255 * info.image_std[0]).max() <= 2
     assert np.isfinite(levels.numpy()).all()
+
+
+_PLAIN_LOAD = """
+import logging, sys
+from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+try:
+    AutoConfig.from_pretrained(sys.argv[1])
+    print("AUTOCONFIG loaded")
+except (ValueError, KeyError) as err:
+    print("AUTOCONFIG refused:", str(err).splitlines()[0])
+LlavaOnevisionForConditionalGeneration.from_pretrained(sys.argv[1])
+"""
+
+
+def test_a_layout_plain_transformers_cannot_reproduce_is_refused_there_and_loads_here(tokenizer, tmp_path):
+    """Average pooling with grid newlines: plain transformers would build 129 video tokens for 8 frames
+    where the model was trained on 8 x 4 x (4 + 1) = 160. Its Auto classes refuse the checkpoint's model
+    type, its LLaVA-OneVision class warns; the engine loads it with its layout."""
+    import subprocess
+    import sys
+
+    from lmms_engine.models.llava_video import LlavaVideoConfig, LlavaVideoForConditionalGeneration
+
+    layout = {"mm_spatial_pool_mode": "average", "mm_newline_position": "grid"}
+    model = build_model(layout, tokenizer)
+    assert type(model.config) is LlavaVideoConfig and model.config.model_type == "lmms_video_llava"
+    model.save_pretrained(tmp_path / "grid")
+    assert json.loads((tmp_path / "grid" / "config.json").read_text())["model_type"] == "lmms_video_llava"
+
+    plain = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, str(tmp_path / "grid")], capture_output=True,
+                           text=True, timeout=180)
+    assert "AUTOCONFIG refused:" in plain.stdout and "lmms_video_llava" in plain.stdout, plain.stdout + plain.stderr
+    assert "You are using a model of type `lmms_video_llava`" in plain.stderr
+
+    from lmms_engine.launch.config import load_pipeline_config
+
+    config, records = tmp_path / "finetune.yaml", tmp_path / "train.json"  # the check reads the model type too
+    records.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+    config.write_text(f"- type: trainer\n  config:\n    model_config: {{model_name_or_path: {tmp_path / 'grid'}}}\n"
+                      f"    dataset_config: {{data_path: {records}}}\n    output_dir: {tmp_path / 'out'}\n")
+    assert load_pipeline_config(config).of_type("trainer")[0].model_config.model_name_or_path == str(tmp_path / "grid")
+
+    again = LlavaVideoForConditionalGeneration.from_pretrained(tmp_path / "grid")
+    assert again.video_layout == model.video_layout and type(again.config) is LlavaVideoConfig
+    assert again.video_layout.video_token_count(8, again.patch_side) == 8 * 4 * 5
+    reloaded = build_model({"model_name_or_path": str(tmp_path / "grid")}, tokenizer)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    # Back to HF's own layout: the checkpoint is a plain llava_onevision one again.
+    native = build_model({"model_name_or_path": str(tmp_path / "grid"), "mm_spatial_pool_mode": "bilinear",
+                          "mm_newline_position": "one_token"}, tokenizer)
+    native.save_pretrained(tmp_path / "native")
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "llava_onevision"
+
+
+@pytest.mark.parametrize("layout,exact", [
+    ({}, {"lmms_engine.eval", "lmms-eval llava_hf"}),
+    ({"mm_spatial_pool_mode": "average", "mm_newline_position": "grid"}, {"lmms_engine.eval"}),
+])
+def test_export_routes_name_exactly_the_evaluators_that_reproduce_the_checkpoint(tokenizer, tmp_path, capsys,
+                                                                                layout, exact):
+    """The tiny tower (64 px) is not LLaVA-NeXT's shape, so llava_vid is never exact for it; llava_hf is
+    exact only for transformers' own layout; lmms_engine.eval always."""
+    from lmms_engine.export.__main__ import main as export_main
+    from lmms_engine.export.routes import evaluation_routes
+
+    build_model(layout, tokenizer).save_pretrained(tmp_path / "run")
+    assert export_main(["routes", "--checkpoint", str(tmp_path / "run"), "--max-frames", "8"]) == 0
+    out = capsys.readouterr().out
+    routes = evaluation_routes(tiny_llava_config(tokenizer) if not layout else build_model(layout, tokenizer).config,
+                               tmp_path / "run", 8)
+    assert {r.name for r in routes if r.exact} == exact
+    for route in routes:
+        assert (f"- {route.name}: reproduces this checkpoint" in out) == route.exact
+    assert "image_size=64, patch_size=8" in out  # why llava_vid is not exact, in its own words
+    if "lmms-eval llava_hf" in exact:
+        assert f"pretrained={tmp_path / 'run'},device_map=auto,max_frames_num=8" in out and "--force_simple" in out

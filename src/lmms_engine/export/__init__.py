@@ -4,6 +4,8 @@
   LLaVA-OneVision processor files ``AutoProcessor.from_pretrained`` needs (lmms-eval ``llava_hf``).
 - :func:`export_llava_next`: a LLaVA-NeXT-format copy for layouts plain transformers cannot express
   (lmms-eval ``llava_vid``); ``python -m lmms_engine.export llava-next --checkpoint DIR --output DIR``.
+- :func:`evaluation_routes`: which evaluators reproduce a checkpoint exactly, with their commands
+  (``python -m lmms_engine.export routes --checkpoint DIR``).
 
 Names load lazily: ``import lmms_engine.export`` does not import torch or transformers.
 """
@@ -27,6 +29,9 @@ _EXPORTS: dict[str, str] = {
     "read_llava_next_state_dict": "llava_next",
     "to_llava_next_name": "llava_next",
     "to_llava_next_state_dict": "llava_next",
+    "EvaluationRoute": "routes",
+    "describe_routes": "routes",
+    "evaluation_routes": "routes",
 }
 
 __all__ = sorted(_EXPORTS)

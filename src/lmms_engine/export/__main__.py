@@ -7,6 +7,9 @@
               lmms-eval's ``llava_hf``); copied from --source when given, else generated
   merge-lora  fold a LoRA training checkpoint's adapters into the base weights: a checkpoint plain
               transformers loads, with the adapter model's logits (needs the ``lora`` extra)
+  routes      which evaluators reproduce the checkpoint exactly (lmms_engine.eval always; lmms-eval
+              llava_hf only for transformers' own video layout; llava_vid through llava-next when
+              LLaVA-NeXT computes the same), with the command for each and why the others do not
 
 Exit status: 0 done, 2 the checkpoint cannot be exported (the message says why).
 """
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge-lora", help="merge LoRA adapters into a plain checkpoint")
     merge.add_argument("--checkpoint", required=True, help="a LoRA training checkpoint (output_dir or checkpoint-N)")
     merge.add_argument("--output", required=True, help="new folder for the merged checkpoint")
+    routes = commands.add_parser("routes", help="which evaluators reproduce the checkpoint, with their commands")
+    routes.add_argument("--checkpoint", required=True, help="folder saved by training")
+    routes.add_argument("--max-frames", type=int, default=32, help="max_frames_num in the printed commands")
     return parser
 
 
@@ -59,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lmms_engine.models.lora import merge_lora_checkpoint
 
             print(f"wrote the merged checkpoint to {merge_lora_checkpoint(args.checkpoint, args.output)}")
+        elif args.command == "routes":
+            from lmms_engine.export.processor import checkpoint_config
+            from lmms_engine.export.routes import describe_routes, evaluation_routes
+
+            print(f"evaluation routes for {args.checkpoint}:")
+            print(describe_routes(evaluation_routes(checkpoint_config(args.checkpoint), args.checkpoint,
+                                                    args.max_frames)))
         else:
             from lmms_engine.export.processor import add_processor_files
 

@@ -371,9 +371,11 @@ def build_processing_class(tokenizer: Any, model: Any, source: str | None = None
     files = resolve_processor_files(tokenizer, config, source)
     layout = _processor_info(config).layout
     if not layout.is_hf_native:
-        logger.warning("the video layout %s is not HF LLaVA-OneVision's: the saved processor files serve "
-                       "AutoProcessor, but lmms-eval's llava_hf cannot evaluate this model; export it with "
-                       "`python -m lmms_engine.export llava-next` for llava_vid", layout.to_dict())
+        from lmms_engine.export.routes import describe_routes, evaluation_routes
+
+        logger.warning("the video layout %s is not HF LLaVA-OneVision's: checkpoints are saved with model_type "
+                       "lmms_video_llava, which plain transformers (and lmms-eval's llava_hf) refuse to load. "
+                       "Evaluation routes:\n%s", layout.to_dict(), describe_routes(evaluation_routes(config)))
     logger.info("processor files for checkpoints: %s", dict(files.origin))
     return CheckpointProcessor(tokenizer, files)
 
@@ -385,8 +387,10 @@ def checkpoint_config(checkpoint: str | os.PathLike) -> Any:
     folder = Path(checkpoint)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: give a checkpoint folder saved by training")
+    from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES  # registers lmms_video_llava
+
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "llava_onevision":
+    if config.model_type not in LLAVA_MODEL_TYPES:
         raise ValueError(f"{folder}/config.json is a {config.model_type!r} model; a llava_onevision checkpoint "
                          f"is needed")
     return config

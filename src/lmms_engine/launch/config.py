@@ -170,6 +170,8 @@ def _model_hf_config(model_config: Any) -> Any | None:
         return None
     from transformers import AutoConfig
 
+    import lmms_engine.models.llava_video_config  # noqa: F401 - registers model_type lmms_video_llava
+
     return AutoConfig.from_pretrained(str(local.parent))
 
 
@@ -205,9 +207,12 @@ def _check_model(raw: Any, where: str) -> Any:
     hf_config = _model_hf_config(model_config)
     from lmms_engine.data.qwen_vision import QWEN_FAMILIES
 
-    if hf_config is not None and hf_config.model_type not in ("llava_onevision", *QWEN_FAMILIES):
+    from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES
+
+    if hf_config is not None and hf_config.model_type not in (*LLAVA_MODEL_TYPES, *QWEN_FAMILIES):
         raise ConfigError(f"{where}.model_name_or_path={model_config.model_name_or_path!r} is a "
-                          f"{hf_config.model_type!r} checkpoint; supported: llava_onevision, {', '.join(QWEN_FAMILIES)}")
+                          f"{hf_config.model_type!r} checkpoint; supported: {', '.join(LLAVA_MODEL_TYPES)}, "
+                          f"{', '.join(QWEN_FAMILIES)}")
     if hf_config is not None and hf_config.model_type in QWEN_FAMILIES:
         from lmms_engine.models.qwen_vl_common import check_qwen_model_config
 

@@ -268,6 +268,8 @@ def build_model(
     if tiny:
         hf_config = tiny_llava_config(tokenizer, cfg.tiny_config)
     else:
+        from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES  # registers lmms_video_llava
+
         hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
         if hf_config.model_type in QWEN_FAMILIES:
             from lmms_engine.models.qwen_vl_common import build_qwen_model
@@ -276,11 +278,12 @@ def build_model(
                 raise ConfigError(f"model_config.lora: LoRA is built for LLaVA-OneVision checkpoints so far, not "
                                   f"{hf_config.model_type!r}; remove the key")
             return build_qwen_model(cfg, hf_config, tokenizer)
-        if hf_config.model_type != "llava_onevision":
+        if hf_config.model_type not in LLAVA_MODEL_TYPES:
             raise ConfigError(
                 f"model_config.model_name_or_path={cfg.model_name_or_path!r} is a {hf_config.model_type!r} "
-                f"checkpoint; supported: LLaVA-OneVision (llava_onevision), Qwen2-VL (qwen2_vl), "
-                f"Qwen2.5-VL (qwen2_5_vl), Qwen3-VL (qwen3_vl)"
+                f"checkpoint; supported: LLaVA-OneVision (llava_onevision, or lmms_video_llava: ours with a "
+                f"layout plain transformers cannot reproduce), Qwen2-VL (qwen2_vl), Qwen2.5-VL (qwen2_5_vl), "
+                f"Qwen3-VL (qwen3_vl)"
             )
         if tokenizer is not None:
             _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import slice_logits_to_keep
@@ -45,6 +46,7 @@ from lmms_engine.models.layout import (
     build_video_template,
 )
 from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
+from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES, LLAVA_VIDEO_MODEL_TYPE, LlavaVideoConfig
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.pooling import pooled_side, spatial_pool
@@ -62,9 +64,9 @@ def _register_weight_renaming() -> None:
         register_checkpoint_conversion_mapping,
     )
 
-    name = "LlavaVideoForConditionalGeneration"
-    if get_checkpoint_conversion_mapping(name) is None:
-        register_checkpoint_conversion_mapping(name, get_checkpoint_conversion_mapping("llava_onevision"))
+    for name in ("LlavaVideoForConditionalGeneration", "lmms_video_llava"):  # class, LlavaVideoConfig's model_type
+        if get_checkpoint_conversion_mapping(name) is None:
+            register_checkpoint_conversion_mapping(name, get_checkpoint_conversion_mapping("llava_onevision"))
 
 
 _register_weight_renaming()
@@ -125,9 +127,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
     autoregressive module (predictor, and the frozen target encoder in ``copy`` mode), is saved in the
     main safetensors, so ``save_pretrained``/``from_pretrained`` and the Trainer's checkpoint resume
     restore them with no side file. A ``shared`` target encoder is the vision tower itself and is not
-    stored twice. Plain transformers loads the checkpoint as ``LlavaOnevisionForConditionalGeneration``
-    (or ``AutoModelForImageTextToText``) and reports ``faster_token`` / ``autoregressive_module.*`` as
-    unexpected keys; with an HF-native layout it then gives the same logits.
+    stored twice. With an HF-native layout plain transformers loads the checkpoint as
+    ``LlavaOnevisionForConditionalGeneration`` (or ``AutoModelForImageTextToText``), reports
+    ``autoregressive_module.*`` as unexpected keys and gives the same logits; with any other layout
+    ``config.json`` says ``model_type: lmms_video_llava`` (:class:`LlavaVideoConfig`), which plain
+    transformers refuses (Auto classes) or warns about, instead of evaluating a different layout.
 
     Always frozen: the vision tower's ``post_layernorm`` and ``head`` (the LLM reads hidden states
     before them; DDP rejects parameters that never get a gradient).
@@ -144,6 +148,11 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         raw_layout = getattr(config, CONFIG_LAYOUT_KEY, None) or {}
         self.video_layout: VideoLayoutConfig = from_mapping(VideoLayoutConfig, raw_layout, "config.video_layout")
         setattr(config, CONFIG_LAYOUT_KEY, self.video_layout.to_dict())
+        # config.json's model_type says whether plain transformers may load it (LlavaVideoConfig).
+        if not self.video_layout.is_hf_native and type(config) is LlavaOnevisionConfig:
+            config.__class__ = LlavaVideoConfig
+        elif self.video_layout.is_hf_native and type(config) is LlavaVideoConfig:
+            config.__class__ = LlavaOnevisionConfig
         hidden = config.text_config.hidden_size
         if self.video_layout.add_faster_video:
             self.faster_token = nn.Parameter(torch.randn(hidden, dtype=self.dtype) / math.sqrt(hidden))
@@ -166,6 +175,13 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
         ``__init__`` froze: the tower's unused ``post_layernorm``/``head``, a copy-mode target encoder, a
         tower shared as target encoder.
         """
+        if kwargs.get("config") is None and args and isinstance(args[0], (str, os.PathLike)):
+            # Either model type (LLAVA_MODEL_TYPES), without transformers' "other model type" warning.
+            hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                          "subfolder") if k in kwargs}
+            config = AutoConfig.from_pretrained(args[0], **hub)
+            if isinstance(config, LlavaOnevisionConfig):
+                kwargs["config"] = config
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._refreeze()
@@ -808,4 +824,5 @@ def _target_is_shared(module: nn.Module) -> bool:
     return module.target_encoder_mode == "shared"
 
 
-__all__ = ["LlavaVideoCausalLMOutput", "LlavaVideoForConditionalGeneration"]
+__all__ = ["LLAVA_MODEL_TYPES", "LLAVA_VIDEO_MODEL_TYPE", "LlavaVideoCausalLMOutput", "LlavaVideoConfig",
+           "LlavaVideoForConditionalGeneration"]
