@@ -33,6 +33,13 @@ def machine_line(packages: tuple[str, ...] = ("torch", "transformers", "av")) ->
             + ", ".join(versions))
 
 
+def spread(ratios: list[float]) -> str:
+    """A ratio as quoted in the tables: the median over rounds and its (min-max), e.g. ``1.04x (0.98-1.12)``."""
+    import statistics
+
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def write_section(name: str, markdown: str) -> Path:
     """Replace (or append) the section ``name`` of RESULTS.md with ``markdown``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -11,7 +11,8 @@ Three cases, each in a fresh subprocess (clean peak memory), same random-weight 
 Reported per case: median step time (steps after ``--warmup``), text tokens/s per device, model MFU
 (FLOPs from :class:`lmms_engine.train.throughput.ModelFlops`, stated in the output), peak memory
 (CUDA ``max_memory_allocated``; on CPU the process's peak RSS), and ratios vs ``hf_baseline`` and
-``engine_ar / engine_sft`` (the autoregressive overhead, promised < 1.10).
+``engine_ar / engine_sft`` (the autoregressive overhead, promised < 1.10), each the median of the
+rounds' ratios with its (min-max) over rounds; one round reports no ratio.
 
 Sizes: ``cpu`` (the tiny model, 2 videos x 8 frames at 64 px, float32; about a minute on 2 cores) and
 ``real`` (SigLIP-so400m + Qwen2-0.5B dimensions, random weights, 1 video x 32 frames at 384, bf16,
@@ -21,7 +22,7 @@ prints its FLOPs estimate without training.
 Peak: ``--peak-tflops``, default by device name (H100 989, A100 312 dense bf16); on CPU a measured
 float32 GEMM peak (2048^3 matmul, best of 5); CPU runs use one thread.
 
-Run: ``python benchmarks/train_throughput.py --size cpu [--steps 30] [--rounds 2] [--no-write]``.
+Run: ``python benchmarks/train_throughput.py --size cpu [--steps 30] [--rounds 3] [--no-write]``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_line, write_section  # noqa: E402
+from _results import machine_line, spread, write_section  # noqa: E402
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               image_size=384, patch_size=14, vision_use_head=False)
@@ -203,7 +204,8 @@ def main() -> None:
     parser.add_argument("--size", choices=tuple(SIZES), default="cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three cases")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the three cases (ratios are quoted with their spread over rounds)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--check", action="store_true", help="build the real size on meta and stop")
@@ -233,17 +235,22 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
     # Cases alternate over rounds so that load from other processes hits them alike; the timed steps of
-    # all rounds are pooled (after each run's warm-up) and the peak memory is the largest of the runs.
+    # all rounds are pooled (after each run's warm-up) for the step times, each round's own medians give
+    # the ratios (a ratio is quoted with its spread over rounds), the peak memory is the largest of the runs.
     times: dict[str, list[float]] = {case: [] for case in CASES}
+    round_medians: list[dict[str, float]] = []
     peaks: dict[str, int] = {case: 0 for case in CASES}
     for _ in range(opts.rounds):
+        round_medians.append({})
         for case in CASES:
             proc = subprocess.run([sys.executable, __file__, "--size", opts.size, "--case", case, "--steps",
                                    str(opts.steps), "--out", f"{opts.out}/{case}"], capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{case} failed:\n{proc.stderr[-4000:]}")
             run = json.loads(proc.stdout.strip().splitlines()[-1])
-            times[case] += run["times"][opts.warmup:] or run["times"]
+            timed = run["times"][opts.warmup:] or run["times"]
+            times[case] += timed
+            round_medians[-1][case] = statistics.median(timed)
             peaks[case] = max(peaks[case], run["peak_bytes"])
 
     spec = SIZES[opts.size]
@@ -259,7 +266,9 @@ def main() -> None:
         med = statistics.median(times[case])
         medians[case] = med
         rows.append((case, med, tokens / med, step_flops / med / peak, peaks[case] / 2 ** 20, len(times[case])))
-    base = medians["hf_baseline"]
+    def ratios(num: str, den: str) -> list[float]:
+        return [r[num] / r[den] for r in round_medians]
+
     lines = [
         f"### {opts.size} size on {device_name}",
         "",
@@ -270,17 +279,24 @@ def main() -> None:
         f"SDPA{', gradient checkpointing' if spec['checkpointing'] else ''}. Peak {peak_note}.",
         f"FLOPs counted: {flops_estimate(opts.size, True).describe()}.",
         "",
+        f"Ratios: median of the {opts.rounds} rounds' ratios of median step times, (min-max) over rounds.",
+        "",
         "| case | median step (s) | tokens/s per device | MFU | peak memory (MiB) | vs hf_baseline | steps timed |",
         "|---|---|---|---|---|---|---|",
     ]
     for case, med, tps, mfu, mem, n in rows:
-        lines.append(f"| {case} | {med:.4f} | {tps:.0f} | {mfu:.2%} | {mem:.0f} | {med / base:.2f}x | {n} |")
-    lines += ["", f"Autoregressive overhead (engine_ar / engine_sft step time): "
-              f"**{medians['engine_ar'] / medians['engine_sft']:.2f}x** (target < 1.10). "
-              f"Peak memory on CPU is the process's peak RSS (model, data and interpreter included)."
-              if device == "cpu" else
-              f"Autoregressive overhead (engine_ar / engine_sft step time): "
-              f"**{medians['engine_ar'] / medians['engine_sft']:.2f}x** (target < 1.10)."]
+        vs = spread(ratios(case, "hf_baseline")) if opts.rounds > 1 else "n/a (1 round)"
+        lines.append(f"| {case} | {med:.4f} | {tps:.0f} | {mfu:.2%} | {mem:.0f} | {vs} | {n} |")
+    overhead = ratios("engine_ar", "engine_sft")
+    if opts.rounds > 1:
+        verdict = ("below it in every round" if max(overhead) < 1.10 else "above it in every round"
+                   if min(overhead) >= 1.10 else "the rounds disagree: inconclusive on this machine")
+        lines += ["", f"Autoregressive overhead (engine_ar / engine_sft step time): **{spread(overhead)}** over "
+                  f"{opts.rounds} rounds (target < 1.10: {verdict})."]
+    else:
+        lines += ["", "Autoregressive overhead: not reported, one round gives no spread (use --rounds 3 or more)."]
+    if device == "cpu":
+        lines.append("Peak memory on CPU is the process's peak RSS (model, data and interpreter included).")
     text = "\n".join(lines)
     print(text)
     if not opts.no_write:

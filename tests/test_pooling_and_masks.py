@@ -136,7 +136,7 @@ def _is_png(path: str) -> bool:
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_guide_mask_debugging_snippet_saves_a_picture(tmp_path, monkeypatch):
+def test_guide_mask_debugging_snippet_saves_a_picture(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile('''
@@ -147,5 +147,25 @@ mask = mask_gen.create_causal_frame_mask(num_frames=4, num_patches_per_frame=9)
 mask_gen.visualize_mask(mask, title="Frame Causal Mask")   # saves a picture
 ''', "guide", "exec"), scope)
     assert _is_png(tmp_path / "frame_causal_mask.png")
+    assert f"Frame Causal Mask: mask picture saved to {tmp_path / 'frame_causal_mask.png'}" in capsys.readouterr().out
     path = scope["mask_gen"].visualize_mask(scope["mask"], title="x", save_path=tmp_path / "sub" / "m.png")
     assert path == str(tmp_path / "sub" / "m.png") and _is_png(path)
+
+
+def test_mask_picture_draws_frame_boundaries_and_a_legend(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from lmms_engine.video.masks import frame_block_size
+
+    mask = FrameLevelMaskGenerator().create_causal_frame_mask(num_frames=4, num_patches_per_frame=9)
+    assert frame_block_size(mask) == 9 and frame_block_size(torch.eye(6, dtype=torch.bool)) is None
+    drawn: dict = {"h": [], "v": [], "legend": []}
+    for name, key in (("axhline", "h"), ("axvline", "v")):
+        original = getattr(Axes, name)
+        monkeypatch.setattr(Axes, name, lambda self, y, *a, _o=original, _k=key, **k: (drawn[_k].append(y), _o(self, y, *a, **k))[1])
+    original_legend = Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda self, *a, **k: (drawn["legend"].append([h.get_label() for h in k["handles"]]),
+                                                               original_legend(self, *a, **k))[1])
+    FrameLevelMaskGenerator().visualize_mask(mask, save_path=tmp_path / "m.png")
+    assert drawn["h"] == drawn["v"] == [8.5, 17.5, 26.5]  # between frames 0|1, 1|2, 2|3 (9 tokens each)
+    assert drawn["legend"] == [["may attend", "masked", "frame boundary (9 tokens)"]]

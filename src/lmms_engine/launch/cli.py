@@ -36,7 +36,7 @@ wrong types, missing files, conflicting layout keys. Every key, type and default
 """
 
 EPILOG = """\
-examples:
+examples (`lmms-video` is the same command as `python -m lmms_engine.launch.cli`):
   python -m lmms_engine.launch.cli --config examples/quickstart.yaml
   python -m lmms_engine.launch.cli --config examples/config_basic_autoregressive.yaml \\
       --set max_steps=20 --set model_config.autoregressive_config.loss_weight=0.05
@@ -48,13 +48,22 @@ exit status: 0 trained, 2 config error (message on stderr), 1 any other failure.
 logger = logging.getLogger("lmms_engine.launch")
 
 
+def _prog() -> str:
+    """The name the user typed: ``lmms-video`` for the console script, else the module form."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "lmms-video" if name.startswith("lmms-video") else "python -m lmms_engine.launch.cli"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lmms_engine import __version__
+
     parser = argparse.ArgumentParser(
-        prog="python -m lmms_engine.launch.cli",
+        prog=_prog(),
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lmms-video {__version__}")
     parser.add_argument("--config", required=True, metavar="PATH", help="pipeline config (.yaml, .yml or .json)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

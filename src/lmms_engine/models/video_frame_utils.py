@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from lmms_engine.video.decode import DecodedVideo, VideoReadError, read_video
-from lmms_engine.video.masks import frame_causal_mask, to_additive_mask
+from lmms_engine.video.masks import frame_causal_mask, plot_mask, to_additive_mask
 from lmms_engine.video.pooling import spatial_pool
 from lmms_engine.video.sampling import SamplingSpec
 
@@ -195,29 +195,15 @@ class FrameLevelMaskGenerator:
         return to_additive_mask(mask, dtype)
 
     def visualize_mask(self, mask: torch.Tensor, title: str = "Frame Causal Mask",
-                       save_path: str | Path | None = None) -> str:
-        """Save a picture of a boolean ``[N, N]`` mask as PNG and return its path.
+                       save_path: str | Path | None = None, tokens_per_frame: int | None = None) -> str:
+        """Save a picture of a boolean ``[N, N]`` mask as PNG, print where, and return its path.
 
-        Dark = may attend. ``save_path`` defaults to ``./<title as snake_case>.png`` in the current
-        directory (``./frame_causal_mask.png`` for the default title). Uses matplotlib's Agg renderer
-        directly, so no display and no pyplot state are involved.
+        Dark = may attend; red lines mark frame boundaries (``tokens_per_frame``, inferred from a
+        frame-causal mask when not given); a legend says which is which. ``save_path`` defaults to
+        ``./<title as snake_case>.png`` in the current directory (``./frame_causal_mask.png`` for the
+        default title). See :func:`lmms_engine.video.masks.plot_mask`.
         """
-        from matplotlib.figure import Figure
-
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-            raise TypeError("visualize_mask expects a boolean [N, N] tensor (True = may attend), got "
-                            + (f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
-                               else type(mask).__name__))
         path = Path(save_path) if save_path is not None else Path.cwd() / f"{_slug(title)}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n = mask.shape[0]
-        fig = Figure(figsize=(6, 6), dpi=100)
-        ax = fig.subplots()
-        ax.imshow(mask.detach().cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(title)
-        ax.set_xlabel("key token")
-        ax.set_ylabel("query token")
-        ax.set_xlim(-0.5, mask.shape[1] - 0.5)
-        ax.set_ylim(n - 0.5, -0.5)
-        fig.savefig(path, format="png", bbox_inches="tight")
+        path = plot_mask(mask, path, title, tokens_per_frame)
+        print(f"{title}: mask picture saved to {path.resolve()}")
         return str(path)
