@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from train_support import demo_data_dir, make_trainer
+from train_support import make_trainer
 
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.autoregressive_reconstruction import FramePredictor
@@ -63,11 +63,6 @@ def test_calibrate_sets_the_affine_and_starts_at_the_targets_scale():
     torch.testing.assert_close(predictor.target_std, targets.std(0))
     with pytest.raises(ValueError, match="at least 2"):
         predictor.calibrate(torch.zeros(1, 8))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return demo_data_dir(tmp_path_factory)
 
 
 def test_trainer_calibrates_once_from_the_first_samples_whatever_the_batch_split(data_dir, tmp_path):

@@ -42,7 +42,7 @@ def test_quickstart_learns_its_task_and_its_summary_says_so(tmp_path, monkeypatc
     assert (tmp_path / "output" / "quickstart" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     # Re-running over the same output: the data is reused and the earlier run's replacement announced.
-    from lmms_engine.launch.pipeline import ensure_demo_data
+    from lmms_engine.data.demo import ensure_demo_data
 
     pipeline = load_pipeline_config(REPO / "examples" / "quickstart.yaml", overrides)
     with caplog.at_level(logging.INFO, logger="lmms_engine.launch.pipeline"):
@@ -53,7 +53,7 @@ def test_quickstart_learns_its_task_and_its_summary_says_so(tmp_path, monkeypatc
 
 
 def test_demo_data_block_takes_question_types():
-    from lmms_engine.launch.config import DemoDataConfig
+    from lmms_engine.data.demo import DemoDataConfig
 
     assert DemoDataConfig().question_types == ["flash"]
     assert DemoDataConfig(question_types=["direction", "order"]).question_types == ["direction", "order"]

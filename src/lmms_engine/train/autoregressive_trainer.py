@@ -129,7 +129,7 @@ class AutoregressiveTrainer(Trainer):
                 raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with "
                                  f"{type(self.model).__name__}, whose loss terms the trainer normalises: set it to 0")
             self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
-        from lmms_engine.launch.pipeline import limit_cpu_threads
+        from lmms_engine.train.arguments import limit_cpu_threads
 
         if limit_cpu_threads(self.args):  # the launcher's thread policy, for the Python API too
             logger.info("training on the CPU with 1 intra-op thread per process (set OMP_NUM_THREADS to change)")
