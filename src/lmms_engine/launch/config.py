@@ -211,8 +211,8 @@ def _check_model(raw: Any, where: str) -> Any:
 
     if hf_config is not None and hf_config.model_type not in (*LLAVA_MODEL_TYPES, *QWEN_FAMILIES):
         raise ConfigError(f"{where}.model_name_or_path={model_config.model_name_or_path!r} is a "
-                          f"{hf_config.model_type!r} checkpoint; supported: {', '.join(LLAVA_MODEL_TYPES)}, "
-                          f"{', '.join(QWEN_FAMILIES)}")
+                          f"{hf_config.model_type!r} checkpoint; supported: llava_onevision, {', '.join(QWEN_FAMILIES)} "
+                          f"(and {LLAVA_MODEL_TYPES[1]}: ours with a layout plain transformers cannot reproduce)")
     if hf_config is not None and hf_config.model_type in QWEN_FAMILIES:
         from lmms_engine.models.qwen_vl_common import check_qwen_model_config
 
