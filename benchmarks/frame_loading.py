@@ -197,8 +197,11 @@ def load_pyav_all(path: Path, indices: list[int]) -> np.ndarray:
 
 def full_decode(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
     """The reference: every frame decoded by one single-threaded PyAV decoder; the targets and their
-    neighbours (index -1 and +1) scaled to SIZE as ours scales them (planar RGB, FFmpeg's bilinear)."""
+    neighbours (index -1 and +1) scaled to SIZE as ours scales them (planar RGB at the native size, then
+    FFmpeg's scaler with the engine's one resize filter)."""
     import av
+
+    from lmms_engine.video.decode import FFMPEG_INTERPOLATION
 
     wanted = {j for i in indices for j in (i - 1, i, i + 1)}
     kept = {}
@@ -207,7 +210,9 @@ def full_decode(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
         stream.codec_context.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                planar = frame.reformat(width=SIZE[1], height=SIZE[0], format="gbrp")
+                native = frame.reformat(format="gbrp")
+                planar = native.reformat(width=SIZE[1], height=SIZE[0], format="gbrp",
+                                         interpolation=FFMPEG_INTERPOLATION)
                 g, b, r = (np.frombuffer(p, np.uint8).reshape(SIZE[0], p.line_size)[:, :SIZE[1]]
                            for p in planar.planes)
                 kept[i] = np.stack([r, g, b])
