@@ -14,8 +14,6 @@ from train_support import make_trainer
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.autoregressive_reconstruction import FramePredictor
 
-torch.set_num_threads(1)
-
 
 def _fit(calibrate: bool, steps: int = 150) -> tuple[float, float]:
     """(predictor MSE, best constant MSE) on held-out windows of offset-dominated targets, like the tiny

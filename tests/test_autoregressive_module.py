@@ -28,15 +28,6 @@ PATCH_SIDE = 8  # 64 px / patch 8
 WIDTH = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread avoids thread hand-off costs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_tower(frozen: bool = False, seed: int = 0) -> SiglipVisionModel:
     torch.manual_seed(seed)
     tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

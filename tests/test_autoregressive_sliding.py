@@ -19,14 +19,6 @@ from lmms_engine.video.pooling import spatial_pool
 WIDTH, HIDDEN, P = 64, 32, 4  # stride-4 pooling of the 8x8 grid: 2x2 = 4 tokens per frame
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(window: str = "sliding", seed: int = 0, **overrides):
     torch.manual_seed(0)
     tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

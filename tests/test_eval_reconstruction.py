@@ -15,14 +15,6 @@ from lmms_engine.eval.reconstruction import (
 from lmms_engine.models.builder import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def plus_one(x: torch.Tensor) -> torch.Tensor:
     """A stand-in predictor: every position predicts its own value + 1."""
     return x + 1
