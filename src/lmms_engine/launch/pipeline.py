@@ -35,6 +35,7 @@ class RunSummary:
     last_losses: dict[str, float] = field(default_factory=dict)
     bad_records: str = ""
     data_report: Path | None = None
+    load_with: str = ""  # load_instructions(model)
 
     def describe(self) -> str:
         def losses(values: dict[str, float]) -> str:
@@ -50,8 +51,8 @@ class RunSummary:
             f"  loss         first logged {losses(self.first_losses)}",
             f"               last logged  {losses(self.last_losses)}",
             f"  output dir   {self.output_dir}",
-            f"  final model  {self.output_dir} (config.json, weights, tokenizer, processor files; "
-            f"load with LlavaVideoForConditionalGeneration.from_pretrained)",
+            f"  final model  {self.output_dir} (config.json, weights, tokenizer, processor files)",
+            *([f"  load with    {self.load_with}"] if self.load_with else []),
             f"  checkpoint   {self.last_checkpoint or 'none saved'}",
             f"  loss plot    {self.loss_plot or 'none (nothing logged)'}",
             f"  log file     {self.log_file} (one JSON line per logged step; also trainer_state.json)",
@@ -67,6 +68,22 @@ class RunSummary:
 
 
 # ------------------------------------------------------------------------------------------ trainer
+def load_instructions(model: Any) -> str:
+    """How to load what a run saved from ``model``: the engine's class (as exported by
+    :mod:`lmms_engine.models`) and plain transformers' class it subclasses, or why plain transformers
+    refuses the checkpoint (a LLaVA video layout transformers does not build)."""
+    from lmms_engine.models.llava_video_config import LLAVA_VIDEO_MODEL_TYPE
+
+    engine = f"lmms_engine.models.{type(model).__name__}.from_pretrained"
+    if model.config.model_type == LLAVA_VIDEO_MODEL_TYPE:
+        return (f"{engine} (model_type {LLAVA_VIDEO_MODEL_TYPE}: a video layout plain transformers does not "
+                f"build, so it refuses the checkpoint)")
+    plain = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+    extra = "; the autoregressive module's weights are ignored there" if getattr(
+        model, "autoregressive_module", None) is not None else ""
+    return f"{engine}, or plain transformers' {plain.__name__}.from_pretrained (AutoModelForImageTextToText){extra}"
+
+
 def _logged_losses(log_history: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
     entries = [e for e in log_history if "loss" in e and "step" in e]
     return (dict(entries[0]), dict(entries[-1])) if entries else ({}, {})
@@ -170,6 +187,7 @@ def run_trainer_block(block: TrainerBlockConfig, args: Any | None = None) -> Run
         last_losses=last,
         bad_records=str(run.train_dataset.bad_record_report()),
         data_report=report,
+        load_with=load_instructions(trainer.model),
     )
 
 
