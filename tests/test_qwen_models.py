@@ -176,7 +176,7 @@ def test_save_reload_and_plain_transformers(tmp_path_factory, tmp_path, records,
     assert all(torch.equal(state[k], reloaded[k]) for k in state)
     assert not any(p.requires_grad for p in again.vision_tower_parameters())  # shared target: tower frozen again
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert type(plain).__name__ == type(model).__mro__[2].__name__
+    assert type(plain) in type(model).__mro__  # transformers' own class of the family
     model.eval()
     with torch.no_grad():
         diff = (model(**batch).logits - plain(**_plain_inputs(batch, plain.config)).logits)[batch["attention_mask"].bool()]

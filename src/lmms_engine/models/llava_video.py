@@ -33,8 +33,8 @@ from lmms_engine.models.autoregressive_config import (
     CONFIG_AR_ENABLE_KEY,
     CONFIG_AR_KEY,
     LAYOUT_KEYS,
-    restore_autoregressive_module,
 )
+from lmms_engine.models.family import VideoFamilyMixin
 from lmms_engine.models.layout import (
     ROLE_FASTER,
     ROLE_NEWLINE,
@@ -107,7 +107,7 @@ class LlavaVideoCausalLMOutput(LlavaOnevisionCausalLMOutputWithPast):
     vision_features: torch.Tensor | None = None
 
 
-class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+class LlavaVideoForConditionalGeneration(VideoFamilyMixin, LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision with configurable video-token layouts and an autoregressive reconstruction loss.
 
     Video path: every real frame (``t < video_num_frames[b]``; padding frames never reach the tower)
@@ -137,12 +137,6 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
     before them; DDP rejects parameters that never get a gradient).
     """
 
-    #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
-    accepts_loss_kwargs = False
-    #: The autoregressive predictor keeps float32 weights in a half-precision model: it is created in
-    #: float32 beside a bf16/fp16 model, so a reload must not round it (transformers' load-time rule).
-    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor"]
-
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         raw_layout = getattr(config, CONFIG_LAYOUT_KEY, None) or {}
@@ -160,62 +154,21 @@ class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration)
             self.register_parameter("faster_token", None)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
-        restore_autoregressive_module(self, config, lambda: self.model.vision_tower.requires_grad_(False))
-        if getattr(config, "lora", None):
-            # A LoRA training checkpoint: the same adapters before its weights load (lmms_engine.models.lora).
-            from lmms_engine.models.lora import inject_lora
-
-            inject_lora(self, config.lora)
+        self._restore_trained_modules()
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``, then the frozen parts frozen again.
-
-        Loading materialises fresh parameters (``requires_grad=True``), which would unfreeze what
-        ``__init__`` froze: the tower's unused ``post_layernorm``/``head``, a copy-mode target encoder, a
-        tower shared as target encoder.
-        """
+    def _prepare_load(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A folder or hub id loads with either model type (LLAVA_MODEL_TYPES), without transformers'
+        "other model type" warning."""
         if kwargs.get("config") is None and args and isinstance(args[0], (str, os.PathLike)):
-            # Either model type (LLAVA_MODEL_TYPES), without transformers' "other model type" warning.
             hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
                                           "subfolder") if k in kwargs}
             config = AutoConfig.from_pretrained(args[0], **hub)
             if isinstance(config, LlavaOnevisionConfig):
                 kwargs["config"] = config
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._refreeze()
-        return loaded
 
-    def save_pretrained(self, save_directory: Any, *args: Any, save_original_format: bool = False,
-                        **kwargs: Any) -> Any:
-        """transformers' ``save_pretrained``, writing parameter names exactly as in ``state_dict()``.
-
-        transformers 5 by default renames keys back to the legacy LLaVA layout on save; the Trainer's
-        ``resume_from_checkpoint`` then loads the file with a plain ``load_state_dict`` and matches no
-        key. The native names load everywhere (transformers' own loader reads both forms).
-        """
-        result = super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
-        if getattr(self.config, "lora", None) and kwargs.get("is_main_process", True):
-            from lmms_engine.models.lora import save_trained_tensors
-
-            save_trained_tensors(self, save_directory)  # adapters + fully trained modules, on their own
-        return result
-
-    def _refreeze(self) -> None:
-        if getattr(self.config, "lora", None):
-            from lmms_engine.models.lora import freeze_for_lora
-
-            freeze_for_lora(self)
-        for param in self._unused_vision_parameters():
-            param.requires_grad_(False)
-        module = getattr(self, "autoregressive_module", None)
-        if module is None:
-            return
-        if module.target_encoder is not None:
-            module.target_encoder.requires_grad_(False)
-        if _target_is_shared(module):
-            self.model.vision_tower.requires_grad_(False)
+    def _freeze_vision_tower(self) -> None:
+        self.model.vision_tower.requires_grad_(False)
 
     # ------------------------------------------------------------------ parts
     @property

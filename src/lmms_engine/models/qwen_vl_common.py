@@ -35,7 +35,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
-from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY, restore_autoregressive_module
+from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
+from lmms_engine.models.family import VideoFamilyMixin
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
 from lmms_engine.utils.config import ConfigError
 
@@ -195,7 +196,7 @@ def is_qwen_model(model: Any) -> bool:
     return isinstance(model, QwenVideoMixin)
 
 
-class QwenVideoMixin:
+class QwenVideoMixin(VideoFamilyMixin):
     """Video training additions for a Qwen-VL ``*ForConditionalGeneration`` (module docstring).
 
     Subclasses set :attr:`family` and implement :meth:`_targets_in_raster_order`.
@@ -204,28 +205,13 @@ class QwenVideoMixin:
     family: str = ""
     #: whether ``second_per_grid_ts`` is a model input (Qwen2.5-VL)
     uses_second_per_grid: bool = False
-    #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
-    accepts_loss_kwargs = False
-    #: The predictor keeps float32 weights in a half-precision model, also across a reload.
-    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor"]
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        restore_autoregressive_module(self, config, lambda: self.vision_tower_parameters_requires_grad(False))
+        self._restore_trained_modules()
 
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``, then frozen parts frozen again (loading re-creates them)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._refreeze()
-        return loaded
-
-    def save_pretrained(self, save_directory: Any, *args: Any, save_original_format: bool = False,
-                        **kwargs: Any) -> Any:
-        """Save with the parameter names of ``state_dict()`` (loaded by transformers and by the Trainer's
-        resume alike)."""
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+    def _freeze_vision_tower(self) -> None:
+        self.vision_tower_parameters_requires_grad(False)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -264,15 +250,6 @@ class QwenVideoMixin:
             mod.requires_grad_(projector)
         self.model.language_model.requires_grad_(language_model)
         self.lm_head.requires_grad_(language_model)
-
-    def _refreeze(self) -> None:
-        module = getattr(self, "autoregressive_module", None)
-        if module is None:
-            return
-        if module.target_encoder is not None:
-            module.target_encoder.requires_grad_(False)
-        if module.target_encoder_mode == "shared":
-            self.vision_tower_parameters_requires_grad(False)
 
     def attach_autoregressive_module(self, config: Mapping[str, Any] | Any) -> nn.Module:
         """Create ``self.autoregressive_module`` over the vision encoder (call after freezing:
