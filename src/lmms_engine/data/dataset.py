@@ -256,9 +256,11 @@ def capped_size(height: int, width: int, max_pixels: int | None) -> tuple[int, i
 def fit_frames(caps: Sequence[int], budget: int, tokens_of: Any) -> list[int] | None:
     """Frame caps lowered until the videos' tokens fit ``budget``: while over it, the video allowed the most
     frames (the last of equals) loses one; None when even one frame per video does not fit.
-    ``tokens_of(n)``: tokens of a video of ``n`` frames."""
+    ``tokens_of(n)``: tokens of a video of ``n`` frames, or a sequence of such functions, one per video
+    (Qwen-VL: a video's tokens depend on its own frame size)."""
     caps = list(caps)
-    while sum(tokens_of(n) for n in caps) > budget:
+    counts = list(tokens_of) if isinstance(tokens_of, (list, tuple)) else [tokens_of] * len(caps)
+    while sum(count(n) for count, n in zip(counts, caps)) > budget:
         k = max(range(len(caps)), key=lambda i: (caps[i], i))
         if caps[k] <= 1:
             return None
@@ -325,6 +327,11 @@ class VideoSFTDataset(Dataset):
             self._loader = MultiScaleVideoFrameLoader(num_threads=self.config.decode_threads)
         return self._loader
 
+    @property
+    def record_video_token(self) -> str:
+        """The video tag of the records (where the time instruction goes)."""
+        return self.processor_info.video_token
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_loader"] = None
@@ -382,27 +389,55 @@ class VideoSFTDataset(Dataset):
         sizes = []
         for medium in record.images:
             try:
-                sizes.append(capped_size(*image_size(medium.path), self.config.max_image_pixels))
+                sizes.append(self._processed_image_size(*image_size(medium.path)))
             except ImageReadError as err:
                 raise _SampleFailure("broken_image", str(err)) from err
         return sizes
 
+    def _processed_image_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height x width`` is processed at (before tiling): ``max_image_pixels``'s cap."""
+        return capped_size(height, width, self.config.max_image_pixels)
+
+    def _image_tokens(self, image_sizes: Sequence[tuple[int, int]]) -> int:
+        """Tokens of a record's images at their processed sizes (one image is tiled, several are not)."""
+        info, tiled = self.processor_info, len(image_sizes) == 1
+        return sum(info.image_token_count(h, w, tiled) for h, w in image_sizes)
+
+    def _video_token_counts(self, record: ConversationRecord) -> list[Any]:
+        """Per video of ``record``, ``n -> tokens`` of that video with a cap of ``n`` frames."""
+        return [self.processor_info.video_token_count] * len(record.videos)
+
     def frame_caps(self, record: ConversationRecord, image_sizes: Sequence[tuple[int, int]]) -> list[int]:
         """Most frames each video of ``record`` may yield: ``max_frames``, lowered to fit
         ``max_visual_tokens`` (:func:`fit_frames`); an over-budget record raises ``_SampleFailure``."""
-        info = self.processor_info
         caps = [self.config.max_frames] * len(record.videos)
         budget = self.config.max_visual_tokens
         if budget is None:
             return caps
-        tiled = len(image_sizes) == 1
-        image_tokens = sum(info.image_token_count(h, w, tiled) for h, w in image_sizes)
-        fitted = fit_frames(caps, budget - image_tokens, info.video_token_count)
+        image_tokens = self._image_tokens(image_sizes)
+        fitted = fit_frames(caps, budget - image_tokens, self._video_token_counts(record)) if caps else \
+            (caps if image_tokens <= budget else None)
         if fitted is None:
             raise _SampleFailure("too_long", f"its {len(image_sizes)} image(s) ({image_tokens} tokens) and "
                                              f"{len(caps)} video(s) at one frame each do not fit "
                                              f"max_visual_tokens={budget}")
         return fitted
+
+    def estimate_encoding(self, record: ConversationRecord, videos: Sequence[Any],
+                          image_sizes: Sequence[tuple[int, int]]) -> EncodedConversation:
+        """``record`` tokenized as loading would, from metadata (:func:`~lmms_engine.data.lengths.estimate_lengths`):
+        ``videos`` holds per video its :class:`~lmms_engine.data.lengths.SampledVideo` (the probe and the
+        sampled frame indices, or None when it could not be probed: its cap is assumed)."""
+        frames = [len(v.indices) if v.indices is not None else v.spec.max_frames for v in videos]
+        duration, stamps = 0.0, []
+        if videos:
+            first = videos[0]
+            if first.indices is not None:
+                duration, stamps = first.probe.duration, [first.probe.timestamps[i] for i in first.indices]
+            else:
+                stamps = [0.0] * first.spec.max_frames
+        return self.encode_record(record, num_frames=frames, duration=duration, timestamps=stamps,
+                                  image_sizes=image_sizes)
 
     def encode_record(self, record: ConversationRecord, *, num_frames: int | Sequence[int] = 0, duration: float = 0.0,
                       timestamps: Sequence[float] = (), generation: bool = False,
@@ -441,7 +476,34 @@ class VideoSFTDataset(Dataset):
             raise _SampleFailure(err.reason, err.detail) from err
 
     def _load(self, j: int, generation: bool = False) -> dict[str, Any]:
+        """Record ``j`` as a sample: its media loaded (:meth:`_load_media`), tokenized, truncated."""
         record = self.record(j)
+        visual, encoding = self._load_media(record)
+        encoded = self.encode_record(record, generation=generation, **encoding)
+        input_ids, labels = encoded.input_ids, encoded.labels
+        if not generation:
+            keep = kept_length(len(input_ids), encoded.turn_ends, self.config.max_length, self.config.truncation)
+            visual_end = max((end for _, end in encoded.media_spans), default=0)
+            if keep is None or keep < visual_end:
+                count = sum(end - start for start, end in encoded.media_spans)
+                raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={self.config.max_length} "
+                                                 f"(truncation={self.config.truncation!r}, visual tokens: {count}; "
+                                                 "visual tokens are never cut)")
+            input_ids, labels = input_ids[:keep], labels[:keep]
+        sample: dict[str, Any] = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "video_num_frames": 0,
+            "index": j,
+            **visual,
+        }
+        if generation:
+            sample["reference"] = record.turns[-1].text
+            sample["metadata"] = dict(record.metadata)
+        return sample
+
+    def _load_media(self, record: ConversationRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(sample entries of the record's videos and images, keyword arguments of encode_record)``."""
         info = self.processor_info
         sizes = self.image_sizes(record)
         caps = self.frame_caps(record, sizes)
@@ -453,51 +515,33 @@ class VideoSFTDataset(Dataset):
             if len(videos) == 1:
                 duration, stamps = float(video.duration), video.timestamps
         images = self._load_images(record)
-        encoded = self.encode_record(record, num_frames=[int(v.shape[0]) for v in videos], duration=duration,
-                                     timestamps=stamps, generation=generation, image_sizes=[s for _, s in images])
-        input_ids, labels = encoded.input_ids, encoded.labels
-        if not generation:
-            keep = kept_length(len(input_ids), encoded.turn_ends, self.config.max_length, self.config.truncation)
-            visual_end = max((end for _, end in encoded.media_spans), default=0)
-            if keep is None or keep < visual_end:
-                visual = sum(end - start for start, end in encoded.media_spans)
-                raise _SampleFailure("too_long", f"{len(input_ids)} tokens > max_length={self.config.max_length} "
-                                                 f"(truncation={self.config.truncation!r}, visual tokens: {visual}; "
-                                                 "visual tokens are never cut)")
-            input_ids, labels = input_ids[:keep], labels[:keep]
-        sample: dict[str, Any] = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "video_num_frames": 0,
-            "index": j,
-        }
+        visual: dict[str, Any] = {}
         if len(videos) == 1:
-            sample["pixel_values_videos"] = videos[0]
-            sample["video_num_frames"] = int(videos[0].shape[0])
+            visual["pixel_values_videos"] = videos[0]
+            visual["video_num_frames"] = int(videos[0].shape[0])
         elif videos:
-            sample["pixel_values_videos"] = videos
-            sample["video_num_frames"] = [int(v.shape[0]) for v in videos]
+            visual["pixel_values_videos"] = videos
+            visual["video_num_frames"] = [int(v.shape[0]) for v in videos]
         if images:
-            sample["pixel_values"] = [pixels for pixels, _ in images]
-            sample["image_sizes"] = [size for _, size in images]
-        if generation:
-            sample["reference"] = record.turns[-1].text
-            sample["metadata"] = dict(record.metadata)
-        return sample
+            visual["pixel_values"] = [pixels for pixels, _ in images]
+            visual["image_sizes"] = [size for _, size in images]
+        encoding = {"num_frames": [int(v.shape[0]) for v in videos], "duration": duration, "timestamps": stamps,
+                    "image_sizes": [s for _, s in images]}
+        return visual, encoding
 
     def _load_images(self, record: ConversationRecord) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         from lmms_engine.data.images import ImageReadError, images_to_pixel_values, load_image
 
         if not record.images:
             return []
-        info, cap = self.processor_info, self.config.max_image_pixels
+        info = self.processor_info
         try:
             loaded = [load_image(m.path) for m in record.images]
         except ImageReadError as err:
             raise _SampleFailure("broken_image", str(err)) from err
         resized = []
         for image in loaded:
-            height, width = capped_size(image.height, image.width, cap)
+            height, width = self._processed_image_size(image.height, image.width)
             resized.append(image if (height, width) == (image.height, image.width) else
                            image.resize((width, height), resample=3))  # bicubic, as the processor resizes
         return images_to_pixel_values(resized, image_size=info.image_size, mean=info.image_mean, std=info.image_std,
@@ -528,7 +572,7 @@ class VideoSFTDataset(Dataset):
         start = record.video_start or 0.0
         end = record.video_end if record.video_end is not None else float(duration)
         stamps = [float(t) - start for t in timestamps]
-        token = self.processor_info.video_token
+        token = self.record_video_token
         first_user = next(i for i, t in enumerate(turns) if t.role == "user")
         rest = turns[first_user].text[len(token):].lstrip("\n")
         text = f"{token}\n{time_instruction(max(end - start, 0.0), stamps)}" + (f"\n{rest}" if rest else "")

@@ -10,8 +10,8 @@ frames the sampling rule returns, which depends only on the video's frame timest
    the rule the decoder applies), at most each video's frame cap (``max_frames`` lowered to fit
    ``max_visual_tokens``: ``VideoSFTDataset.frame_caps``) -> the number of frames ``T`` and their times.
    Images: their sizes from the file headers (after ``max_image_pixels``) give their token counts.
-3. Tokenize the record exactly as the dataset does (``VideoSFTDataset.encode_record``, with
-   ``video_token_count(T)`` tokens per video, the images' tokens and, with ``add_time_instruction``, the
+3. Tokenize the record exactly as the dataset does (``VideoSFTDataset.estimate_encoding``: ``encode_record``
+   with ``video_token_count(T)`` tokens per video (Qwen-VL: the grid of ``T`` frames at the coded size), the images' tokens and, with ``add_time_instruction``, the
    same instruction text). The capped lengths are what length-grouped sampling sorts by.
 
 For constant-rate videos the estimate equals the loaded sample's length. It can differ for
@@ -88,6 +88,16 @@ class LengthEstimate:
         return None if keep is None or keep < self.visual_end else keep
 
 
+@dataclass(frozen=True)
+class SampledVideo:
+    """One video of a record as the length estimate sees it: its sampling ``spec`` (frame cap included),
+    its ``probe`` and the frame ``indices`` the sampling rule picks; both None when it could not be probed."""
+
+    spec: Any
+    probe: VideoProbe | None
+    indices: list[int] | None
+
+
 def probe_videos(paths: Iterable[str], *, timeout: float | None = None, max_workers: int | None = None,
                  progress: bool = False) -> dict[str, VideoProbe | Exception]:
     """Probe each distinct path once, in a thread pool (probing mostly waits on I/O).
@@ -148,24 +158,19 @@ def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
         except Exception:  # noqa: BLE001 - invalid, unreadable image or over budget: loading reports it
             estimates.append(LengthEstimate(0, (0,), 0, 0, exact=False))
             continue
-        frames, duration, stamps, exact = [], 0.0, [], True
+        sampled, exact = [], True
         for video, cap in zip(record.videos, caps):
             spec = dataset.sampling_spec(record, video, cap)
             probe = probes[video.path]
             try:
                 if isinstance(probe, Exception):
                     raise probe
-                indices = sample_indices(probe.timestamps, spec)
-                frames.append(len(indices))
-                if len(frames) == 1:
-                    duration, stamps = probe.duration, [probe.timestamps[i] for i in indices]
+                sampled.append(SampledVideo(spec, probe, sample_indices(probe.timestamps, spec)))
             except Exception:  # noqa: BLE001 - unreadable video or empty time range: loading will fail or tell
-                frames.append(spec.max_frames)
+                sampled.append(SampledVideo(spec, None, None))
                 exact = False
-                if len(frames) == 1:
-                    stamps = [0.0] * spec.max_frames
-        encoded = dataset.encode_record(record, num_frames=frames, duration=duration, timestamps=stamps,
-                                        image_sizes=sizes)
+        encoded = dataset.estimate_encoding(record, sampled, sizes)
+        frames = [len(v.indices) if v.indices is not None else v.spec.max_frames for v in sampled]
         visual = sum(end - start for start, end in encoded.media_spans)
         visual_end = max((end for _, end in encoded.media_spans), default=0)
         estimates.append(LengthEstimate(len(encoded.input_ids), tuple(encoded.turn_ends), sum(frames), visual,
@@ -173,4 +178,4 @@ def estimate_lengths(dataset: VideoSFTDataset, *, progress: bool | None = None,
     return estimates
 
 
-__all__ = ["PROGRESS_MIN_RECORDS", "LengthEstimate", "estimate_lengths", "kept_length", "probe_videos"]
+__all__ = ["PROGRESS_MIN_RECORDS", "LengthEstimate", "SampledVideo", "estimate_lengths", "kept_length", "probe_videos"]

@@ -23,7 +23,12 @@ A video becomes what transformers' Qwen2-VL / Qwen3-VL processors produce from i
   token and the end token. Qwen3-VL replaces it with, per temporal group, ``<{t:.1f} seconds>`` (the
   mean time of the group's two frames) and its own vision_start / video_pads / vision_end, as Qwen's
   reference processor does.
-- **Token types** (:func:`mm_token_type_ids`): 0 text, 2 video (``<|video_pad|>``), as the model's
+- **Images** (:meth:`QwenVideoProcessing.preprocess_image`): ``smart_resize`` within the checkpoint's image
+  ``size`` (``image_min_pixels`` / ``image_max_pixels``: its ``preprocessor_config.json``, else transformers'
+  ``56 * 56`` / ``28 * 28 * 1280``), the same resize and normalisation, and one temporal group holding the
+  image ``temporal_patch_size`` times (transformers' ``Qwen2VLImageProcessorPil``): ``image_grid_thw`` ``(1, h,
+  w)``, ``h * w / merge_size**2`` ``<|image_pad|>`` tokens between one vision_start / vision_end pair.
+- **Token types** (:func:`mm_token_type_ids`): 0 text, 1 image (``<|image_pad|>``), 2 video (``<|video_pad|>``), as the model's
   rope-index function expects.
 """
 
@@ -41,10 +46,16 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 HALF: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 VIDEO_PAD = "<|video_pad|>"
+IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 #: What Qwen's chat templates render for a ``{"type": "video"}`` content part.
 TEMPLATE_VIDEO_TEXT = VISION_START + VIDEO_PAD + VISION_END
+#: What they render for a ``{"type": "image"}`` content part.
+TEMPLATE_IMAGE_TEXT = VISION_START + IMAGE_PAD + VISION_END
+#: transformers' ``Qwen2VLImageProcessor`` defaults (``size``'s ``shortest_edge`` / ``longest_edge``), used when
+#: a checkpoint has no ``preprocessor_config.json``.
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
 QWEN_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: Token-type ids of ``mm_token_type_ids`` (transformers' convention).
@@ -167,6 +178,41 @@ class QwenVideoInputs:
 
 
 @dataclass(frozen=True)
+class QwenImageInputs:
+    """One image, ready for the model.
+
+    Attributes:
+        pixel_values: ``[h*w, 3*tp*p*p]`` float32 patches (``pixel_values`` rows of this image; the image is
+            repeated ``temporal_patch_size`` times along time, as transformers' image processors do).
+        grid_thw: ``(1, h, w)`` in patches (this image's ``image_grid_thw`` row).
+        size: ``(H, W)`` pixels after resizing.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    size: tuple[int, int]
+
+
+def checkpoint_image_pixels(folder: Any) -> dict[str, int]:
+    """``{"image_min_pixels", "image_max_pixels"}`` from a checkpoint folder's ``preprocessor_config.json``
+    (``size.shortest_edge`` / ``size.longest_edge``, or the older ``min_pixels`` / ``max_pixels``); empty
+    when the folder or the file is missing."""
+    import json
+    from pathlib import Path
+
+    if not folder:
+        return {}
+    path = Path(str(folder)) / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    size = data.get("size") if isinstance(data.get("size"), dict) else {}
+    low = size.get("shortest_edge") or size.get("min_pixels") or data.get("min_pixels")
+    high = size.get("longest_edge") or size.get("max_pixels") or data.get("max_pixels")
+    return {k: int(v) for k, v in (("image_min_pixels", low), ("image_max_pixels", high)) if v}
+
+
+@dataclass(frozen=True)
 class QwenVideoProcessing:
     """The video preprocessing of one Qwen-VL family (module docstring); build with :meth:`for_model`.
 
@@ -177,6 +223,7 @@ class QwenVideoProcessing:
         total_pixels: area budget over the whole video (pixels x frames); None = no total bound.
         image_mean, image_std: per-channel normalisation.
         timestamps: Qwen3-VL's per-group ``<t seconds>`` text and vision_start/end pair per group.
+        image_min_pixels, image_max_pixels: area bounds of images (the checkpoint's image processor ``size``).
     """
 
     family: str
@@ -189,6 +236,8 @@ class QwenVideoProcessing:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     timestamps: bool = False
+    image_min_pixels: int = IMAGE_MIN_PIXELS
+    image_max_pixels: int = IMAGE_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.family not in QWEN_FAMILIES:
@@ -198,6 +247,9 @@ class QwenVideoProcessing:
                              f"max_pixels={self.max_pixels}")
         if self.total_pixels is not None and self.total_pixels < self.min_pixels:
             raise ValueError(f"total_pixels={self.total_pixels} is below min_pixels={self.min_pixels}")
+        if not 0 < self.image_min_pixels <= self.image_max_pixels:
+            raise ValueError(f"need 0 < image_min_pixels <= image_max_pixels, got {self.image_min_pixels}, "
+                             f"{self.image_max_pixels}")
 
     @property
     def factor(self) -> int:
@@ -207,8 +259,10 @@ class QwenVideoProcessing:
     @classmethod
     def for_model(cls, config: Any, **overrides: Any) -> "QwenVideoProcessing":
         """Defaults of the family of ``config`` (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL HF config); ``overrides`` (None
-        values ignored) set ``min_pixels``, ``max_pixels``, ``total_pixels``. Defaults (qwen-vl-utils):
-        128 to 768 LLM tokens' worth of pixels per frame, a total of 0.9 * 128000 tokens' worth."""
+        values ignored) set ``min_pixels``, ``max_pixels``, ``total_pixels``, ``image_min_pixels``,
+        ``image_max_pixels``. Defaults (qwen-vl-utils): 128 to 768 LLM tokens' worth of pixels per frame, a
+        total of 0.9 * 128000 tokens' worth; images: the checkpoint's ``preprocessor_config.json``
+        (:func:`checkpoint_image_pixels` of ``config._name_or_path``), else transformers' defaults."""
         family = config.model_type
         if family not in QWEN_FAMILIES:
             raise ValueError(f"model_type {family!r} is not a Qwen-VL family ({', '.join(QWEN_FAMILIES)})")
@@ -219,7 +273,7 @@ class QwenVideoProcessing:
                    merge_size=vision.spatial_merge_size, min_pixels=128 * factor * factor,
                    max_pixels=768 * factor * factor, total_pixels=int(0.9 * 128000 * factor * factor),
                    image_mean=HALF if qwen3 else CLIP_MEAN, image_std=HALF if qwen3 else CLIP_STD,
-                   timestamps=qwen3)
+                   timestamps=qwen3, **checkpoint_image_pixels(getattr(config, "_name_or_path", None)))
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(spec, **given) if given else spec
 
@@ -256,6 +310,36 @@ class QwenVideoProcessing:
         return "".join(f"<{t:.1f} seconds>" + VISION_START + VIDEO_PAD * per_group + VISION_END
                        for t in group_times)
 
+    def image_size(self, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
+        """``(H', W')`` an image of ``height x width`` is resized to: ``smart_resize`` within ``image_min_pixels``
+        and ``image_max_pixels``, the latter lowered to ``max_pixels`` (``dataset_config.max_image_pixels``)."""
+        upper = self.image_max_pixels if max_pixels is None else min(self.image_max_pixels, max_pixels)
+        return smart_resize(height, width, self.factor, min(self.image_min_pixels, upper), upper)
+
+    def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """``image_grid_thw`` of an image resized to ``height x width`` (multiples of :attr:`factor`)."""
+        return 1, height // self.patch_size, width // self.patch_size
+
+    def image_token_count(self, grid_thw: Sequence[int]) -> int:
+        """``<|image_pad|>`` tokens of an image: ``h * w / merge_size**2``."""
+        return self.tokens_per_group(grid_thw)
+
+    def image_placeholder_text(self, grid_thw: Sequence[int]) -> str:
+        """The text that replaces the template's ``<|vision_start|><|image_pad|><|vision_end|>`` (all families:
+        Qwen3-VL writes no timestamp for images)."""
+        return VISION_START + IMAGE_PAD * self.image_token_count(grid_thw) + VISION_END
+
+    def preprocess_image(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> QwenImageInputs:
+        """uint8 ``[3, H, W]`` -> :class:`QwenImageInputs`: resized to ``size`` (default :meth:`image_size`) with
+        PIL's bicubic filter, normalised, patchified as one temporal group (the image repeated
+        ``temporal_patch_size`` times), as transformers' ``Qwen2VLImageProcessorPil``."""
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 image [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        size = size or self.image_size(image.shape[1], image.shape[2])
+        pixels = self.normalize(resize_frames(image[None], size))
+        patches, grid = patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
+        return QwenImageInputs(pixel_values=patches, grid_thw=grid, size=size)
+
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``[T, 3, H, W]`` -> float32 ``(x / 255 - mean) / std``."""
         mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -290,7 +374,8 @@ class QwenVideoProcessing:
 
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DEFAULT_FPS", "HALF", "QWEN_FAMILIES", "TEMPLATE_VIDEO_TEXT", "VIDEO_PAD",
-    "VIDEO_TYPE", "VISION_END", "VISION_START", "QwenVideoInputs", "QwenVideoProcessing", "group_timestamps",
+    "CLIP_MEAN", "CLIP_STD", "DEFAULT_FPS", "HALF", "IMAGE_PAD", "QWEN_FAMILIES", "TEMPLATE_IMAGE_TEXT",
+    "TEMPLATE_VIDEO_TEXT", "VIDEO_PAD", "VIDEO_TYPE", "VISION_END", "VISION_START", "QwenImageInputs",
+    "QwenVideoInputs", "QwenVideoProcessing", "checkpoint_image_pixels", "group_timestamps",
     "mm_token_type_ids", "pad_to_groups", "patchify", "resize_frames", "smart_resize",
 ]

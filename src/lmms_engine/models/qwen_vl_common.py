@@ -310,7 +310,7 @@ class QwenVideoMixin(VideoFamilyMixin):
         return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
 
     def _touch_visual_parameters(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """A batch without video: in training with trainable visual parameters, one blank 2x2-patch frame
+        """A batch without video or image: in training with trainable visual parameters, one blank 2x2-patch frame
         pair goes through the encoder and an exact zero depending on it is added (DDP ranks must reach the
         same parameters in backward)."""
         visual = self.model.visual
@@ -326,33 +326,36 @@ class QwenVideoMixin(VideoFamilyMixin):
 
     # ------------------------------------------------------------------ positions
     def rope_positions(self, input_ids: torch.Tensor, mm_types: torch.Tensor, position_ids: torch.Tensor,
-                       video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None) -> torch.Tensor:
+                       video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None,
+                       image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Packed rows: ``[4, R, L]``, row 0 the given text positions, rows 1-3 M-RoPE from the model's
-        ``get_rope_index`` per sample (each sample's span starts where ``position_ids`` restart)."""
+        ``get_rope_index`` per sample (each sample's span starts where ``position_ids`` restart), with the
+        sample's own videos and images (taken in token order from ``video_grid_thw`` / ``image_grid_thw``)."""
         rows, length = input_ids.shape
         out = torch.zeros(3, rows, length, dtype=torch.long, device=input_ids.device)
         merge = self.config.vision_config.spatial_merge_size
-        grids = video_grid_thw.tolist() if video_grid_thw is not None else []
-        tokens = [int(t * h * w) // merge ** 2 for t, h, w in grids]
-        seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1.0] * len(grids)
-        video = 0
+        grids = {2: video_grid_thw, 1: image_grid_thw}
+        tokens = {kind: [int(t * h * w) // merge ** 2 for t, h, w in (g.tolist() if g is not None else [])]
+                  for kind, g in grids.items()}
+        seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1.0] * len(tokens[2])
+        taken = {2: 0, 1: 0}
         for r, spans in enumerate(packed_segments(position_ids)):
             for start, end in spans:
                 ids = input_ids[r:r + 1, start:end]
                 types = mm_types[r:r + 1, start:end]
-                count = int((types == 2).sum())
-                first = video
-                while count > 0 and video < len(grids):
-                    count -= tokens[video]
-                    video += 1
-                if count != 0:
-                    raise ValueError(f"row {r}, columns {start}-{end}: the video tokens do not match whole videos "
-                                     f"of video_grid_thw")
                 kwargs: dict[str, Any] = {}
-                if video > first:
-                    kwargs["video_grid_thw"] = video_grid_thw[first:video]
-                    if self.uses_second_per_grid:
-                        kwargs["second_per_grid_ts"] = torch.tensor(seconds[first:video])
+                for kind, key in ((2, "video_grid_thw"), (1, "image_grid_thw")):
+                    count, first = int((types == kind).sum()), taken[kind]
+                    while count > 0 and taken[kind] < len(tokens[kind]):
+                        count -= tokens[kind][taken[kind]]
+                        taken[kind] += 1
+                    if count != 0:
+                        raise ValueError(f"row {r}, columns {start}-{end}: the {key[:5]} tokens do not match whole "
+                                         f"{key[:5]}s of {key}")
+                    if taken[kind] > first:
+                        kwargs[key] = grids[kind][first:taken[kind]]
+                        if kind == 2 and self.uses_second_per_grid:
+                            kwargs["second_per_grid_ts"] = torch.tensor(seconds[first:taken[kind]])
                 positions, _ = self.model.get_rope_index(ids, mm_token_type_ids=types, **kwargs)
                 out[:, r, start:end] = positions[:, 0]
         return torch.cat([position_ids[None].to(out.device), out], dim=0)
@@ -363,6 +366,8 @@ class QwenVideoMixin(VideoFamilyMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
@@ -380,12 +385,16 @@ class QwenVideoMixin(VideoFamilyMixin):
         """Forward on a collated batch (:class:`~lmms_engine.data.qwen_dataset.QwenVideoCollator`).
 
         Args:
-            input_ids: ``[B, L]`` with ``<|video_pad|>`` runs as transformers' processor expands them.
+            input_ids: ``[B, L]`` with ``<|video_pad|>`` / ``<|image_pad|>`` runs as transformers' processor
+                expands them.
             attention_mask: ``[B, L]`` (left or right padding); None for packed rows.
             labels: ``[B, L]``, -100 = ignored (shifted inside).
+            pixel_values: ``[sum h*w, 3*2*p*p]`` patches of every image, in token order; image_grid_thw:
+                ``[I, 3]``. Images carry no autoregressive loss.
             pixel_values_videos: ``[sum t*h*w, 3*2*p*p]`` patches of every video, in token order.
             video_grid_thw: ``[V, 3]``. second_per_grid_ts: ``[V]`` (Qwen2.5-VL's temporal position scale).
-            mm_token_type_ids: ``[B, L]``; None = derived from ``input_ids`` (2 at ``<|video_pad|>``).
+            mm_token_type_ids: ``[B, L]``; None = derived from ``input_ids`` (2 at ``<|video_pad|>``, 1 at
+                ``<|image_pad|>``).
             position_ids: None (the model's rope index, with the attention mask), or ``[R, L]`` text positions
                 restarting at 0 per packed sample (M-RoPE then computed per sample), or ready 3-D/4-D ids.
             video_num_frames, video_row: the collator's bookkeeping (temporal groups per sample / video and
@@ -405,10 +414,14 @@ class QwenVideoMixin(VideoFamilyMixin):
         has_video = pixel_values_videos is not None
         if has_video and (video_grid_thw is None or input_ids is None):
             raise ValueError("pixel_values_videos need video_grid_thw and input_ids (to find the <|video_pad|> tokens)")
+        has_image = pixel_values is not None
+        if has_image and (image_grid_thw is None or input_ids is None):
+            raise ValueError("pixel_values need image_grid_thw and input_ids (to find the <|image_pad|> tokens)")
         if position_ids is not None and position_ids.dim() == 2 and input_ids is not None and attention_mask is None:
             position_ids = self.rope_positions(input_ids, mm_token_type_ids, position_ids,
                                                video_grid_thw if has_video else None,
-                                               second_per_grid_ts if has_video else None)
+                                               second_per_grid_ts if has_video else None,
+                                               image_grid_thw if has_image else None)
         module = getattr(self, "autoregressive_module", None)
         encoder_outputs: dict[str, Any] = {}
         targets = None
@@ -417,14 +430,17 @@ class QwenVideoMixin(VideoFamilyMixin):
             encoder_outputs["video"] = video_out
             if module is not None and labels is not None and module.target_encoder_mode == "shared":
                 targets = [t.detach() for t in self.video_targets(video_out.last_hidden_state.detach(), video_grid_thw)]
-        elif input_ids is not None and inputs_embeds is None and self._visual_trains():
+        if has_image:
+            encoder_outputs["image"] = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if not has_video and not has_image and input_ids is not None and inputs_embeds is None and \
+                self._visual_trains():
             inputs_embeds = self._touch_visual_parameters(self.get_input_embeddings()(input_ids))
             if position_ids is None:  # what transformers gives text-only rows from input_ids
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         model_kwargs: dict[str, Any] = dict(
             input_ids=input_ids if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
-            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            video_grid_thw=video_grid_thw, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=encoder_outputs or None, **kwargs)
         if self.uses_second_per_grid:
             model_kwargs["second_per_grid_ts"] = second_per_grid_ts
