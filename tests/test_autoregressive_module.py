@@ -90,7 +90,8 @@ def dense_hidden(hidden: torch.Tensor, index: FrameTokenIndex, b: int, frames: i
 
 
 def test_embedding_dim_must_match_tower_and_names_both_numbers():
-    with pytest.raises(ValueError, match=r"embedding_dim \(1152\).*feature size \(64\)"):
+    with pytest.raises(ValueError, match=r"autoregressive_config\.embedding_dim=1152 differs from the vision tower's feature size 64 "
+                       r"at vision_feature_layer=-1.*set embedding_dim: 64"):
         create_autoregressive_reconstruction_module(tiny_tower(), 896, {})
     with pytest.raises(TypeError, match="vision_tower must be a vision encoder"):
         create_autoregressive_reconstruction_module(nn.Linear(2, 2), 896, {"embedding_dim": 64})

@@ -190,6 +190,36 @@ class DatasetConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a number of pixels >= 1 or null, got {value}")
 
+    def check_files(self, where: str = "dataset_config", generated: set[Path] | None = None,
+                    keys: Sequence[str] = ("data_path", "eval_data_path")) -> dict[str, list[SourceConfig]]:
+        """The one check that the folders and record files of this block exist (the launcher's config
+        check and :func:`open_records`); returns the sources of each of ``keys`` that is set (every file
+        of a list or mixture checked, mixture entries resolved; no record read).
+
+        ``generated``: paths an earlier pipeline block writes (a ``demo_data`` block), present though not
+        yet there; their sources are not returned. Raises
+        :class:`~lmms_engine.utils.config.ConfigError` naming ``where.key`` and the path.
+        """
+        made = generated or set()
+        for key in ("video_folder", "image_folder"):
+            folder = getattr(self, key)
+            if folder is not None and Path(folder).resolve() not in made and not Path(folder).is_dir():
+                raise ConfigError(f"{where}.{key}: folder {folder!r} does not exist")
+        found: dict[str, list[SourceConfig]] = {}
+        for key in keys:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            values = [value] if isinstance(value, str) else list(value)
+            pending = [v for v in values if Path(v).expanduser().resolve() not in made]
+            if isinstance(value, str) and pending and not Path(value).expanduser().exists():
+                hint = " (a demo_data block earlier in the list would generate one)" \
+                    if key == "data_path" and generated is not None else ""
+                raise ConfigError(f"{where}.{key}: file {value!r} does not exist{hint}")
+            found[key] = resolve_sources(value if isinstance(value, str) else pending, video_folder=self.video_folder,
+                                         image_folder=self.image_folder, where=f"{where}.{key}") if pending else []
+        return found
+
 
 @dataclass
 class BadRecordReport:
@@ -751,12 +781,7 @@ def open_records(config: DatasetConfig, split: Literal["train", "eval"], *, vide
         path, key = config.eval_data_path, "eval_data_path"
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    for folder_key in ("video_folder", "image_folder"):
-        folder = getattr(config, folder_key, None)
-        if folder is not None and not Path(folder).is_dir():
-            raise ConfigError(f"dataset_config.{folder_key}: folder {folder!r} does not exist")
-    sources = resolve_sources(path, video_folder=config.video_folder, image_folder=getattr(config, "image_folder", None),
-                              where=f"dataset_config.{key}")
+    sources = config.check_files(keys=(key,))[key]
     mixed = open_sources(sources, seed=config.sampling_seed)
     records = LazyRecords(mixed, video_token=video_token, image_token=image_token,
                           videos_inside_folder=config.videos_inside_folder)

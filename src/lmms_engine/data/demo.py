@@ -518,6 +518,17 @@ class DemoDataConfig:
     def eval_path(self) -> Path:
         return Path(self.output_dir) / "eval.json"
 
+    def check_folder(self, where: str = "demo_data") -> None:
+        """The one check of ``output_dir`` (the launcher's config check and :func:`ensure_demo_data`): a
+        user's files there are never replaced. Raises ConfigError naming ``where.output_dir`` and what is
+        in the way."""
+        from lmms_engine.utils.config import ConfigError
+
+        try:
+            check_demo_folder(self.output_dir)
+        except ValueError as err:
+            raise ConfigError(f"{where}.output_dir: {err}") from err
+
     def outputs(self) -> set[Path]:
         """Files this block writes (absolute)."""
         return {self.train_path.resolve(), self.eval_path.resolve(), (Path(self.output_dir) / "videos").resolve()}
@@ -532,13 +543,8 @@ def ensure_demo_data(config: DemoDataConfig) -> bool:
     ``overwrite`` says: only a demo dataset of ours is ever replaced, and replacing one made with other
     settings is logged with both settings.
     """
-    from lmms_engine.utils.config import ConfigError
-
     out = Path(config.output_dir)
-    try:
-        check_demo_folder(out)
-    except ValueError as err:
-        raise ConfigError(f"demo_data.output_dir: {err}") from err
+    config.check_folder()
     settings = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "overwrite")}
     settings["generator_version"] = GENERATOR_VERSION
     marker = out / DEMO_MARKER

@@ -65,6 +65,25 @@ class TrainerBlockConfig:
     resume_from_checkpoint: str | bool | None = None
     where: str = "trainer"
 
+    @staticmethod
+    def check_autoregressive(trainer_type: str, model_config: Any, where: str = "trainer") -> Any:
+        """The trainer type against ``model_config.enable_autoregressive``; returns the model config the
+        run builds. ``autoregressive_trainer`` trains the loss, so with ``enable_autoregressive`` unset the
+        module is attached (with the default ``autoregressive_config`` unless one is given; ``false`` is
+        the plain-SFT baseline through the same trainer); a type without the loss and ``true`` contradict
+        each other (ConfigError). The model built from the result carries the module exactly when
+        :attr:`trains_autoregressive`, which the trainer checks again on the model itself
+        (:func:`lmms_engine.train.autoregressive_trainer.configure_autoregressive`)."""
+        if not TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive:
+            raise ConfigError(
+                f"{where}: trainer_type {trainer_type!r} trains without the autoregressive loss but "
+                f"model_config.enable_autoregressive is true; use trainer_type: autoregressive_trainer, or set "
+                f"enable_autoregressive: false"
+            )
+        if TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive is None:
+            return dataclasses.replace(model_config, enable_autoregressive=True)
+        return model_config
+
     @property
     def trains_autoregressive(self) -> bool:
         """Whether this block trains the autoregressive loss (``autoregressive_trainer`` and a model with
@@ -195,7 +214,8 @@ def _check_model(raw: Any, where: str) -> Any:
     from lmms_engine.models.builder import ModelConfig, resolve_video_layout
 
     model_config = from_mapping(ModelConfig, raw, where)
-    resolve_video_layout(model_config, None, where)  # layout conflicts, autoregressive_config keys/types
+    # layout conflicts, autoregressive_config keys/types
+    resolve_video_layout(model_config.layout_keys(), model_config.autoregressive_config, None, where)
     _check_model_files(model_config, where)
     if model_config.model_name_or_path is None and model_config.tiny_config is not None:
         from lmms_engine.models.tiny import tiny_llava_config
@@ -220,14 +240,13 @@ def _check_model(raw: Any, where: str) -> Any:
     ar = model_config.autoregressive_config or {}
     if model_config.enable_autoregressive is not False and "embedding_dim" in ar and hf_config is not None:
         width = _vision_feature_size(hf_config)
-        if width is not None and ar["embedding_dim"] != width:
+        if width is not None:
+            from lmms_engine.models.autoregressive_config import AutoregressiveConfig
+
             model = "the tiny model" if model_config.model_name_or_path is None else \
                 repr(model_config.model_name_or_path)
-            raise ConfigError(
-                f"{where}.autoregressive_config.embedding_dim={ar['embedding_dim']} differs from the vision "
-                f"tower's feature size {width} of {model}: the targets are the tower's features; set "
-                f"embedding_dim: {width} or remove the key (it defaults to the tower's width)"
-            )
+            ar_where = f"{where}.autoregressive_config"
+            AutoregressiveConfig.from_dict(ar, ar_where).check_against_tower(width, ar_where, f"of {model}")
     return model_config
 
 
@@ -237,32 +256,12 @@ def _check_dataset(raw: Any, where: str, generated: set[Path]) -> Any:
     if raw is None:
         raise ConfigError(f"{where}: missing; give dataset_config with at least data_path (a JSON/JSONL file "
                           f"of LLaVA records), or add a demo_data block and point data_path at its train.json")
-    from lmms_engine.data.sources import first_usable_record, resolve_sources
+    from lmms_engine.data.sources import first_usable_record
 
     dataset_config = from_mapping(DatasetConfig, raw, where)
-    for key in ("video_folder", "image_folder"):
-        folder = getattr(dataset_config, key)
-        if folder is not None and Path(folder).resolve() not in generated and not Path(folder).is_dir():
-            raise ConfigError(f"{where}.{key}: folder {folder!r} does not exist")
-    for key in ("data_path", "eval_data_path"):
-        value = getattr(dataset_config, key)
-        if value is None:
-            continue
-        values = [value] if isinstance(value, str) else value
-        if all(Path(v).expanduser().resolve() in generated for v in values):
-            continue
-        missing = [v for v in values if not Path(v).expanduser().exists()
-                   and Path(v).expanduser().resolve() not in generated]
-        if missing and isinstance(value, str):
-            hint = " (a demo_data block earlier in the list would generate one)" if key == "data_path" else ""
-            raise ConfigError(f"{where}.{key}: file {value!r} does not exist{hint}")
-        # Every file of a list or mixture exists and each mixture entry is valid; each source is read up to
-        # its first usable record: a file that is no record file, empty, or without a usable record is a
-        # data error now, not after the model is built (DataFileError / BadRecordError).
-        pending = [v for v in values if Path(v).expanduser().resolve() not in generated]
-        sources = resolve_sources(value if isinstance(value, str) else pending,
-                                  video_folder=dataset_config.video_folder,
-                                  image_folder=dataset_config.image_folder, where=f"{where}.{key}")
+    # Each source is read up to its first usable record: a file that is no record file, empty, or without a
+    # usable record is a data error now, not after the model is built (DataFileError / BadRecordError).
+    for sources in dataset_config.check_files(where, generated).values():
         for source in sources:
             first_usable_record(source, on_bad_record=dataset_config.on_bad_record,
                                 videos_inside_folder=dataset_config.videos_inside_folder)
@@ -305,21 +304,12 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
     if trainer_type not in TRAINER_TYPES:
         raise ConfigError(f"{where}.trainer_type: unknown {trainer_type!r}{suggest(str(trainer_type), TRAINER_TYPES)}; "
                           f"valid: {', '.join(TRAINER_TYPES)}")
-    model_config = _check_model(raw.get("model_config"), f"{where}.model_config")
-    if not TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive:
-        raise ConfigError(
-            f"{where}: trainer_type {trainer_type!r} trains without the autoregressive loss but "
-            f"model_config.enable_autoregressive is true; use trainer_type: autoregressive_trainer, or set "
-            f"enable_autoregressive: false"
-        )
-    if TRAINER_TYPES[trainer_type] and model_config.enable_autoregressive is None:
-        # The defaults agree: autoregressive_trainer (the default) attaches the module, with the default
-        # autoregressive_config unless one is given (embedding_dim = the vision tower's width).
-        model_config = dataclasses.replace(model_config, enable_autoregressive=True)
+    model_config = TrainerBlockConfig.check_autoregressive(
+        trainer_type, _check_model(raw.get("model_config"), f"{where}.model_config"), where)
     dataset_config = _check_dataset(raw.get("dataset_config"), f"{where}.dataset_config", generated)
     args = {key: value for key, value in raw.items() if key not in TRAINER_KEYS}
     resume = _check_resume(args.pop(RESUME_KEY, None), f"{where}.{RESUME_KEY}")
-    from lmms_engine.train.arguments import TrainingArguments, has_accelerator
+    from lmms_engine.train.arguments import TrainingArguments, check_fsdp, has_accelerator
 
     # Types (from the dataclass fields) and transformers' own consistency checks, before any model.
     wide = {key: args[key] for key in WIDER_TYPES if key in args}
@@ -341,9 +331,7 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
     except (ValueError, TypeError, OSError) as err:
         raise ConfigError(f"{where}: {err}") from err
     _check_training_values(training, args, where, dataset_config)
-    if args.get("fsdp") and not has_accelerator():
-        raise ConfigError(f"{where}.fsdp: FSDP through the Trainer needs GPUs (accelerate does not enable it for "
-                          f"CPU processes, which would silently train with DDP); remove fsdp/fsdp_config here")
+    check_fsdp(training, f"{where}.fsdp")
     if args.get("use_liger_kernel") and not has_accelerator():
         raise ConfigError(f"{where}.use_liger_kernel: Liger kernels are Triton GPU kernels; on this machine (no GPU) "
                           f"they would fail at the first step: remove use_liger_kernel or set it to false")
@@ -452,12 +440,7 @@ def check_pipeline(raw: Any, source: str = "<mapping>") -> PipelineConfig:
         where = f"{source}: block {i} ({block_type}).config"
         if block_type == "demo_data":
             config = from_mapping(DemoDataConfig, item.get("config"), where)
-            from lmms_engine.data.demo import check_demo_folder
-
-            try:  # a user's files there are never replaced: refused now, not after a --dry-run said OK
-                check_demo_folder(config.output_dir)
-            except ValueError as err:
-                raise ConfigError(f"{where}.output_dir: {err}") from err
+            config.check_folder(where)  # refused now, not after a --dry-run said OK
             generated |= config.outputs()
         elif block_type == "evaluate":
             from lmms_engine.eval.config import EvaluateConfig  # files are checked when it runs: an

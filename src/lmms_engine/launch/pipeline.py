@@ -113,16 +113,9 @@ def prepare_trainer(block: TrainerBlockConfig, args: Any | None = None) -> Prepa
     set_seed(args.seed)  # model initialisation is part of the run's reproducibility
     parts = build_parts(block.model_config, block.dataset_config, where=block.where,
                         with_eval=block.dataset_config.eval_data_path is not None and args.eval_strategy != "no")
-    model = parts.model
-    enable = block.trains_autoregressive
-    if enable and getattr(model, "autoregressive_module", None) is None:
-        raise ConfigError(
-            f"{block.where}: trainer_type autoregressive_trainer but the model has no autoregressive module; "
-            f"set model_config.enable_autoregressive: true (with an autoregressive_config), or use "
-            f"trainer_type: sft"
-        )
+    enable = block.trains_autoregressive  # the trainer checks that the model carries the module
     trainer = AutoregressiveTrainer(
-        model=model,
+        model=parts.model,
         args=args,
         data_collator=parts.collator,
         train_dataset=parts.train_dataset,

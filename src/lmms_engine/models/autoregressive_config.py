@@ -118,6 +118,20 @@ class AutoregressiveConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check_against_tower(self, width: int, where: str = "autoregressive_config", tower: str = "") -> None:
+        """The one check of ``embedding_dim`` against the vision tower's feature size ``width`` (the
+        targets are the tower's features), for the launcher's config check and the module alike.
+
+        ``tower`` describes the tower in the message (``"of the tiny model"``). Raises
+        :class:`~lmms_engine.utils.config.ConfigError` naming ``where.embedding_dim``, both numbers and the fix.
+        """
+        if self.embedding_dim != width:
+            raise ConfigError(
+                f"{where}.embedding_dim={self.embedding_dim} differs from the vision tower's feature size {width}"
+                f"{' ' + tower if tower else ''}: the targets are the tower's features; set embedding_dim: {width} "
+                f"or remove the key (it defaults to the tower's width)"
+            )
+
     def layout_overrides(self) -> dict:
         """Layout keys this block sets for the model: ``mm_spatial_pool_stride``,
         ``mm_spatial_pool_mode``, ``add_faster_video`` when ``enable_multiscale_pooling``, else ``{}``."""

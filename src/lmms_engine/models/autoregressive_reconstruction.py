@@ -307,13 +307,8 @@ class AutoregressiveReconstructionModule(nn.Module):
         if not isinstance(config, AutoregressiveConfig):
             config = AutoregressiveConfig.from_dict(config)
         width, patch_side = _tower_geometry(vision_tower)
-        features = feature_size(width, config.vision_feature_layer)
-        if config.embedding_dim != features:
-            raise ValueError(
-                f"autoregressive_config.embedding_dim ({config.embedding_dim}) must equal the vision "
-                f"tower's feature size ({features}) at vision_feature_layer={config.vision_feature_layer!r}: "
-                f"the targets are the tower's features"
-            )
+        config.check_against_tower(feature_size(width, config.vision_feature_layer),
+                                   tower=f"at vision_feature_layer={config.vision_feature_layer!r}")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         self.config = config

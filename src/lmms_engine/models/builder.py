@@ -85,6 +85,10 @@ class ModelConfig:
     enable_autoregressive: bool | None = None
     autoregressive_config: dict | None = None
 
+    def layout_keys(self) -> dict[str, Any]:
+        """The video-layout keys this block sets (the others are None: the checkpoint's or the default)."""
+        return {key: getattr(self, key) for key in LAYOUT_FIELDS if getattr(self, key) is not None}
+
     def __post_init__(self) -> None:
         if self.lora is not None:
             from_mapping(LoraSettings, self.lora, "model_config.lora")  # checked now, before any model is built
@@ -95,36 +99,47 @@ class ModelConfig:
 
 
 def resolve_video_layout(
-    config: ModelConfig,
+    layout_keys: Mapping[str, Any],
+    autoregressive: Mapping[str, Any] | None = None,
     stored: Mapping[str, Any] | None = None,
     where: str = "model_config",
+    *,
+    ar_where: str | None = None,
+    unused_is_error: bool = True,
 ) -> VideoLayoutConfig:
-    """The layout from ``config`` (and its ``autoregressive_config``) over the checkpoint's ``stored`` one.
+    """The one resolution of the video layout, for the launcher's check, :func:`build_model` and
+    ``attach_autoregressive_module``: ``layout_keys`` (the keys set where the layout is owned:
+    :meth:`ModelConfig.layout_keys`, or a built model's whole layout) and, with
+    ``enable_multiscale_pooling: true``, the layout keys of the ``autoregressive`` block (raw keys, checked
+    as :class:`AutoregressiveConfig`), over the checkpoint's ``stored`` layout, over the defaults.
+
+    ``where`` names the place of ``layout_keys`` in messages, ``ar_where`` the block's
+    (default ``{where}.autoregressive_config``).
 
     Raises:
-        ConfigError: a key set to different values in ``model_config`` and its ``autoregressive_config``
-            (with ``enable_multiscale_pooling: true``), or an ``autoregressive_config`` pooling key that
-            differs from the layout while ``enable_multiscale_pooling`` is off (it would have no effect).
+        ConfigError: a key with different values in ``layout_keys`` and the block (with
+            ``enable_multiscale_pooling: true``), or, with ``unused_is_error``, a layout key the block sets
+            that differs from the layout while ``enable_multiscale_pooling`` is off (it would have no
+            effect; off for a stored block, which holds every key).
     """
     from lmms_engine.models.autoregressive_config import LAYOUT_KEYS, AutoregressiveConfig
 
-    explicit = {key: getattr(config, key) for key in LAYOUT_FIELDS if getattr(config, key) is not None}
-    raw_ar = dict(config.autoregressive_config or {})
-    ar_where = f"{where}.autoregressive_config"
+    raw_ar = dict(autoregressive or {})
+    ar_where = ar_where or f"{where}.autoregressive_config"
     ar_overrides: dict[str, Any] = {}
     if raw_ar:
         ar_overrides = AutoregressiveConfig.from_dict(raw_ar, ar_where).layout_overrides()
     for key, value in ar_overrides.items():
-        if key in explicit and explicit[key] != value:
+        if key in layout_keys and layout_keys[key] != value:
             origin = "" if key in raw_ar else " (its default)"
             raise ConfigError(
-                f"{where}.{key}={explicit[key]!r} disagrees with {ar_where}.{key}={value!r}{origin}; with "
-                f"enable_multiscale_pooling: true the autoregressive_config keys set the video layout: give one "
-                f"value in one place"
+                f"{where}.{key}={layout_keys[key]!r} disagrees with {ar_where}.{key}={value!r}{origin}; with "
+                f"enable_multiscale_pooling: true the autoregressive_config keys set the video layout when the "
+                f"model is built: give one value in one place"
             )
-    merged = {**VideoLayoutConfig().to_dict(), **dict(stored or {}), **ar_overrides, **explicit}
+    merged = {**VideoLayoutConfig().to_dict(), **dict(stored or {}), **ar_overrides, **layout_keys}
     layout = from_mapping(VideoLayoutConfig, merged, f"{where} (video layout)")
-    if not ar_overrides:
+    if not ar_overrides and unused_is_error:
         for key in LAYOUT_KEYS:
             if key in raw_ar and raw_ar[key] != getattr(layout, key):
                 raise ConfigError(
@@ -288,7 +303,7 @@ def build_model(
         if tokenizer is not None:
             _check_tokenizer(hf_config, tokenizer, repr(cfg.model_name_or_path))
 
-    layout = resolve_video_layout(cfg, getattr(hf_config, CONFIG_LAYOUT_KEY, None))
+    layout = resolve_video_layout(cfg.layout_keys(), cfg.autoregressive_config, getattr(hf_config, CONFIG_LAYOUT_KEY, None))
     setattr(hf_config, CONFIG_LAYOUT_KEY, layout.to_dict())
     enable, restore, ar_config = autoregressive_plan(cfg, hf_config)
 

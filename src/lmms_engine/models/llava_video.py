@@ -29,11 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
-from lmms_engine.models.autoregressive_config import (
-    CONFIG_AR_ENABLE_KEY,
-    CONFIG_AR_KEY,
-    LAYOUT_KEYS,
-)
+from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
 from lmms_engine.models.family import VideoFamilyMixin
 from lmms_engine.models.layout import (
     ROLE_FASTER,
@@ -280,14 +276,10 @@ class LlavaVideoForConditionalGeneration(VideoFamilyMixin, LlavaOnevisionForCond
                 )
             cfg[key] = model_value
         cfg.setdefault("embedding_dim", self.vision_feature_size)
-        if cfg.get("enable_multiscale_pooling"):
-            layout = self.video_layout.to_dict()
-            for key in LAYOUT_KEYS:
-                if key in cfg and cfg[key] != layout[key]:
-                    raise ConfigError(
-                        f"{where}.{key}={cfg[key]!r} differs from the model's video layout {key}={layout[key]!r}; "
-                        f"the layout is set when the model is built (model_config)"
-                    )
+        from lmms_engine.models.builder import resolve_video_layout
+
+        resolve_video_layout(self.video_layout.to_dict(), cfg, where=f"config.{CONFIG_LAYOUT_KEY}", ar_where=where,
+                             unused_is_error=False)  # the model's layout is fixed: the block may only agree
         hidden_size = self.config.text_config.hidden_size
         module = create_autoregressive_reconstruction_module(self.vision_tower, hidden_size, cfg)
         self.autoregressive_module = module

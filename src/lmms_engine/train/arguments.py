@@ -26,6 +26,8 @@ from typing import Any
 
 import transformers
 
+from lmms_engine.utils.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _ACCELERATOR_PROBES: tuple[str, ...] = (
@@ -80,6 +82,17 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+def check_fsdp(args: Any, where: str = "fsdp") -> None:
+    """The one check that requested FSDP (``args.fsdp``) can run, for the launcher's config check and the
+    trainer alike: accelerate enables FSDP only for accelerator backends, so CPU processes would silently
+    train plain DDP instead (or, in one process, fail in transformers with a less telling message).
+    Raises :class:`~lmms_engine.utils.config.ConfigError` naming ``where``."""
+    if args.fsdp and not has_accelerator():
+        raise ConfigError(f"{where}: FSDP through the Trainer needs GPUs (or another accelerator; accelerate does not "
+                          f"enable it for CPU processes, which would silently train with DDP); remove fsdp/fsdp_config "
+                          f"to train with DDP")
+
+
 def limit_cpu_threads(args: Any) -> int | None:
     """On a CPU run with ``OMP_NUM_THREADS`` unset, use one intra-op thread per process; return it.
 
@@ -95,4 +108,4 @@ def limit_cpu_threads(args: Any) -> int | None:
     return 1
 
 
-__all__ = ["TrainingArguments", "has_accelerator", "limit_cpu_threads"]
+__all__ = ["TrainingArguments", "check_fsdp", "has_accelerator", "limit_cpu_threads"]

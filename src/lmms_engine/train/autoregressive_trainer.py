@@ -52,6 +52,7 @@ from lmms_engine.train.checkpointing import (
     remove_stale_staging,
     staging_parent,
 )
+from lmms_engine.train.arguments import check_fsdp, limit_cpu_threads
 from lmms_engine.train.loss_window import LossWindow
 from lmms_engine.train.throughput import add_throughput_logging
 from lmms_engine.utils.config import ConfigError
@@ -114,23 +115,15 @@ class AutoregressiveTrainer(Trainer):
         self._eval_prefix: str | None = None
         if not trainer_args:  # everything after args passed by keyword (as the guide does)
             _default_data_arguments(trainer_kwargs, model)
+        if args is not None:
+            check_fsdp(args)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        if self.args.fsdp and not (self.is_fsdp_enabled or self.is_fsdp_xla_enabled):
-            # accelerate enables FSDP only for accelerator backends (multi-GPU/XPU/NPU/...); on CPU
-            # processes it would silently train plain DDP instead.
-            raise ValueError(
-                f"fsdp={self.args.fsdp!r} was requested but accelerate did not enable FSDP on "
-                f"{self.args.device.type!r} ({self.accelerator.distributed_type}); FSDP through the Trainer "
-                "needs GPUs (or another accelerator): remove fsdp/fsdp_config to train with DDP"
-            )
         self._step_units: StepUnits | None = None
         if self._model_counts_units():
             if self.args.label_smoothing_factor:
                 raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported with "
                                  f"{type(self.model).__name__}, whose loss terms the trainer normalises: set it to 0")
             self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
-        from lmms_engine.train.arguments import limit_cpu_threads
-
         if limit_cpu_threads(self.args):  # the launcher's thread policy, for the Python API too
             logger.info("training on the CPU with 1 intra-op thread per process (set OMP_NUM_THREADS to change)")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
