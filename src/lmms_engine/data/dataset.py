@@ -90,17 +90,21 @@ class DatasetConfig:
         fps: sample at this many frames per second (capped at ``max_frames``); None = uniform.
         force_sample: with ``fps``: always exactly ``max_frames`` frames, spread uniformly (LLaVA-NeXT).
         add_time_instruction: insert LLaVA-Video's "The video lasts for X seconds, and N frames are
-            uniformly sampled from it. These frames are located at ..." after the video placeholder.
+            uniformly sampled from it. These frames are located at ..." after the video placeholder
+            (records with one video and no image; Qwen-VL: after the video part).
         max_length: longest token sequence (video and image tokens included); None = no limit. Visual
             tokens are never cut: a sample whose kept turns would not hold all of them is dropped.
         max_visual_tokens: most video + image tokens per sample; None = no limit. Rule: images keep their
             tokens; the videos' frame caps (``max_frames`` each) are lowered one frame at a time, always
             from the video allowed the most frames (the last of equals), until the total fits; a sample
             that does not fit with one frame per video is dropped as ``too_long``. Applied before
-            decoding, so only the frames that fit are read; length estimates use the same caps.
+            decoding, so only the frames that fit are read; length estimates use the same caps. Qwen-VL:
+            a video's tokens at a cap are those of its grid (the frames sampled with that cap, at its coded
+            size).
         max_image_pixels: images larger than this many pixels are scaled down (aspect ratio kept, sides
             floored) before tiling, so they get fewer tiles and tokens; None = no limit. (Video frames are
-            always resized to the vision tower's square input.)
+            always resized to the vision tower's square input.) Qwen-VL: the upper bound of the image's
+            ``smart_resize`` (with the checkpoint's image bounds).
         truncation: ``turns`` (keep whole leading exchanges that fit) or ``drop`` (drop over-long samples).
         padding_side: ``right`` or ``left``, used by the collator.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.

@@ -11,8 +11,9 @@ frames the sampling rule returns, which depends only on the video's frame timest
    ``max_visual_tokens``: ``VideoSFTDataset.frame_caps``) -> the number of frames ``T`` and their times.
    Images: their sizes from the file headers (after ``max_image_pixels``) give their token counts.
 3. Tokenize the record exactly as the dataset does (``VideoSFTDataset.estimate_encoding``: ``encode_record``
-   with ``video_token_count(T)`` tokens per video (Qwen-VL: the grid of ``T`` frames at the coded size), the images' tokens and, with ``add_time_instruction``, the
-   same instruction text). The capped lengths are what length-grouped sampling sorts by.
+   with ``video_token_count(T)`` tokens per video (Qwen-VL: the grid of ``T`` frames at the coded size), the
+   images' tokens and, with ``add_time_instruction``, the same instruction text). The capped lengths are
+   what length-grouped sampling sorts by.
 
 For constant-rate videos the estimate equals the loaded sample's length. It can differ for
 variable-rate videos, for files whose frames fail to decode, and when a video cannot be probed: then
