@@ -195,13 +195,15 @@ class DatasetConfig:
                 raise ValueError(f"{name} must be a number of pixels >= 1 or null, got {value}")
 
     def check_files(self, where: str = "dataset_config", generated: set[Path] | None = None,
-                    keys: Sequence[str] = ("data_path", "eval_data_path")) -> dict[str, list[SourceConfig]]:
+                    keys: Sequence[str] = ("data_path", "eval_data_path"),
+                    named: Mapping[str, str] | None = None) -> dict[str, list[SourceConfig]]:
         """The one check that the folders and record files of this block exist (the launcher's config
         check and :func:`open_records`); returns the sources of each of ``keys`` that is set (every file
         of a list or mixture checked, mixture entries resolved; no record read).
 
         ``generated``: paths an earlier pipeline block writes (a ``demo_data`` block), present though not
-        yet there; their sources are not returned. Raises
+        yet there; their sources are not returned. ``named``: where a key was given, when not at
+        ``where.key`` (the evaluate block's ``data_path`` is its ``eval_data_path``). Raises
         :class:`~lmms_engine.utils.config.ConfigError` naming ``where.key`` and the path.
         """
         made = generated or set()
@@ -214,14 +216,15 @@ class DatasetConfig:
             value = getattr(self, key)
             if value is None:
                 continue
+            at = (named or {}).get(key, f"{where}.{key}")
             values = [value] if isinstance(value, str) else list(value)
             pending = [v for v in values if Path(v).expanduser().resolve() not in made]
             if isinstance(value, str) and pending and not Path(value).expanduser().exists():
                 hint = " (a demo_data block earlier in the list would generate one)" \
                     if key == "data_path" and generated is not None else ""
-                raise ConfigError(f"{where}.{key}: file {value!r} does not exist{hint}")
+                raise ConfigError(f"{at}: file {value!r} does not exist{hint}")
             found[key] = resolve_sources(value if isinstance(value, str) else pending, video_folder=self.video_folder,
-                                         image_folder=self.image_folder, where=f"{where}.{key}") if pending else []
+                                         image_folder=self.image_folder, where=at) if pending else []
         return found
 
 

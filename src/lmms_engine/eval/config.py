@@ -137,14 +137,8 @@ def _check_files(config: EvaluateConfig, dataset: Any, where: str) -> None:
         what = "does not exist" if not folder.exists() else "holds no config.json"
         raise ConfigError(f"{where}.checkpoint: {config.checkpoint!r} {what}; give a model folder saved by "
                           f"training (its output_dir or a checkpoint-N inside it)")
-    key = "data_path" if config.data_path is not None else "dataset_config.eval_data_path"
-    if isinstance(dataset.eval_data_path, str) and not Path(dataset.eval_data_path).exists():
-        raise ConfigError(f"{where}.{key}: file {dataset.eval_data_path!r} does not exist")
-    from lmms_engine.data.sources import resolve_sources
-
-    resolve_sources(dataset.eval_data_path, where=f"{where}.{key}")
-    if dataset.video_folder is not None and not Path(dataset.video_folder).is_dir():
-        raise ConfigError(f"{where}.dataset_config.video_folder: folder {dataset.video_folder!r} does not exist")
+    named = {"eval_data_path": f"{where}.data_path"} if config.data_path is not None else None
+    dataset.check_files(f"{where}.dataset_config", keys=("eval_data_path",), named=named)
 
 
 def _resolve_device(name: str) -> Any:
