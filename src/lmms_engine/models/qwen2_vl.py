@@ -9,7 +9,6 @@ width in ``vision_config.embed_dim`` (``hidden_size`` there is the LLM's), no te
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen2VLForConditionalGeneration
 
 from lmms_engine.models.qwen_vl_common import QwenVideoMixin, register_weight_renaming
@@ -19,9 +18,6 @@ class Qwen2VLVideoForConditionalGeneration(QwenVideoMixin, Qwen2VLForConditional
     """Qwen2-VL for video training (module docstring)."""
 
     family = "qwen2_vl"
-
-    def _targets_in_raster_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 register_weight_renaming(Qwen2VLVideoForConditionalGeneration, Qwen2VLForConditionalGeneration)

@@ -11,7 +11,6 @@ rope index sees one video run per group.
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from lmms_engine.models.qwen_vl_common import QwenVideoMixin, register_weight_renaming
@@ -21,9 +20,6 @@ class Qwen3VLVideoForConditionalGeneration(QwenVideoMixin, Qwen3VLForConditional
     """Qwen3-VL for video training (module docstring)."""
 
     family = "qwen3_vl"
-
-    def _targets_in_raster_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 register_weight_renaming(Qwen3VLVideoForConditionalGeneration, Qwen3VLForConditionalGeneration)

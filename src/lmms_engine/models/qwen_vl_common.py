@@ -199,7 +199,8 @@ def is_qwen_model(model: Any) -> bool:
 class QwenVideoMixin(VideoFamilyMixin):
     """Video training additions for a Qwen-VL ``*ForConditionalGeneration`` (module docstring).
 
-    Subclasses set :attr:`family` and implement :meth:`_targets_in_raster_order`.
+    Subclasses set :attr:`family`; one whose encoder reorders patches (Qwen2.5-VL's window attention)
+    overrides :meth:`_targets_in_raster_order`.
     """
 
     family: str = ""
@@ -271,8 +272,9 @@ class QwenVideoMixin(VideoFamilyMixin):
 
     # ------------------------------------------------------------------ vision
     def _targets_in_raster_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The encoder's ``last_hidden_state`` ``[N, D]`` in raster merge-unit order."""
-        raise NotImplementedError
+        """The encoder's ``last_hidden_state`` ``[N, D]`` in raster merge-unit order: as it comes for
+        encoders with full attention per temporal group (Qwen2-VL, Qwen3-VL)."""
+        return features
 
     def video_targets(self, features: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Per video ``[t, h/2 * w/2, D]``: pre-merger features, raster order, mean per merge window."""
