@@ -131,3 +131,24 @@ def test_merge_lora_gives_plain_transformers_the_adapter_models_logits(lora_runs
         got = plain(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
     assert export_main(["merge-lora", "--checkpoint", str(out), "--output", str(tmp_path / "again")]) == 2
+
+
+def test_a_layout_plain_transformers_cannot_build_takes_lora_and_merges(tmp_path):
+    """Average pooling: config.json says lmms_video_llava; adapters, save and merge work as for the HF layout."""
+    from lmms_engine.models.lora import merge_lora_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model({"lora": dict(LORA), "mm_spatial_pool_mode": "average"}, tiny_tokenizer())
+    assert model.config.model_type == "lmms_video_llava"
+    assert sum(".lora_" in n for n, _ in model.named_parameters()) == 2 * 3 * 2
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "saved")
+    merged = LlavaVideoForConditionalGeneration.from_pretrained(merge_lora_checkpoint(tmp_path / "saved",
+                                                                                      tmp_path / "merged")).eval()
+    assert merged.config.model_type == "lmms_video_llava" and not getattr(merged.config, "lora", None)
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=2e-5)

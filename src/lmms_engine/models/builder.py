@@ -289,9 +289,6 @@ def build_model(
         if hf_config.model_type in QWEN_FAMILIES:
             from lmms_engine.models.qwen_vl_common import build_qwen_model
 
-            if cfg.lora is not None:
-                raise ConfigError(f"model_config.lora: LoRA is built for LLaVA-OneVision checkpoints so far, not "
-                                  f"{hf_config.model_type!r}; remove the key")
             return build_qwen_model(cfg, hf_config, tokenizer)
         if hf_config.model_type not in LLAVA_MODEL_TYPES:
             raise ConfigError(

@@ -1,21 +1,24 @@
-"""LoRA on the language model through ``peft`` (the optional ``lora`` extra).
+"""LoRA on the language model through ``peft`` (the optional ``lora`` extra), for every model family.
 
 ``model_config.lora: {r, alpha, dropout, target_modules}`` injects LoRA adapters into the LLM's linear
 layers named in ``target_modules`` (suffixes, matched only under the family's language-model prefix, so
-the vision tower's ``q_proj``/``v_proj`` and a target-encoder copy stay as they are), with peft's
+the vision tower's linear layers, e.g. Qwen2.5-VL's ``gate_proj``/``down_proj`` or SigLIP's
+``q_proj``/``v_proj``, and a target-encoder copy stay as they are), with peft's
 ``inject_adapter_in_model``: the model keeps its own class, forward, loss and checkpoint logic. Then
 the LLM's base weights and ``lm_head`` are frozen; the adapters train, and so do, in full, the projector
-(unless ``freeze_projector``), ``image_newline``/``faster_token`` and the autoregressive predictor (its own
+(LLaVA-OneVision's ``multi_modal_projector``, ``image_newline``/``faster_token``; Qwen-VL's merger and
+Qwen3-VL's deepstack mergers; unless ``freeze_projector``) and the autoregressive predictor (its own
 rule); the vision tower follows ``freeze_vision_tower``.
 
 Checkpoints: the settings are stored in ``config.json`` (``lora``), so ``from_pretrained`` on a training
-checkpoint injects the same adapters before loading, and the Trainer's resume restores adapters, fully
-trained modules, optimizer and scheduler. Every checkpoint also holds ``adapter_model.safetensors``: the
-trained tensors only (adapters + fully trained modules). ``python -m lmms_engine.export merge-lora``
-folds ``W + (alpha / r) * B @ A`` into each base weight and writes a checkpoint without ``lora``: plain
-transformers loads it (``LlavaOnevisionForConditionalGeneration``) with the adapter model's logits.
+checkpoint injects the same adapters before loading (:class:`~lmms_engine.models.family.VideoFamilyMixin`),
+and the Trainer's resume restores adapters, fully trained modules, optimizer and scheduler. Every
+checkpoint also holds ``adapter_model.safetensors``: the trained tensors only (adapters + fully trained
+modules). ``python -m lmms_engine.export merge-lora`` folds ``W + (alpha / r) * B @ A`` into each base
+weight and writes a checkpoint without ``lora``: plain transformers loads it (the family's own class,
+e.g. ``LlavaOnevisionForConditionalGeneration`` or ``AutoModelForImageTextToText``) with the adapter
+model's logits.
 """
-
 from __future__ import annotations
 
 import json
@@ -36,8 +39,8 @@ LORA_EXTRA = "pip install 'lmms-video[lora]' (the `peft` library)"
 #: Qwen2's attention and MLP projections (LLaVA-OneVision's and Qwen-VL's language models).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Parameter-name prefix of the language model, per ``config.model_type``.
-LANGUAGE_MODEL_PREFIX: dict[str, str] = {"llava_onevision": "model.language_model.",
-                                         "qwen2_5_vl": "model.language_model.", "qwen3_vl": "model.language_model."}
+LANGUAGE_MODEL_PREFIX: dict[str, str] = {family: "model.language_model." for family in (
+    "llava_onevision", "lmms_video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
 
 
 @dataclass
@@ -178,7 +181,8 @@ def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
     from transformers import AutoConfig
 
-    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+    from lmms_engine.data.qwen_vision import QWEN_FAMILIES
+    from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES
 
     checkpoint, output = Path(checkpoint), Path(output)
     if not (checkpoint / "config.json").is_file():
@@ -186,11 +190,20 @@ def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     config = AutoConfig.from_pretrained(checkpoint)
     if lora_settings(config) is None:
         raise ValueError(f"{checkpoint}: its config.json has no '{CONFIG_LORA_KEY}' entry: not a LoRA checkpoint")
-    if config.model_type != "llava_onevision":
-        raise ValueError(f"{checkpoint}: merge-lora handles LLaVA-OneVision checkpoints, not {config.model_type!r}")
+    if config.model_type in QWEN_FAMILIES:
+        from lmms_engine.models.qwen_vl_common import qwen_model_class
+
+        model_class = qwen_model_class(config.model_type)
+    elif config.model_type in LLAVA_MODEL_TYPES:
+        from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+
+        model_class = LlavaVideoForConditionalGeneration
+    else:
+        raise ValueError(f"{checkpoint}: merge-lora handles LLaVA-OneVision ({', '.join(LLAVA_MODEL_TYPES)}) and "
+                         f"Qwen-VL ({', '.join(QWEN_FAMILIES)}) checkpoints, not {config.model_type!r}")
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"{output}: exists and is not empty; give a new folder")
-    model = LlavaVideoForConditionalGeneration.from_pretrained(checkpoint)
+    model = model_class.from_pretrained(checkpoint)
     merge_lora(model)
     model.save_pretrained(output)
     for item in checkpoint.iterdir():  # tokenizer, chat template, processor files
