@@ -15,6 +15,7 @@ from PIL import Image
 from qwen_support import QWEN_AR, collate, qwen_dataset, tiny_checkpoint
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from lmms_engine.data.qwen_dataset import QwenVideoCollator
 from lmms_engine.data.qwen_vision import QwenVideoProcessing, mm_token_type_ids, smart_resize
 from lmms_engine.models.builder import build_model
 from lmms_engine.models.qwen_vl_common import qwen_model_class
@@ -167,7 +168,7 @@ def _real_logit_difference(ours, plain, batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_equal_plain_transformers_on_image_and_mixed_batches(tmp_path_factory, records, family):
+def test_logits_and_generation_equal_plain_transformers_on_image_and_mixed_batches(tmp_path_factory, records, family):
     checkpoint = tiny_checkpoint(tmp_path_factory, family)
     dataset = qwen_dataset(checkpoint, records)
     ours = qwen_model_class(family).from_pretrained(checkpoint).eval()
@@ -177,6 +178,12 @@ def test_logits_equal_plain_transformers_on_image_and_mixed_batches(tmp_path_fac
         diff = _real_logit_difference(ours, plain, collate(dataset, indices, padding_side="left"))
         print(f"{family} {name}: max abs logit difference vs transformers: {diff:.3g}")
         assert diff <= 1e-5
+    # greedy answers from the collator's batch (no mm_token_type_ids given) equal transformers' from its inputs
+    prompts = [dataset.generation_sample(i) for i in (0, 3, 1)]
+    batch = QwenVideoCollator(pad_token_id=dataset.tokenizer.pad_token_id, padding_side="left")(prompts)
+    batch.pop("labels")
+    expected = plain.generate(**_plain_inputs(batch, plain.config), max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=6, do_sample=False), expected)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

@@ -363,6 +363,16 @@ class QwenVideoMixin(VideoFamilyMixin):
         return torch.cat([position_ids[None].to(out.device), out], dim=0)
 
     # ------------------------------------------------------------------ forward
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """transformers' generation computes the prompt's M-RoPE positions from ``mm_token_type_ids``; a caller
+        that passes only ``input_ids`` (the collator's batches, the evaluator) gets them derived from the ids,
+        as :meth:`forward` derives them, instead of text positions at the image and video tokens."""
+        ids = model_kwargs.get("input_ids", inputs_tensor)
+        if model_kwargs.get("mm_token_type_ids") is None and ids is not None and ids.dim() == 2 and \
+                not ids.is_floating_point():
+            model_kwargs["mm_token_type_ids"] = token_types(ids, self.config.video_token_id, self.config.image_token_id)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
