@@ -285,6 +285,48 @@ How the trainer treats the losses and checkpoints (`lmms_engine.train.Autoregres
 """
 
 
+LORA_SECTION = (
+    "### `model_config.lora`\n\n`lmms_engine.models.lora.LoraSettings` (needs the `lora` extra: "
+    "`pip install 'lmms-video[lora]'`), for every family: LLaVA-OneVision and Qwen2-VL / Qwen2.5-VL / Qwen3-VL. "
+    "Adapters go on the language model's linear layers named in `target_modules`, matched only under "
+    "`model.language_model.`: the vision tower's own linear layers (SigLIP's `q_proj`/`v_proj`, Qwen2.5-VL's "
+    "vision `gate_proj`/`up_proj`/`down_proj`) never get one. The LLM's base weights and `lm_head` freeze; the "
+    "projector (LLaVA-OneVision's `multi_modal_projector`, `image_newline`, `faster_token`; Qwen-VL's merger and "
+    "Qwen3-VL's deepstack mergers; unless `freeze_projector`) and the autoregressive predictor train in full; the "
+    "vision tower follows `freeze_vision_tower`.\n"
+)
+
+LORA_CHECKPOINTS = """#### LoRA checkpoints
+
+`config.json` records `lora`, so the engine's `from_pretrained` and the Trainer's `resume_from_checkpoint`
+re-create the adapters before the weights load (resume is exact: the tests compare a run resumed from
+`checkpoint-1` with the uninterrupted one). Every save also writes `adapter_model.safetensors` (the trained
+tensors alone: adapters and fully trained modules) and `adapter_settings.json`. The weights carry peft's layer
+names (`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`), so plain transformers loads a LoRA run
+once merged: `python -m lmms_engine.export merge-lora --checkpoint C --output D` (C = `output_dir` or a
+`checkpoint-N`) folds `W + (alpha / r) * B @ A` into each base weight; D is a plain checkpoint of the family
+(`AutoModelForImageTextToText`, `LlavaOnevisionForConditionalGeneration`) with the adapter model's logits.
+
+`checkpoint-N` folders hold the frozen base weights too, on purpose. A folder with only the trained tensors
+and a pointer to the base (as peft writes) would resume exactly only while the base stays bit-identical
+at that pointer (a hub id resolves to its newest revision at resume time; a local folder can be replaced),
+and not every frozen tensor comes from the base: rows added by a vocabulary growth and a `copy` target
+encoder are made when the model is built. Evaluation, `merge-lora` and the exports would also need the base
+reachable from wherever they run. Disk per checkpoint (LoRA `r: 8` on the default seven projections, the
+autoregressive module (7B: default sizes; tiny: the tests' one-layer module); optimizer = AdamW states of
+the trained tensors):
+
+| model | `model.safetensors` | `adapter_model.safetensors` | `optimizer.pt` | whole folder | trained tensors + optimizer only |
+| --- | --- | --- | --- | --- | --- |
+| tiny Qwen2.5-VL (measured) | 1.87 MB | 0.67 MB | 1.36 MB | 3.96 MB | 2.08 MB |
+| Qwen2.5-VL-7B, bf16 (estimate) | 16.9 GB | 0.39 GB | 0.78 GB | 18.1 GB | 1.2 GB |
+
+The 7B estimate: 8.29 B base parameters in bf16 (16.6 GB); trained 130 M: adapters 20.2 M (bf16),
+merger 44.6 M (bf16), predictor 64.9 M (float32, `_keep_in_fp32_modules_strict`). To bound the disk, keep the last checkpoints only
+(`save_total_limit: 2` = 36 GB for the 7B run) and share `adapter_model.safetensors` or the merged folder.
+"""
+
+
 def render_config_reference() -> str:
     """The full text of docs/config.md."""
     from lmms_engine.data.dataset import DatasetConfig
@@ -320,11 +362,10 @@ def render_config_reference() -> str:
         "`model_name_or_path`).\n",
         field_table(TinyConfig, meanings_for(TinyConfig)),
         "",
-        "### `model_config.lora`\n\n`lmms_engine.models.lora.LoraSettings` (needs the `lora` extra: "
-        "`pip install 'lmms-video[lora]'`). Adapters on the language model's linear layers named in "
-        "`target_modules`; its base weights freeze, the projector and the autoregressive predictor train in full. "
-        "Merge with `python -m lmms_engine.export merge-lora --checkpoint C --output D`.\n",
+        LORA_SECTION,
         field_table(LoraSettings, meanings_for(LoraSettings)),
+        "",
+        LORA_CHECKPOINTS,
         "",
         "## `dataset_config`\n\n`lmms_engine.data.DatasetConfig`. Records: LLaVA `conversations` (with `video` / "
         "`image`) or OpenAI-style `messages`, in JSON lists, JSONL, Parquet, Arrow or `datasets` folders, one file, "
