@@ -10,7 +10,8 @@
    settings: 3 layers, 8 heads, num_hist 3, ``window: all``) against the LLM's forward + backward on the
    same sequence, for Qwen2.5-VL-7B and Qwen3-VL-8B on a 32-frame video at 448 x 812 px (16 temporal
    groups of 16 x 29 = 464 tokens) plus 200 text tokens. Matmul FLOPs (2 per multiply-add) plus
-   attention (QK^T and AV, causal LLM counted in full as kernels compute it), backward = 2 x forward.
+   attention (QK^T and AV, causal LLM counted in full as kernels compute it), backward = 2 x forward:
+   the engine's own accounting (``QwenModelFlops``, which the training log's TFLOP/s and MFU use).
 
 Run: ``python benchmarks/qwen_autoregressive_overhead.py [--rounds 5] [--steps 10] [--no-write]``.
 """
@@ -108,18 +109,27 @@ def tiny_overhead(family: str, rounds: int, steps: int) -> dict:
     return {"family": family, "on": on, "off": off, "ratio": ratio, "video_tokens": tokens}
 
 
+def real_config(name: str):
+    """The HF config of ``name`` at real size (text sizes from ``REAL``, the family's vision defaults)."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    hidden, n_layers, inter, heads, kv, head_dim, vocab, width = REAL[name]
+    text = dict(hidden_size=hidden, num_hidden_layers=n_layers, intermediate_size=inter, num_attention_heads=heads,
+                num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab)
+    if name.startswith("Qwen2.5"):
+        return Qwen2_5_VLConfig(text_config=text, vision_config=dict(hidden_size=width, out_hidden_size=hidden))
+    return Qwen3VLConfig(text_config=text, vision_config=dict(hidden_size=width, out_hidden_size=hidden))
+
+
 def real_flops(name: str, groups: int = 16, tokens: int = 464, text: int = 200, num_hist: int = 3,
                layers: int = 3, mlp_ratio: float = 4.0) -> tuple[float, float]:
-    hidden, n_layers, inter, heads, kv, head_dim, vocab, width = REAL[name]
-    seq = groups * tokens + text
-    per_layer = hidden * heads * head_dim * 2 + 2 * hidden * kv * head_dim + 3 * hidden * inter
-    llm_forward = 2 * seq * (n_layers * per_layer + hidden * vocab) + n_layers * 4 * seq * seq * heads * head_dim
-    windows = groups - num_hist
-    window_tokens = num_hist * tokens
-    block = 4 * width * width + 2 * width * int(width * mlp_ratio)
-    predictor_forward = (2 * groups * tokens * hidden * width  # input projection, once per frame
-                         + windows * (2 * window_tokens * layers * block + layers * 4 * window_tokens ** 2 * width))
-    return 3.0 * predictor_forward, 3.0 * llm_forward
+    """(predictor, LLM) forward + backward FLOPs, from the engine's accounting
+    (:class:`lmms_engine.train.throughput.QwenModelFlops`, the one the training log's MFU uses)."""
+    from lmms_engine.train.throughput import QwenModelFlops
+
+    flops = QwenModelFlops.from_config(real_config(name), autoregressive={
+        "num_hist": num_hist, "num_layers": layers, "mlp_ratio": mlp_ratio, "window": "all"})
+    return flops.predictor_per_video(groups, tokens), flops.llm_flops([groups * tokens + text])
 
 
 def spread(values: list[float], fmt: str) -> str:
