@@ -59,15 +59,12 @@ def _source(folder: Path, checkpoint: Path, family: str, nested: bool = False) -
     return folder
 
 
-def _save(family: str, source: Path, processing: QwenVideoProcessing, out: Path) -> dict[str, dict]:
+def _save(family: str, source: Path, processing: QwenVideoProcessing, out: Path,
+          max_image_pixels: int | None = None) -> dict[str, dict]:
     config, tokenizer = AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
     assert config.model_type == family
-    qwen_processing_class(tokenizer, config, processing, str(source)).save_pretrained(out)
+    qwen_processing_class(tokenizer, config, processing, str(source), max_image_pixels).save_pretrained(out)
     return {p.name: json.loads(p.read_text()) for p in out.glob("*config.json")}
-
-
-def _frame_pair(image: torch.Tensor) -> torch.Tensor:
-    return image[None].expand(2, -1, -1, -1).contiguous()
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -79,11 +76,17 @@ def test_copied_files_get_the_trainings_pixels_and_keep_the_rest(tmp_path_factor
     f = config.vision_config.patch_size * config.vision_config.spatial_merge_size
     processing = QwenVideoProcessing.for_model(config, min_pixels=4 * f * f, max_pixels=12 * f * f,
                                                total_pixels=40 * f * f)
-    saved = _save(family, source, processing, tmp_path / "out")
+    # images: the source's bounds (read by the training's processing), the upper one lowered by
+    # dataset_config.max_image_pixels to 6000 px
+    source_image = SOURCE_FILES[family]["preprocessor_config.json"]
+    low = source_image.get("min_pixels") or source_image["size"]["shortest_edge"]
+    assert (processing.image_min_pixels, processing.image_max_pixels) == \
+        (low, source_image.get("max_pixels") or source_image["size"]["longest_edge"])
+    high = 6000
+    saved = _save(family, source, processing, tmp_path / "out", max_image_pixels=high)
     image_file, video_file = saved["preprocessor_config.json"], saved["video_preprocessor_config.json"]
-    low = getattr(processing, "image_min_pixels", processing.min_pixels)
-    high = getattr(processing, "image_max_pixels", processing.max_pixels)
-    assert image_file["size"] == {"shortest_edge": low, "longest_edge": high}
+    assert image_file["size"] == {"shortest_edge": min(low, high), "longest_edge": high}
+    low = min(low, high)
     if family == "qwen2_5_vl":
         # the older keys override `size` in transformers: they hold the same bounds; the rest is the source's
         assert (image_file["min_pixels"], image_file["max_pixels"]) == (low, high)
@@ -104,10 +107,7 @@ def test_copied_files_get_the_trainings_pixels_and_keep_the_rest(tmp_path_factor
     image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
     loaded = AutoImageProcessor.from_pretrained(tmp_path / "out")
     patches = loaded(images=[Image.fromarray(image.permute(1, 2, 0).numpy())], return_tensors="pt")
-    if hasattr(processing, "preprocess_image"):
-        ours = processing.preprocess_image(image)
-    else:  # video-only training: an image is one frame pair at the per-frame bounds
-        ours = processing.preprocess(_frame_pair(image))
+    ours = processing.preprocess_image(image, processing.image_size(100, 150, high))
     assert patches["image_grid_thw"].tolist() == [list(ours.grid_thw)]
     assert torch.equal(patches["pixel_values"], ours.pixel_values)
     # the source's own files would have given other patches (the point of writing the settings)
@@ -131,7 +131,9 @@ def test_nested_processor_config_and_no_total_budget(tmp_path_factory, tmp_path)
     assert nested["video_processor"]["size"] == {"shortest_edge": 4 * 1024, "longest_edge": 8 * 1024 * 768}
     assert nested["video_processor"]["max_video_tokens"] == 8 and nested["video_processor"]["fps"] == 2
     image, video = pixel_settings(family, processing, nested["video_processor"])
-    assert nested["image_processor"]["size"] == image["size"]
+    # the training's image bounds (transformers' defaults here: the source has no flat preprocessor_config.json)
+    assert nested["image_processor"]["size"] == image["size"] == {"shortest_edge": processing.image_min_pixels,
+                                                                  "longest_edge": processing.image_max_pixels}
     # generated flat files for what the source lacked hold the same settings
     assert saved["video_preprocessor_config.json"]["size"] == video["size"]
 

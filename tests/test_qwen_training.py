@@ -108,4 +108,4 @@ def test_tiny_example_config_runs(tmp_path_factory, tmp_path, capsys):
     saved = AutoImageProcessor.from_pretrained(out)(images=[Image.fromarray(image.permute(1, 2, 0).numpy())],
                                                     return_tensors="pt")
     ours = QwenVideoProcessing.for_model(AutoConfig.from_pretrained(out), min_pixels=3136, max_pixels=12544)
-    assert torch.equal(saved["pixel_values"], ours.preprocess(image[None].expand(2, -1, -1, -1).contiguous()).pixel_values)
+    assert torch.equal(saved["pixel_values"], ours.preprocess_image(image).pixel_values)

@@ -74,7 +74,8 @@ def build_parts(model_config: Any, dataset_config: Any, *, with_train: bool = Tr
         train_dataset, eval_dataset, collator = build_qwen_data(model.config, dataset_config, tokenizer,
                                                                 with_train=with_train, with_eval=with_eval)
         processing = (train_dataset if train_dataset is not None else eval_dataset).processing
-        processing_class = qwen_processing_class(tokenizer, model.config, processing, model_config.model_name_or_path)
+        processing_class = qwen_processing_class(tokenizer, model.config, processing, model_config.model_name_or_path,
+                                                 max_image_pixels=dataset_config.max_image_pixels)
         return RunParts(tokenizer, model, train_dataset, eval_dataset, collator, processing_class)
     qwen_keys = [k for k in QWEN_ONLY_DATA_KEYS if getattr(dataset_config, k) is not None]
     if qwen_keys:

@@ -19,8 +19,8 @@ so processing with the saved files gives the sizes the model was trained on:
   ``total_pixels * 2 / T``); without a total, ``max_pixels`` x the processor's ``max_frames``. Its 3-D
   resize rounds odd frame counts and checks the minimum over the whole video, so odd frame counts and
   frames below ``min_pixels`` can differ from the training's per-frame rule;
-- image processor: the training's image bounds (``image_min_pixels`` / ``image_max_pixels`` where the
-  processing has them), else the per-frame video bounds (an image is then processed as one frame pair).
+- image processor: the training's image bounds (the checkpoint's, ``image_min_pixels`` /
+  ``image_max_pixels`` of the processing, the upper one lowered to ``dataset_config.max_image_pixels``).
 
 The tokenizer is the training tokenizer, its ``processor_class`` the family's processor.
 """
@@ -66,13 +66,15 @@ def _budget_tokens(total_pixels: int, factor: int) -> float:
     return tokens
 
 
-def pixel_settings(family: str, processing: Any, video_file: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+def pixel_settings(family: str, processing: Any, video_file: Mapping[str, Any] | None = None,
+                   max_image_pixels: int | None = None) -> tuple[dict, dict]:
     """(image processor keys, video processor keys) that reproduce the training's pixel settings
-    (module docstring); ``video_file``: the video processor file they go into (its ``max_frames``)."""
+    (module docstring); ``video_file``: the video processor file they go into (its ``max_frames``);
+    ``max_image_pixels``: ``dataset_config.max_image_pixels`` (lowers the images' upper bound)."""
     factor = processing.patch_size * processing.merge_size
-    low = getattr(processing, "image_min_pixels", processing.min_pixels)
-    high = getattr(processing, "image_max_pixels", processing.max_pixels)
-    image = {"size": {"shortest_edge": low, "longest_edge": high}}
+    high = processing.image_max_pixels if max_image_pixels is None else min(processing.image_max_pixels,
+                                                                             max_image_pixels)
+    image = {"size": {"shortest_edge": min(processing.image_min_pixels, high), "longest_edge": high}}
     total = processing.total_pixels
     if family == "qwen3_vl":
         frames = int((video_file or {}).get("max_frames") or 768)  # Qwen3VLVideoProcessor's default
@@ -98,12 +100,14 @@ def _with_settings(data: Mapping[str, Any], settings: Mapping[str, Any]) -> dict
     return out
 
 
-def write_pixel_settings(files: Mapping[str, bytes], family: str, processing: Any) -> dict[str, bytes]:
-    """``files`` with the training's pixel settings written into the image / video processor files and
-    into the ``image_processor`` / ``video_processor`` entries of a nested ``processor_config.json``."""
+def write_pixel_settings(files: Mapping[str, bytes], family: str, processing: Any,
+                         max_image_pixels: int | None = None) -> dict[str, bytes]:
+    """``files`` with the training's pixel settings (:func:`pixel_settings`) written into the image / video
+    processor files and into the ``image_processor`` / ``video_processor`` entries of a nested
+    ``processor_config.json``."""
     out = dict(files)
     video_data = json.loads(files[VIDEO_PROCESSOR_FILE]) if VIDEO_PROCESSOR_FILE in files else None
-    image, video = pixel_settings(family, processing, video_data)
+    image, video = pixel_settings(family, processing, video_data, max_image_pixels)
     for name, settings in ((IMAGE_PROCESSOR_FILE, image), (VIDEO_PROCESSOR_FILE, video)):
         if name in out:
             out[name] = _json_bytes(_with_settings(json.loads(out[name]), settings))
@@ -117,7 +121,7 @@ def write_pixel_settings(files: Mapping[str, bytes], family: str, processing: An
     return out
 
 
-def generate_qwen_processor_files(family: str, processing: Any) -> dict[str, bytes]:
+def generate_qwen_processor_files(family: str, processing: Any, max_image_pixels: int | None = None) -> dict[str, bytes]:
     """The three processor files for ``family`` from the training's ``processing``."""
     processor, image_cls, video_cls = QWEN_PROCESSOR_CLASSES[family]
     common = {
@@ -132,13 +136,15 @@ def generate_qwen_processor_files(family: str, processing: Any) -> dict[str, byt
     files = {IMAGE_PROCESSOR_FILE: _json_bytes({**common, "image_processor_type": image_cls}),
              VIDEO_PROCESSOR_FILE: _json_bytes(video),
              PROCESSOR_CONFIG_FILE: _json_bytes({"processor_class": processor})}
-    return write_pixel_settings(files, family, processing)
+    return write_pixel_settings(files, family, processing, max_image_pixels)
 
 
-def qwen_processing_class(tokenizer: Any, config: Any, processing: Any, source: str | None) -> CheckpointProcessor:
-    """The Trainer's ``processing_class`` for a Qwen-VL model (module docstring)."""
+def qwen_processing_class(tokenizer: Any, config: Any, processing: Any, source: str | None,
+                          max_image_pixels: int | None = None) -> CheckpointProcessor:
+    """The Trainer's ``processing_class`` for a Qwen-VL model (module docstring); ``max_image_pixels``:
+    ``dataset_config.max_image_pixels``."""
     family = config.model_type
-    files = generate_qwen_processor_files(family, processing)
+    files = generate_qwen_processor_files(family, processing, max_image_pixels)
     origin = {name: "generated" for name in files}
     if source:
         try:
@@ -147,7 +153,7 @@ def qwen_processing_class(tokenizer: Any, config: Any, processing: Any, source: 
             logger.warning("could not read the processor files of %r (%s: %s); generating them", source,
                            type(err).__name__, err)
             copied = {}
-        files.update(write_pixel_settings(copied, family, processing))
+        files.update(write_pixel_settings(copied, family, processing, max_image_pixels))
         origin.update({name: f"source {source}, training's pixel settings" for name in copied})
     processor = json.loads(files.get(PROCESSOR_CONFIG_FILE, b"{}")).get("processor_class")
     return CheckpointProcessor(tokenizer, ProcessorFiles(files, origin),
