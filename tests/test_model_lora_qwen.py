@@ -118,6 +118,9 @@ def test_checkpoints_hold_adapters_and_trained_modules_and_resume_exactly(lora_r
         torch.testing.assert_close(param, state[name], rtol=0, atol=0, msg=name)
     # resuming from checkpoint-1 lands on the uninterrupted run's weights
     assert resumed.state.global_step == 2
+    from lmms_engine.launch.pipeline import load_instructions
+
+    assert "merge-lora --checkpoint" in load_instructions(model)  # the run summary: plain transformers merges first
     for name, param in resumed.model.state_dict().items():
         torch.testing.assert_close(param, state[name], rtol=1e-6, atol=1e-7, msg=name)
 

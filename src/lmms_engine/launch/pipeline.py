@@ -71,13 +71,17 @@ class RunSummary:
 def load_instructions(model: Any) -> str:
     """How to load what a run saved from ``model``: the engine's class (as exported by
     :mod:`lmms_engine.models`) and plain transformers' class it subclasses, or why plain transformers
-    refuses the checkpoint (a LLaVA video layout transformers does not build)."""
+    refuses the checkpoint (a LLaVA video layout transformers does not build), or the merge a LoRA run needs first."""
     from lmms_engine.models.llava_video_config import LLAVA_VIDEO_MODEL_TYPE
+    from lmms_engine.models.lora import CONFIG_LORA_KEY
 
     engine = f"lmms_engine.models.{type(model).__name__}.from_pretrained"
     if model.config.model_type == LLAVA_VIDEO_MODEL_TYPE:
         return (f"{engine} (model_type {LLAVA_VIDEO_MODEL_TYPE}: a video layout plain transformers does not "
                 f"build, so it refuses the checkpoint)")
+    if getattr(model.config, CONFIG_LORA_KEY, None):  # peft's layer names: plain transformers needs a merge
+        return (f"{engine} (re-creates the LoRA adapters); for plain transformers merge them first: "
+                f"python -m lmms_engine.export merge-lora --checkpoint OUTPUT_DIR --output MERGED_DIR")
     plain = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
     extra = "; the autoregressive module's weights are ignored there" if getattr(
         model, "autoregressive_module", None) is not None else ""
