@@ -7,45 +7,13 @@ skipped would stall or break the gradient reduction. Judged by the files the run
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from train_support import AR_SMALL, demo_data_dir, free_port
-
-SCRIPT = """\
-import json, os, sys
-import torch
-from lmms_engine.launch.cli import finish_distributed
-from lmms_engine.launch.config import load_pipeline_config
-from lmms_engine.launch.pipeline import prepare_trainer
-
-config, out = sys.argv[1:3]
-run = prepare_trainer(load_pipeline_config(config, [f"output_dir={out}"]).of_type("trainer")[0])
-rank = int(os.environ.get("RANK", "0"))
-seen = []
-real_step = run.trainer.training_step
-
-def training_step(model, inputs, *args, **kwargs):
-    images = inputs.get("batch_num_images")
-    seen.append([inputs["video_num_frames"].tolist(), [] if images is None else images.tolist()])
-    return real_step(model, inputs, *args, **kwargs)
-
-run.trainer.training_step = training_step
-run.trainer.train()
-torch.save(run.trainer.model.state_dict(), os.path.join(out, f"weights_rank{rank}.pt"))
-with open(os.path.join(out, f"batches_rank{rank}.json"), "w") as handle:
-    json.dump(seen, handle)
-if rank == 0:
-    with open(os.path.join(out, "history.json"), "w") as handle:
-        json.dump(run.trainer.state.log_history, handle)
-finish_distributed()
-"""
+from train_support import AR_SMALL, demo_data_dir, run_two_rank_training
 
 
 @pytest.mark.slow
@@ -67,28 +35,18 @@ def test_image_video_and_text_batches_train_together_under_ddp(tmp_path_factory,
     ]
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(records * 2))
-    config = tmp_path / "ddp.json"
-    config.write_text(json.dumps([{"type": "trainer", "config": {
+    run = run_two_rank_training(tmp_path, {
         "trainer_type": "autoregressive_trainer",
         "model_config": {"enable_autoregressive": True, "autoregressive_config": AR_SMALL},
         "dataset_config": {"data_path": str(data), "max_frames": 4},
         "per_device_train_batch_size": 1, "max_steps": 4, "learning_rate": 1e-3, "logging_steps": 1,
         "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0,
         "train_sampling_strategy": "sequential", "ddp_find_unused_parameters": False,
-    }}]))
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(config), str(out)]
-    ran = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert (out / "weights_rank1.pt").is_file() and (out / "history.json").is_file(), ran.stderr[-3000:]
-    batches = [json.loads((out / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
+    }, image_key="batch_num_images")
+    batches = run["batches"]
     assert batches[0][:2] == [[[0], [1]], [[0], []]]  # image, then text-only
     assert batches[1][:2] == [[[4], []], [[4, 4], [1]]]  # a video, then two videos and an image
-    losses = [e["loss"] for e in json.loads((out / "history.json").read_text()) if "loss" in e]
-    assert len(losses) == 4 and all(np.isfinite(losses))
-    weights = [torch.load(out / f"weights_rank{r}.pt") for r in (0, 1)]
+    assert len(run["losses"]) == 4 and all(np.isfinite(run["losses"]))
+    weights = run["weights"]
     for name, value in weights[0].items():  # DDP kept the ranks identical
         torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0, msg=name)

@@ -95,3 +95,60 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: A launcher-pipeline training whose ranks record, per step, the batch's ``video_num_frames`` and its image
+#: entries (``inputs[image_key]``, e.g. LLaVA's ``batch_num_images``, Qwen-VL's ``image_grid_thw``).
+_MIXED_DDP_SCRIPT = """\
+import json, os, sys
+import torch
+from lmms_engine.launch.cli import finish_distributed
+from lmms_engine.launch.config import load_pipeline_config
+from lmms_engine.launch.pipeline import prepare_trainer
+
+config, out, image_key = sys.argv[1:4]
+run = prepare_trainer(load_pipeline_config(config, [f"output_dir={out}"]).of_type("trainer")[0])
+rank = int(os.environ.get("RANK", "0"))
+seen = []
+real_step = run.trainer.training_step
+
+def training_step(model, inputs, *args, **kwargs):
+    images = inputs.get(image_key)
+    seen.append([inputs["video_num_frames"].tolist(), [] if images is None else images.tolist()])
+    return real_step(model, inputs, *args, **kwargs)
+
+run.trainer.training_step = training_step
+run.trainer.train()
+torch.save(run.trainer.model.state_dict(), os.path.join(out, f"weights_rank{rank}.pt"))
+with open(os.path.join(out, f"batches_rank{rank}.json"), "w") as handle:
+    json.dump(seen, handle)
+if rank == 0:
+    with open(os.path.join(out, "history.json"), "w") as handle:
+        json.dump(run.trainer.state.log_history, handle)
+finish_distributed()
+"""
+
+
+def run_two_rank_training(tmp_path: Path, trainer_block: dict, image_key: str) -> dict[str, Any]:
+    """Train ``trainer_block`` on 2 gloo ranks with torchrun through the launcher pipeline (sequential
+    sampling, so batch ``i`` goes to rank ``i % 2``). Returns ``batches`` (per rank, per step:
+    ``[video_num_frames, image entries]``), ``losses`` (rank 0's logged losses) and ``weights`` (each
+    rank's final state dict)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "ddp.json"
+    config.write_text(json.dumps([{"type": "trainer", "config": trainer_block}]))
+    script = tmp_path / "train.py"
+    script.write_text(_MIXED_DDP_SCRIPT)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(config), str(out), image_key]
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (out / "weights_rank1.pt").is_file() and (out / "history.json").is_file(), ran.stderr[-3000:]
+    return {"batches": [json.loads((out / f"batches_rank{r}.json").read_text()) for r in (0, 1)],
+            "losses": [e["loss"] for e in json.loads((out / "history.json").read_text()) if "loss" in e],
+            "weights": [torch.load(out / f"weights_rank{r}.pt") for r in (0, 1)]}
