@@ -264,3 +264,16 @@ def test_mixed_batches_train_and_touch_every_visual_parameter(tmp_path_factory, 
         losses.append(out.loss.item())
     print(f"{family}: mixed-batch losses {[round(x, 3) for x in losses]}")
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_template_must_render_image_parts_as_qwen_does(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from lmms_engine.data.qwen_dataset import check_video_template
+    from lmms_engine.utils.config import ConfigError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    check_video_template(tokenizer)  # the tiny template renders both parts as Qwen's
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|image_pad|>", "<|video_pad|>")
+    with pytest.raises(ConfigError, match="does not render an image content part"):
+        check_video_template(tokenizer)

@@ -70,6 +70,8 @@ RECORD_IMAGE_TOKEN = "<image>"
 _VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 _VISUAL_KEYS = _VIDEO_KEYS + _IMAGE_KEYS
+#: Coded frame sizes a dataset remembers (per process).
+_SIZE_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -182,11 +184,19 @@ class QwenVideoSFTDataset(VideoSFTDataset):
         return dataclasses.replace(encoded, media_spans=_pad_runs(encoded.input_ids, self._pad_ids()))
 
     def _coded_size(self, path: str) -> tuple[int, int] | None:
-        """:func:`_coded_size` of ``path``, remembered per process (length estimates ask once per record)."""
+        """:func:`_coded_size` of ``path``; the last :data:`_SIZE_CACHE` answers are remembered in this process
+        (records often share videos), never sent to DataLoader workers."""
         cache = self.__dict__.setdefault("_coded_sizes", {})
         if path not in cache:
+            if len(cache) >= _SIZE_CACHE:
+                del cache[next(iter(cache))]
             cache[path] = _coded_size(path, self.config.decode_timeout)
         return cache[path]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_coded_sizes", None)
+        return state
 
     def _pad_ids(self) -> tuple[int, int]:
         if not hasattr(self, "_pad_id_pair"):
@@ -299,12 +309,12 @@ def check_video_template(tokenizer: Any, where: str = "the checkpoint's chat tem
     parts), the text the dataset expands."""
     if tokenizer.chat_template is None:
         raise ConfigError(f"{where}: the tokenizer has no chat_template")
-    for kind, text in (("video", TEMPLATE_VIDEO_TEXT), ("image", TEMPLATE_IMAGE_TEXT)):
+    for kind, article, text in (("video", "a", TEMPLATE_VIDEO_TEXT), ("image", "an", TEMPLATE_IMAGE_TEXT)):
         parts = [{"role": "user", "content": [{"type": kind, kind: f"file.{kind}"}, {"type": "text", "text": "Q?"}]}]
         plain = [{"role": "user", "content": text + "Q?"}]
         rendered = tokenizer.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
         if rendered != tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True):
-            raise ConfigError(f"{where} does not render {kind} content part as {text!r} followed by the text "
+            raise ConfigError(f"{where} does not render {article} {kind} content part as {text!r} followed by the text "
                               f"(it rendered {rendered!r}); use the checkpoint's own Qwen-VL tokenizer")
 
 
