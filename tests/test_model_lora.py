@@ -19,7 +19,14 @@ from lmms_engine.models.builder import build_model  # noqa: E402
 from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration  # noqa: E402
 from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer  # noqa: E402
 from lmms_engine.utils.config import ConfigError  # noqa: E402
-from train_support import AR_SMALL, demo_data_dir, subset, tiny_tokenizer, training_args  # noqa: E402
+from train_support import (  # noqa: E402
+    AR_SMALL,
+    demo_data_dir,
+    straight_and_resumed,
+    subset,
+    tiny_tokenizer,
+    training_args,
+)
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
@@ -65,28 +72,16 @@ def lora_runs(tmp_path_factory):
     data = subset(data_dir, 4, root)
     tok = tiny_tokenizer()
 
-    def run(out, max_steps, resume=None):
+    def make_trainer(out):
         model = lora_model()
         info = ProcessorInfo.from_model_config(model.config, layout=model.video_layout)
         config = DatasetConfig(data_path=str(data), max_frames=4)
-        trainer = AutoregressiveTrainer(model=model, args=training_args(out, max_steps=2, save_strategy="steps",
-                                                                        save_steps=1, learning_rate=5e-3),
-                                        train_dataset=build_dataset(config, tok, info),
-                                        data_collator=build_collator(config, tok), enable_autoregressive=True)
-        if max_steps == 1:  # stop after the first saved step
-            from transformers import TrainerCallback
+        return AutoregressiveTrainer(model=model, args=training_args(out, max_steps=2, save_strategy="steps",
+                                                                     save_steps=1, learning_rate=5e-3),
+                                     train_dataset=build_dataset(config, tok, info),
+                                     data_collator=build_collator(config, tok), enable_autoregressive=True)
 
-            class Stop(TrainerCallback):
-                def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-                    control.should_training_stop = True
-
-            trainer.add_callback(Stop())
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer
-
-    straight = run(root / "straight", 2)
-    run(root / "resumed", 1)
-    resumed = run(root / "resumed", 2, resume=str(root / "resumed" / "checkpoint-1"))
+    straight, resumed = straight_and_resumed(make_trainer, root)
     return root, straight, resumed
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from qwen_support import QWEN_AR, collate, qwen_dataset, qwen_records, tiny_checkpoint
 from safetensors.torch import load_file
-from train_support import training_args
+from train_support import straight_and_resumed, training_args
 
 pytest.importorskip("peft")
 
@@ -46,26 +46,14 @@ def lora_runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"lora_{family}")
     dataset = qwen_dataset(checkpoint, qwen_records(root / "data"))
 
-    def run(out, stop_after_first_save=False, resume=None):
-        trainer = AutoregressiveTrainer(
+    def make_trainer(out):
+        return AutoregressiveTrainer(
             model=lora_model(checkpoint),
             args=training_args(out, max_steps=2, save_strategy="steps", save_steps=1, learning_rate=5e-3),
             train_dataset=dataset, data_collator=QwenVideoCollator(pad_token_id=dataset.tokenizer.pad_token_id),
             enable_autoregressive=True)
-        if stop_after_first_save:
-            from transformers import TrainerCallback
 
-            class Stop(TrainerCallback):
-                def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-                    control.should_training_stop = True
-
-            trainer.add_callback(Stop())
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer
-
-    straight = run(root / "straight")
-    run(root / "resumed", stop_after_first_save=True)
-    resumed = run(root / "resumed", resume=str(root / "resumed" / "checkpoint-1"))
+    straight, resumed = straight_and_resumed(make_trainer, root)
     return family, checkpoint, root, straight, resumed
 
 

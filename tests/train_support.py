@@ -152,3 +152,23 @@ def run_two_rank_training(tmp_path: Path, trainer_block: dict, image_key: str) -
     return {"batches": [json.loads((out / f"batches_rank{r}.json").read_text()) for r in (0, 1)],
             "losses": [e["loss"] for e in json.loads((out / "history.json").read_text()) if "loss" in e],
             "weights": [torch.load(out / f"weights_rank{r}.pt") for r in (0, 1)]}
+
+
+def straight_and_resumed(make_trainer: Any, root: Path) -> tuple[Any, Any]:
+    """``(straight, resumed)`` trainers: two steps straight in ``root/straight``; one step saved in
+    ``root/resumed`` then resumed from its ``checkpoint-1`` to two. ``make_trainer(output_dir)`` builds a
+    trainer with ``max_steps=2`` and a save every step."""
+    from transformers import TrainerCallback
+
+    class StopAtFirstSave(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            control.should_training_stop = True
+
+    straight = make_trainer(root / "straight")
+    straight.train()
+    first = make_trainer(root / "resumed")
+    first.add_callback(StopAtFirstSave())
+    first.train()
+    resumed = make_trainer(root / "resumed")
+    resumed.train(resume_from_checkpoint=str(root / "resumed" / "checkpoint-1"))
+    return straight, resumed
