@@ -277,3 +277,21 @@ def test_template_must_render_image_parts_as_qwen_does(tmp_path_factory):
     tokenizer.chat_template = tokenizer.chat_template.replace("<|image_pad|>", "<|video_pad|>")
     with pytest.raises(ConfigError, match="does not render an image content part"):
         check_video_template(tokenizer)
+
+
+def test_reconstruction_errors_on_batches_with_images_and_several_videos(tmp_path_factory, records):
+    """The evaluate block's next-frame table on a batch with an image record and a record of two videos and
+    an image: each video on its own grid, the batch's sums those of its samples run alone."""
+    from transformers import AutoTokenizer
+
+    checkpoint = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")
+    dataset = qwen_dataset(checkpoint, records)
+    model = build_model({"model_name_or_path": str(checkpoint), "enable_autoregressive": True,
+                         "autoregressive_config": QWEN_AR}, AutoTokenizer.from_pretrained(checkpoint)).eval()
+    together = model.reconstruction_errors(collate(dataset, [3, 0, 4]))["all"]
+    alone = [model.reconstruction_errors(collate(dataset, [i]))["all"] for i in (3, 4)]
+    # videos of 3, 2 and 3 groups: offset 1 has 2 + 1 + 2 windows, offset 2 has 1 + 0 + 1
+    assert [together[k].windows for k in (1, 2)] == [5, 2]
+    for k in (1, 2):
+        assert together[k].windows == sum(a[k].windows for a in alone)
+        assert together[k].sq_error == pytest.approx(sum(a[k].sq_error for a in alone), rel=1e-5)

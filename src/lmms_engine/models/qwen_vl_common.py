@@ -523,7 +523,7 @@ class QwenVideoMixin(VideoFamilyMixin):
             lambda _m, _a, output: store.__setitem__("hidden", output.last_hidden_state))
         try:
             keys = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
-                    "second_per_grid_ts")
+                    "second_per_grid_ts", "pixel_values", "image_grid_thw")
             self(**{k: batch[k] for k in keys if batch.get(k) is not None}, logits_to_keep=1, use_cache=False)
         finally:
             handle.remove()
