@@ -20,6 +20,13 @@ folders, checkpoints to resume from; files an earlier ``demo_data`` block writes
 conflicting video-layout keys, an ``autoregressive_config.embedding_dim`` that differs from the vision
 tower's width, and a trainer type that contradicts ``enable_autoregressive``. No model, tokenizer or
 dataset is built here. Relative paths are relative to the current directory.
+
+Each rule lives with the class that owns its fact, and the places that guard the Python API call the same
+check (one message): ``DatasetConfig.check_files`` (data files and folders; also ``open_records`` and the
+evaluate block), ``AutoregressiveConfig.check_against_tower`` (embedding_dim; also the module),
+``lmms_engine.train.arguments.check_fsdp`` (also the trainer), ``DemoDataConfig.check_folder`` (also
+``ensure_demo_data``), :meth:`TrainerBlockConfig.check_autoregressive` (the trainer checks the built model),
+``lmms_engine.models.builder.resolve_video_layout`` (also ``attach_autoregressive_module``).
 """
 
 from __future__ import annotations
