@@ -238,7 +238,11 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
 
     from lmms_engine.eval.accuracy import score_predictions, write_predictions
     from lmms_engine.eval.generation import generate_answers, prompt_loader, stop_token_ids, to_predictions
-    from lmms_engine.eval.reconstruction import ReconstructionAccumulator, batch_reconstruction_errors
+    from lmms_engine.eval.reconstruction import (
+        ReconstructionAccumulator,
+        batch_reconstruction_errors,
+        batch_video_count,
+    )
     from lmms_engine.parts import build_parts
 
     cfg = config if isinstance(config, EvaluateConfig) else from_mapping(EvaluateConfig, config, where)
@@ -282,8 +286,8 @@ def run_evaluate(config: EvaluateConfig | Mapping[str, Any], where: str = "evalu
                 timing["generation"] += time.time() - tick
             if accumulator is not None:
                 tick = time.time()
-                videos = int((batch.inputs["video_num_frames"] > 0).sum())
-                accumulator.add_batch(batch_reconstruction_errors(model, batch.inputs, module), videos)
+                accumulator.add_batch(batch_reconstruction_errors(model, batch.inputs, module),
+                                      batch_video_count(batch.inputs))
                 timing["reconstruction"] += time.time() - tick
 
     out_dir = cfg.results_dir

@@ -188,16 +188,32 @@ def _capture_last_hidden(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The forward inputs of a collated batch as training passes them, without ``labels``: every video
+    with its bookkeeping (``video_row`` for several videos per record), every image (images before a
+    video change its hidden states: the LLM is causal), positions."""
+    return {k: v for k, v in batch.items() if k != "labels" and v is not None}
+
+
+def batch_video_count(batch: Mapping[str, Any]) -> int:
+    """Videos with frames in a collated batch: one ``video_grid_thw`` row each (Qwen-VL), else the
+    ``video_num_frames`` entries above 0 (one per sample, or per video with ``video_row``)."""
+    grids = batch.get("video_grid_thw")
+    if grids is not None:
+        return int(grids.shape[0])
+    frames = batch.get("video_num_frames")
+    return int((frames > 0).sum()) if frames is not None else 0
+
+
 @torch.no_grad()
 def video_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
     """The LLM's final (normed) hidden states ``[B, L, hidden]`` of a collated batch and its
     :class:`~lmms_engine.models.layout.VideoTokenLayout`: what the autoregressive loss reads.
 
-    ``batch``: ``input_ids``, ``attention_mask``, ``pixel_values_videos``, ``video_num_frames`` (other
-    keys are ignored; no labels needed: the video comes before the text and the LLM is causal).
+    ``batch``: the collator's keys (:func:`model_inputs`; labels are ignored: no position before the
+    last video token depends on them, the LLM being causal).
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos", "video_num_frames")
-              if batch.get(k) is not None}
+    inputs = model_inputs(batch)
     with _capture_last_hidden(model) as store:
         # logits_to_keep=1: the full-vocabulary logits of every position are never needed here.
         out = model(**inputs, logits_to_keep=1, use_cache=False)
@@ -214,9 +230,9 @@ def batch_reconstruction_errors(
 
     Args:
         model: a :class:`~lmms_engine.models.llava_video.LlavaVideoForConditionalGeneration`.
-        batch: ``input_ids``, ``attention_mask``, ``pixel_values_videos`` ``[B, T, 3, H, W]``,
-            ``video_num_frames``; labels are not needed (the video comes before the text, and the LLM
-            is causal, so the video tokens' hidden states do not depend on the rest).
+        batch: the collator's keys: ``input_ids``, ``attention_mask``, ``pixel_values_videos``
+            ``[B, T, 3, H, W]`` (or ``[V, T, 3, H, W]`` with ``video_row``: several videos per record),
+            ``video_num_frames``, image keys; labels are not needed.
         module: the predictor to measure; default ``model.autoregressive_module``. Another module built
             over the same tower (e.g. a probe fitted on a frozen model) works too.
 
@@ -232,6 +248,10 @@ def batch_reconstruction_errors(
     if pixels is None:
         return {}
     hidden, layout = video_hidden_states(model, batch)
+    if batch.get("video_row") is not None:  # several videos per row: each video's own span, as training does
+        from lmms_engine.models.llava_video import _video_spans
+
+        hidden, layout = _video_spans(hidden, layout)
     # The module's own preparation (patch tokens per frame, newline/faster tokens skipped, absent frames
     # masked, slow frames pooled to the fast grid, targets pooled alike): exactly what training saw.
     frames = module.prepare_frames(hidden, pixels, video_token_layout=layout)
@@ -283,5 +303,6 @@ def reconstruction_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OffsetSums", "ReconstructionAccumulator", "batch_reconstruction_errors", "next_frame_errors",
-           "reconstruction_markdown", "reconstruction_verdict", "video_hidden_states"]
+__all__ = ["OffsetSums", "ReconstructionAccumulator", "batch_reconstruction_errors", "batch_video_count",
+           "model_inputs", "next_frame_errors", "reconstruction_markdown", "reconstruction_verdict",
+           "video_hidden_states"]

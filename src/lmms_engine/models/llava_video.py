@@ -705,6 +705,18 @@ class LlavaVideoForConditionalGeneration(VideoFamilyMixin, LlavaOnevisionForCond
             vision_features=vision_features,
         )
 
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs of one generation step, for records with several videos (``video_row``):
+        after the prompt, where transformers drops the frames, ``video_row`` goes too; on the prompt, an
+        attention mask transformers left out (one unpadded row) is given back as ones, since a generation
+        prompt is a padded batch, never packed rows."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("pixel_values_videos") is None:
+            inputs.pop("video_row", None)
+        elif inputs.get("video_row") is not None and inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return inputs
+
 
 def _with_one_absent_frame(layout: VideoTokenLayout, batch: int) -> VideoTokenLayout:
     def widen(index: FrameTokenIndex | None) -> FrameTokenIndex | None:

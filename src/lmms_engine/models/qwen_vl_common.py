@@ -510,7 +510,7 @@ class QwenVideoMixin(VideoFamilyMixin):
         reconstruction metric, :func:`lmms_engine.eval.reconstruction.next_frame_errors`), each video on
         its own merged grid. ``mean_target_mse`` (a per-grid-position baseline) is not defined across
         videos of different grids and is left out (None)."""
-        from lmms_engine.eval.reconstruction import OffsetSums, next_frame_errors
+        from lmms_engine.eval.reconstruction import OffsetSums, model_inputs, next_frame_errors
 
         module = module if module is not None else getattr(self, "autoregressive_module", None)
         if module is None:
@@ -522,9 +522,7 @@ class QwenVideoMixin(VideoFamilyMixin):
         handle = self.model.language_model.register_forward_hook(
             lambda _m, _a, output: store.__setitem__("hidden", output.last_hidden_state))
         try:
-            keys = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
-                    "second_per_grid_ts", "pixel_values", "image_grid_thw")
-            self(**{k: batch[k] for k in keys if batch.get(k) is not None}, logits_to_keep=1, use_cache=False)
+            self(**model_inputs(batch), logits_to_keep=1, use_cache=False)
         finally:
             handle.remove()
         if module.target_encoder_mode == "shared":
