@@ -206,15 +206,9 @@ def _vision_feature_size(config: Any) -> int | None:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
-    from lmms_engine.data.qwen_vision import QWEN_FAMILIES
+    from lmms_engine.models.vision import feature_size, vision_width
 
-    if config.model_type in QWEN_FAMILIES:
-        from lmms_engine.models.qwen_vl_common import vision_width
-
-        return vision_width(vision)
-    from lmms_engine.models.vision import feature_size
-
-    return feature_size(vision.hidden_size, getattr(config, "vision_feature_layer", -1))
+    return feature_size(vision_width(vision), getattr(config, "vision_feature_layer", -1))
 
 
 def _check_model(raw: Any, where: str) -> Any:

@@ -49,7 +49,7 @@ from lmms_engine.models.autoregressive_config import AutoregressiveConfig
 from lmms_engine.models.frame_attention import apply_rotary, banded_attention, rotary_tables
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
 from lmms_engine.models.loss_terms import LossTerm, autoregressive_mean
-from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
+from lmms_engine.models.vision import feature_size, patch_grid_side, select_features, vision_width
 from lmms_engine.utils.sharding import gathers_weights
 from lmms_engine.video.masks import frame_causal_mask
 from lmms_engine.video.pooling import pooled_side, spatial_pool
@@ -269,8 +269,7 @@ def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
     config = getattr(vision_tower, "config", None)
     if isinstance(vision_tower, nn.Module) and config is not None and not hasattr(config, "image_size") \
             and hasattr(config, "spatial_merge_size") and hasattr(config, "hidden_size"):
-        # Qwen2-VL names its block width embed_dim (its hidden_size is the LLM's)
-        return int(getattr(config, "embed_dim", None) or config.hidden_size), VARIABLE_GRID_TABLE_SIDE
+        return vision_width(config), VARIABLE_GRID_TABLE_SIDE
     names = ("hidden_size", "image_size", "patch_size")
     if not isinstance(vision_tower, nn.Module) or config is None or not all(hasattr(config, n) for n in names):
         raise TypeError(
@@ -278,7 +277,7 @@ def _tower_geometry(vision_tower: nn.Module) -> tuple[int, int]:
             f"patch_size (e.g. transformers' SiglipVisionModel, model.model.vision_tower); got "
             f"{type(vision_tower).__name__}"
         )
-    return int(config.hidden_size), patch_grid_side(config)
+    return vision_width(config), patch_grid_side(config)
 
 
 class AutoregressiveReconstructionModule(nn.Module):

@@ -38,6 +38,7 @@ from lmms_engine.data.qwen_vision import mm_token_type_ids as token_types
 from lmms_engine.models.autoregressive_config import CONFIG_AR_ENABLE_KEY, CONFIG_AR_KEY
 from lmms_engine.models.family import VideoFamilyMixin
 from lmms_engine.models.loss_terms import LossTerm, LossTerms, label_token_count, token_loss_sum, unit_counts
+from lmms_engine.models.vision import vision_width
 from lmms_engine.utils.config import ConfigError
 
 
@@ -133,12 +134,6 @@ def qwen_model_class(model_type: str) -> type:
 
         return Qwen2VLVideoForConditionalGeneration
     raise ValueError(f"{model_type!r} is not a Qwen-VL family the engine trains (qwen2_vl, qwen2_5_vl, qwen3_vl)")
-
-
-def vision_width(vision_config: Any) -> int:
-    """Width of the vision encoder's blocks (the targets' size): ``embed_dim`` for Qwen2-VL (whose
-    vision ``hidden_size`` is the LLM's), ``hidden_size`` for Qwen2.5-VL / Qwen3-VL."""
-    return int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
 
 
 def check_qwen_autoregressive_keys(cfg: Mapping[str, Any], family: str, where: str) -> None:

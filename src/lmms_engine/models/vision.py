@@ -1,5 +1,6 @@
 """Facts of a ViT-style vision tower (SigLIP in LLaVA-OneVision) that several parts read.
 
+- :func:`vision_width`: width of the tower's blocks, read from its config.
 - :func:`patch_grid_side`: patches per side of a frame, ``image_size // patch_size`` (the conv drops
   the remainder; SigLIP 384/14 -> 27).
 - :func:`feature_size`: width of the features read at ``vision_feature_layer`` (a list of layers is
@@ -18,6 +19,12 @@ import torch
 from torch import nn
 
 FeatureLayer = int | Sequence[int]
+
+
+def vision_width(vision_config: Any) -> int:
+    """Width of the vision tower's blocks: ``embed_dim`` where the config has one (Qwen2-VL, whose vision
+    ``hidden_size`` is the LLM's), else ``hidden_size`` (SigLIP, Qwen2.5-VL, Qwen3-VL)."""
+    return int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
 
 
 def patch_grid_side(vision_config: Any) -> int:
