@@ -20,7 +20,10 @@ AR = {"num_hist": 2, "num_heads": 4, "num_layers": 1, "loss_weight": 0.5}
 MATMULS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward")
 
 
-def _model_and_batch(tmp_path_factory, family: str, target_encoder: str, freeze_encoder: bool = False):
+def _model_and_batch(tmp_path_factory, family: str, target_encoder: str, freeze_encoder: bool = False,
+                     image: bool = False):
+    """The tiny ``family`` model with an autoregressive module and one sample: the two ``VIDEOS`` (and,
+    ``image``, a 2 x 3 merged-token image first), a question and an answer."""
     import numpy as np
 
     from lmms_engine.data.qwen_vision import QwenVideoProcessing
@@ -35,6 +38,11 @@ def _model_and_batch(tmp_path_factory, family: str, target_encoder: str, freeze_
     videos = [processing.preprocess(torch.from_numpy(rng.integers(0, 256, (n, 3, rows * f, cols * f), dtype=np.uint8)))
               for rows, cols, n in VIDEOS]
     user = "".join(processing.placeholder_text(v.grid_thw, v.group_times) for v in videos) + "What happens?"
+    picture = None
+    if image:
+        picture = processing.preprocess_image(torch.from_numpy(rng.integers(0, 256, (3, 2 * f, 3 * f), dtype=np.uint8)),
+                                              (2 * f, 3 * f))
+        user = processing.image_placeholder_text(picture.grid_thw) + user
     text = tokenizer.apply_chat_template([{"role": "user", "content": user},
                                           {"role": "assistant", "content": "A square moves left."}], tokenize=False)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -42,6 +50,8 @@ def _model_and_batch(tmp_path_factory, family: str, target_encoder: str, freeze_
              "pixel_values_videos": torch.cat([v.pixel_values for v in videos]),
              "video_grid_thw": torch.tensor([v.grid_thw for v in videos]),
              "second_per_grid_ts": torch.tensor([v.second_per_grid for v in videos])}
+    if picture is not None:
+        batch.update(pixel_values=picture.pixel_values, image_grid_thw=torch.tensor([picture.grid_thw]))
     torch.manual_seed(0)
     model = qwen_model_class(family).from_pretrained(checkpoint)
     model.set_trainable(vision_tower=not freeze_encoder, projector=True, language_model=True)
@@ -49,7 +59,7 @@ def _model_and_batch(tmp_path_factory, family: str, target_encoder: str, freeze_
     return model.train(), batch
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vision_forward_equals_the_counted_flops_per_grid(tmp_path_factory, family):
     """The encoder's forward on each grid alone and on both together: matmuls (patch embedding, blocks,
     merger and Qwen3-VL's deepstack merger) and attention (full per temporal group, Qwen2.5-VL's windows)
@@ -74,19 +84,19 @@ def test_vision_forward_equals_the_counted_flops_per_grid(tmp_path_factory, fami
         windows = 2 * 4 * 64 * sum((r * c * 4) ** 2 for r in (2, 1) for c in (2, 2, 1))
         assert flops.vision_forward((2, 6, 10)).attention == full + windows
         assert (flops.full_blocks, flops.window, flops.mergers) == (1, 2, 1)
-    else:  # two full-attention blocks, one deepstack merger
+    else:  # two full-attention blocks; Qwen3-VL: one deepstack merger
         assert flops.vision_forward((2, 6, 10)).attention == 2 * full
-        assert (flops.full_blocks, flops.window, flops.mergers) == (2, 0, 2)
+        assert (flops.full_blocks, flops.window, flops.mergers) == (2, 0, 2 if family == "qwen3_vl" else 1)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_training_step_equals_the_counted_flops(tmp_path_factory, family):
     """A whole training step (vision encoder trainable, so the frozen target encoder is a copy):
     torch's count of forward + backward against the accounting. Matmuls exact but for one known term: the
     patch embedding gets no input gradient (pixels), 1 x its forward where the accounting (the usual
     6N) counts 2 x. Attention: forward exact, the backward as 2 x forward (MFU convention; torch counts
     2.5 x)."""
-    model, batch = _model_and_batch(tmp_path_factory, family, "copy")
+    model, batch = _model_and_batch(tmp_path_factory, family, "copy", image=True)
     flops = QwenModelFlops.from_model(model)
     assert flops.tower_trainable and flops.projector_trainable and flops.copy_encoder
     # the callback, set up as the trainer does, counts this step through its forward hook
@@ -99,23 +109,27 @@ def test_training_step_equals_the_counted_flops(tmp_path_factory, family):
     assert set(counted) - set(attention_ops) <= set(MATMULS), counted.keys()
     length = batch["input_ids"].shape[1]
     grids = batch["video_grid_thw"].tolist()
-    vision = [flops.vision_forward(g) for g in grids]
     merge = flops.merge
-    predictor = [flops.predictor_parts(t, h * w // merge ** 2) for t, h, w in grids]
+    predictor = [flops.predictor_parts(t, h * w // merge ** 2) for t, h, w in grids]  # videos only
+    image = batch["image_grid_thw"][0].tolist()
+    assert image == [1, 4, 6]
+    vision = [flops.vision_forward(g) for g in grids + [image]]  # the image runs the encoder only
+    copied = vision[:-1]  # the frozen copy targets the videos
     # the accounting by part (matmuls, attention), each as forward x factor
     llm_matmuls = 6.0 * flops.llm_params * length
     llm_attention = 12.0 * flops.llm_layers * flops.llm_attention_width * length ** 2
-    vision_matmuls = sum(3 * (v.patch_embed + v.blocks + v.mergers) + v.patch_embed + v.blocks + v.mergers
-                         for v in vision)  # trained encoder and mergers + the copy's forward
-    vision_attention = sum(4 * v.attention for v in vision)
-    total = flops.batch_flops([length], batch["video_grid_thw"])
+    vision_matmuls = sum(3 * (v.patch_embed + v.blocks + v.mergers) for v in vision) \
+        + sum(v.patch_embed + v.blocks + v.mergers for v in copied)
+    vision_attention = sum(3 * v.attention for v in vision) + sum(v.attention for v in copied)
+    total = flops.batch_flops([length], batch["video_grid_thw"], batch["image_grid_thw"])
     assert total == llm_matmuls + llm_attention + vision_matmuls + vision_attention + sum(map(sum, predictor))
     patch_embed_input_grad = sum(v.patch_embed for v in vision)
     assert sum(counted.values()) - sum(attention_ops.values()) == \
         llm_matmuls + vision_matmuls + sum(m for m, _ in predictor) - patch_embed_input_grad
     forward_attention = sum(v for k, v in attention_ops.items() if "backward" not in k)
     # forward attention: the LLM's, the encoder's twice (trained encoder and its frozen copy), the predictor's
-    assert forward_attention == (llm_attention + sum(a for _, a in predictor)) / 3 + 2 * sum(v.attention for v in vision)
+    assert forward_attention == (llm_attention + sum(a for _, a in predictor)) / 3 + sum(v.attention for v in vision) \
+        + sum(v.attention for v in copied)
     # logged with the keys of the LLaVA path
     assert callback.window.flops == total and callback.window.tokens == length
     logged = callback.metrics(elapsed=2.0)

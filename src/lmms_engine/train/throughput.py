@@ -34,7 +34,8 @@ same factors (frozen: forward only; trainable: 3x):
   ``get_vision_window_index`` cuts them);
 - **merger** (and Qwen3-VL's deepstack mergers, one per ``deepstack_visual_indexes`` entry): the two
   matmuls on each of the ``N / merge^2`` merged tokens; counted as the projector;
-- a ``target_encoder: copy`` autoregressive module's frozen encoder: one more forward of the whole encoder;
+- a ``target_encoder: copy`` autoregressive module's frozen encoder: one more forward of the whole encoder
+  on each video;
 - **LLM**: as above, on each sample's tokens;
 - **autoregressive predictor**: as above, per video, its temporal groups as frames and its merged grid
   ``h/merge x w/merge`` as the tokens per frame.
@@ -375,22 +376,23 @@ class QwenModelFlops(StepFlops):
                              blocks=2.0 * self.depth * self.block_params * patches, attention=attention,
                              mergers=2.0 * self.mergers * self.merger_params * merged)
 
-    def vision_flops(self, grid_thw: Sequence[int]) -> float:
-        """Encoder (x3 if trainable) + mergers (x3 if trainable) + a copied target encoder's forward on one grid."""
+    def vision_flops(self, grid_thw: Sequence[int], video: bool = True) -> float:
+        """Encoder (x3 if trainable) + mergers (x3 if trainable) on one grid, + a copied target encoder's
+        forward on a video's (the targets are videos' only)."""
         forward = self.vision_forward(grid_thw)
         total = forward.encoder * (3.0 if self.tower_trainable else 1.0)
         total += forward.mergers * (3.0 if self.projector_trainable else 1.0)
-        return total + (forward.encoder + forward.mergers if self.copy_encoder else 0.0)
+        return total + (forward.encoder + forward.mergers if self.copy_encoder and video else 0.0)
 
     def batch_flops(self, sequence_lengths: Sequence[int], video_grid_thw: torch.Tensor | None = None,
                     image_grid_thw: torch.Tensor | None = None) -> float:
         """FLOPs of one micro-batch: each sample's token count, every video's and image's grid ``[N, 3]``
         (the predictor runs on videos: temporal groups as frames, the merged grid as their tokens)."""
         total = self.llm_flops(sequence_lengths)
-        for grids, predicted in ((video_grid_thw, True), (image_grid_thw, False)):
+        for grids, video in ((video_grid_thw, True), (image_grid_thw, False)):
             for t, h, w in (grids.tolist() if grids is not None else []):
-                total += self.vision_flops((t, h, w))
-                if predicted:
+                total += self.vision_flops((t, h, w), video)
+                if video:
                     total += self.predictor_per_video(int(t), int(h * w) // self.merge ** 2)
         return float(total)
 
