@@ -6,6 +6,7 @@ or written to the wrong row, shows up as a wrong index.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -83,12 +84,55 @@ def test_split_groups_gives_contiguous_runs_of_equal_work(many_gops):
     for budget in (1, 2, 3, 4, 7):
         runs = split_groups(table, groups, budget)
         assert [g for run in runs for g in run] == groups  # contiguous, in order, each group once
-        assert len(runs) == min(budget, decode.MAX_DECODE_CONTEXTS)
         sizes = [len(run) for run in runs]
+        # The fewest contexts that make the longest run as short as the budget allows (7 contexts
+        # would leave a run of 5 intervals, as 6 do).
+        assert max(sizes) == math.ceil(30 / min(budget, decode.MAX_DECODE_CONTEXTS))
+        assert len(runs) == math.ceil(30 / max(sizes)) <= budget
         assert max(sizes) - min(sizes) <= 1  # equal costs here: equal shares
     # Too little work for a second context: one run.
     few = plan_groups(table, [0, 9])
     assert len(split_groups(table, few, 8)) == 1
+
+
+def test_a_long_interval_beside_a_short_one_stays_in_one_context_with_frame_threads(tmp_path):
+    """Two intervals of 50 and 10 frames on 2 threads: two one-thread contexts would take the long
+    one's time with a core idle after the short one, one context with frame threads less (the
+    plan decodes VP9 and all-reference streams so); with 4 threads, two contexts of 2 threads each."""
+    clip = make_clip(tmp_path / "uneven.mp4", 60, fps=25, keyframe_interval=50)
+    table = _table(clip)
+    indices = list(range(0, 60, 4))
+    groups = plan_groups(table, indices)
+    assert [key for key, _ in groups] == [0, 50]
+    assert split_groups(table, groups, 2) == [groups]
+    assert split_groups(table, groups, 4) == [[groups[0]], [groups[1]]]
+    reference = full_decode_rgb(clip)
+    for threads in (2, 4):
+        video = read_video(clip, indices, num_threads=threads)
+        assert torch.equal(video.frames, torch.from_numpy(reference[indices]))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".ts", ".h264"])
+def test_opening_probes_without_decoding_and_reads_what_a_full_probe_reads(tmp_path, monkeypatch, suffix):
+    """The open probe only parses (no picture decoded, no full open after it); frames, timestamps, rate, frame count
+    and the probe's description equal those of a file opened with FFmpeg's full probe."""
+    clip = make_clip(tmp_path / f"c{suffix}", 40, fps=25, keyframe_interval=7)
+    opened: list = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(k.get("options")) or real_open(*a, **k))
+    results = []
+    for probe in (decode._PROBE_PARSE_ONLY, None):
+        monkeypatch.setattr(decode, "_PROBE_PARSE_ONLY", probe)
+        frame_table_cache.clear()
+        opened.clear()
+        video = read_video(clip, list(range(0, 40, 3)), num_threads=1)
+        assert opened and all(o == probe for o in opened)  # never a second, full open
+        info = decode.probe_video(clip)
+        results.append((video.frames, video.frame_indices, video.timestamps, video.video_fps, video.duration,
+                        video.total_frames, (info.num_frames, info.fps, info.duration, info.source)))
+    fast, full = results
+    assert torch.equal(fast[0], full[0]) and fast[1:] == full[1:]
+    assert read_indices(fast[0]) == list(range(0, 40, 3))
 
 
 def test_a_single_keyframe_interval_pipelines_conversion(tmp_path):

@@ -2,7 +2,8 @@
 
 How a read works (``read_video``):
 
-1. Open the file and take its first video stream; FFmpeg's frame and slice threads are on.
+1. Open the file and take its first video stream; FFmpeg's frame and slice threads are on. FFmpeg's
+   open probe parses the stream without decoding a picture (``_PROBE_PARSE_ONLY``).
 2. Index: one demux pass over the stream's packets (no decoding; cheap next to decoding) gives each
    frame's pts, its packet's decode-order position and which packets are keyframes. Frame ``i`` is the
    ``i``-th smallest pts (presentation order, the order the decoder outputs frames), so the index <->
@@ -29,9 +30,11 @@ How a read works (``read_video``):
    preallocated output, so the result is the same frame for frame whatever the split; memory grows by
    one decoder (its reference frames) per context, and contexts never outnumber the thread budget.
    The budget (``num_threads``; 0 = ``decode_thread_budget()``: the process's cores, shared out among
-   DataLoader workers) buys contexts first, then FFmpeg frame/slice threads inside them (FFmpeg's own
-   count when one context has every core), and a context with two or more converts its frames in a
-   thread beside the decoder.
+   DataLoader workers) is split into contexts with equal shares of FFmpeg frame/slice threads (FFmpeg's
+   own count when one context has every core), as many contexts as make the read shortest by a
+   simple estimate (``split_groups``): one long keyframe interval beside short ones stays in one
+   context with frame threads. A context with two threads or more converts its frames in a thread
+   beside the decoder.
 
 Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
 in output order; a decoding error there ends the read (later frames could not be told apart).
@@ -246,6 +249,13 @@ class FrameTable:
         return len(self.timestamps)
 
 
+# Options of the decoder FFmpeg runs while opening a file to fill in stream parameters the container
+# header lacks: it only parses, decoding no picture. Decoding the first keyframe there cost 15-20 ms per
+# open at 720p H.264 (BBB), paid again by every decoder context; the demuxer and the parser still fill
+# in the size and the rate, and a stream left without a size is opened again the full way.
+_PROBE_PARSE_ONLY = {"skip_frame": "all"}
+
+
 def open_video(path: str | Path, num_threads: int = 0, timeout: float | None = None,
                ) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open ``path`` and return ``(container, first video stream)`` with decoder threads set up.
@@ -260,11 +270,17 @@ def open_video(path: str | Path, num_threads: int = 0, timeout: float | None = N
         raise VideoReadError(path, "is a directory, not a video file")
     if p.is_file() and p.stat().st_size == 0:  # pipes and devices report size 0: they are read, not sized
         raise VideoReadError(path, "the file is empty (0 bytes)")
-    try:
-        container = av.open(str(p), mode="r", timeout=timeout)
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
-        raise VideoReadError(path, f"not a readable media file, or cut short before its index "
-                                    f"({type(err).__name__}: {err})") from err
+    # A pipe or device is read once: probe it the full way.
+    probes = (_PROBE_PARSE_ONLY, None) if p.is_file() else (None,)
+    for options in probes:
+        try:
+            container = av.open(str(p), mode="r", timeout=timeout, options=options)
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
+            raise VideoReadError(path, f"not a readable media file, or cut short before its index "
+                                        f"({type(err).__name__}: {err})") from err
+        if options is None or _parameters_known(container):
+            break
+        container.close()
     # Cover art of an audio file is a one-picture "video" stream flagged attached_pic: not a video.
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not videos:
@@ -282,6 +298,12 @@ def open_video(path: str | Path, num_threads: int = 0, timeout: float | None = N
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = num_threads
     return container, stream
+
+
+def _parameters_known(container: av.container.InputContainer) -> bool:
+    """Whether every video stream has its size (what the reader needs before decoding; the pixel
+    format is the decoder's to set, at the first frame)."""
+    return all(s.codec_context.width > 0 and s.codec_context.height > 0 for s in container.streams.video)
 
 
 def _stream_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
@@ -573,12 +595,15 @@ class _Converter:
         return _Converter(self.sizes, 0, self.arrays, self.turns)
 
     def __call__(self, frame: av.VideoFrame, slot: int) -> None:
-        native = self.to_rgb.reformat(frame, format="gbrp")  # no chroma is scaled before the RGB conversion
+        # One scaler thread: conversion already runs beside the decoder (or in a one-thread budget), and
+        # FFmpeg's automatic count (one per core) cost about 10 % more CPU per 720p frame for no gain there;
+        # the pixels are the same.
+        native = self.to_rgb.reformat(frame, format="gbrp", threads=1)  # no chroma is scaled before RGB
         for (h, w), array, reformatter in zip(self.sizes, self.arrays, self.reformatters):
             if self.turns % 2:  # scaled in the coded orientation, then turned upright
                 h, w = w, h
             planar = native if (h, w) == (native.height, native.width) else reformatter.reformat(
-                native, width=w, height=h, format="gbrp", interpolation=FFMPEG_INTERPOLATION)
+                native, width=w, height=h, format="gbrp", interpolation=FFMPEG_INTERPOLATION, threads=1)
             for channel, plane in zip(_GBRP_TO_RGB, planar.planes):
                 pixels = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
                 array[slot, channel] = np.rot90(pixels, self.turns) if self.turns else pixels
@@ -814,17 +839,49 @@ def _group_cost(table: FrameTable, group: tuple[int, list[int]]) -> int:
 
 def split_groups(table: FrameTable, groups: list[tuple[int, list[int]]], budget: int,
                  ) -> list[list[tuple[int, list[int]]]]:
-    """Contiguous runs of ``groups`` of about equal decode work, at most ``budget`` of them.
+    """Contiguous runs of ``groups`` of about equal decode work, one per decoder context: as many as
+    make the read shortest by ``_estimated_time``, at most ``budget``.
 
     A run gets at least ``_MIN_PACKETS_PER_CONTEXT`` packets of work (fewer contexts otherwise), since
     each costs a container open and a seek. Contiguous runs keep one decoder's reads in file order,
     where adjacent intervals need no seek.
     """
-    costs = [_group_cost(table, g) for g in groups]
+    cost_of = {group[0]: _group_cost(table, group) for group in groups}
+    costs = list(cost_of.values())
     total = sum(costs)
-    parts = max(1, min(budget, len(groups), MAX_DECODE_CONTEXTS, total // _MIN_PACKETS_PER_CONTEXT))
-    if parts == 1:
-        return [groups]
+    most = max(1, min(budget, len(groups), MAX_DECODE_CONTEXTS, total // _MIN_PACKETS_PER_CONTEXT))
+    best, best_time = [groups], _estimated_time([total], budget)
+    for parts in range(2, most + 1):
+        runs = _balanced_runs(groups, costs, parts)
+        seconds = _estimated_time([sum(cost_of[key] for key, _ in run) for run in runs], budget)
+        if seconds < best_time:
+            best, best_time = runs, seconds
+    return best
+
+
+# What FFmpeg's frame threads gain on one decoder context with two threads or more, against one thread,
+# when every decoded frame is a reference (a serial chain they overlap row by row): the peers that
+# decode so reached 1.4-1.7 cores of 2 (benchmarks/RESULTS.md), so 1.6.
+FRAME_THREAD_GAIN = 1.6
+
+
+def _estimated_time(run_costs: list[int], budget: int) -> float:
+    """Time of decoding runs of ``run_costs`` packets at once, each context with an equal share of
+    ``budget`` threads, in packets decoded by one thread: the longest run, shortened by frame threads
+    when its context has two or more.
+
+    One long keyframe interval beside a short one (every frame a reference in VP9 and all-reference
+    streams, or a clip with few keyframes) thus stays in one context with FFmpeg's frame threads: two
+    single-threaded contexts would leave one core idle once the short one is done.
+    """
+    threads = max(1, budget // len(run_costs))
+    return max(run_costs) / (FRAME_THREAD_GAIN if threads >= 2 else 1.0)
+
+
+def _balanced_runs(groups: list[tuple[int, list[int]]], costs: list[int], parts: int,
+                   ) -> list[list[tuple[int, list[int]]]]:
+    """``groups`` cut into ``parts`` contiguous runs of about equal total cost."""
+    total = sum(costs)
     runs: list[list[tuple[int, list[int]]]] = [[]]
     done = 0
     for group, cost in zip(groups, costs):
