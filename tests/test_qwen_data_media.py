@@ -112,6 +112,18 @@ def test_checkpoint_image_pixels_are_read(tmp_path_factory, tmp_path):
     assert (processing.image_min_pixels, processing.image_max_pixels) == (1000, 9000)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
     assert QwenVideoProcessing.for_model(config).image_max_pixels == 12845056
+    # transformers 5's nested processor_config.json alone: its image_processor entry (not the video one's)
+    (tmp_path / "preprocessor_config.json").unlink()
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Qwen2_5_VLProcessor",
+        "image_processor": {"size": {"shortest_edge": 2000, "longest_edge": 8000}},
+        "video_processor": {"size": {"shortest_edge": 5, "longest_edge": 7}}}))
+    processing = QwenVideoProcessing.for_model(config)
+    assert (processing.image_min_pixels, processing.image_max_pixels) == (2000, 8000)
+    # both present: the flat file is what transformers reads first
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 1000,
+                                                                            "longest_edge": 9000}}))
+    assert QwenVideoProcessing.for_model(config).image_max_pixels == 9000
 
 
 @pytest.mark.parametrize("family", FAMILIES)

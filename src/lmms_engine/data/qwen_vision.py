@@ -194,18 +194,18 @@ class QwenImageInputs:
 
 
 def checkpoint_image_pixels(folder: Any) -> dict[str, int]:
-    """``{"image_min_pixels", "image_max_pixels"}`` from a checkpoint folder's ``preprocessor_config.json``
-    (``size.shortest_edge`` / ``size.longest_edge``, or the older ``min_pixels`` / ``max_pixels``); empty
-    when the folder or the file is missing."""
-    import json
+    """``{"image_min_pixels", "image_max_pixels"}`` from a checkpoint folder's image processor settings
+    (``preprocessor_config.json``, else the ``image_processor`` entry of a nested ``processor_config.json``,
+    :func:`~lmms_engine.export.processor.sub_processor_settings`): ``size.shortest_edge`` /
+    ``size.longest_edge``, or the older ``min_pixels`` / ``max_pixels``; empty when the folder or the
+    settings are missing."""
     from pathlib import Path
 
-    if not folder:
+    from lmms_engine.export.processor import IMAGE_PROCESSOR_FILE, folder_processor_files, sub_processor_settings
+
+    if not folder or not Path(str(folder)).is_dir():
         return {}
-    path = Path(str(folder)) / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = sub_processor_settings(folder_processor_files(str(folder)), IMAGE_PROCESSOR_FILE) or {}
     size = data.get("size") if isinstance(data.get("size"), dict) else {}
     low = size.get("shortest_edge") or size.get("min_pixels") or data.get("min_pixels")
     high = size.get("longest_edge") or size.get("max_pixels") or data.get("max_pixels")

@@ -53,6 +53,8 @@ PROCESSOR_CHAT_TEMPLATE_FILE = "chat_template.json"
 #: The processor-level files a source checkpoint's copy is made of (tokenizer files excluded, see above).
 PROCESSOR_FILES: tuple[str, ...] = (IMAGE_PROCESSOR_FILE, VIDEO_PROCESSOR_FILE, PROCESSOR_CONFIG_FILE,
                                     PROCESSOR_CHAT_TEMPLATE_FILE)
+#: The entry of a nested ``processor_config.json`` (transformers 5) holding the settings a flat file holds.
+NESTED_PROCESSOR_KEYS: dict[str, str] = {IMAGE_PROCESSOR_FILE: "image_processor", VIDEO_PROCESSOR_FILE: "video_processor"}
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -231,7 +233,24 @@ def source_processor_files(source: str) -> dict[str, bytes]:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(source, allow_patterns=list(PROCESSOR_FILES)))
+    return folder_processor_files(folder)
+
+
+def folder_processor_files(folder: str | os.PathLike) -> dict[str, bytes]:
+    """The processor files (:data:`PROCESSOR_FILES`) present in the local ``folder``."""
+    folder = Path(folder)
     return {name: (folder / name).read_bytes() for name in PROCESSOR_FILES if (folder / name).is_file()}
+
+
+def sub_processor_settings(files: Mapping[str, bytes], name: str) -> dict[str, Any] | None:
+    """The settings of the sub-processor whose flat file is ``name`` (``IMAGE_PROCESSOR_FILE`` or
+    ``VIDEO_PROCESSOR_FILE``) in a checkpoint's processor ``files``: the flat file where there is one,
+    else its entry (:data:`NESTED_PROCESSOR_KEYS`) of a nested ``processor_config.json``; None when neither."""
+    if name in files:
+        return json.loads(files[name])
+    nested = json.loads(files[PROCESSOR_CONFIG_FILE]).get(NESTED_PROCESSOR_KEYS[name]) \
+        if PROCESSOR_CONFIG_FILE in files else None
+    return nested if isinstance(nested, dict) else None
 
 
 def _check_copied(files: Mapping[str, bytes], config: Any, source: str) -> None:
@@ -410,4 +429,5 @@ def add_processor_files(checkpoint: str | os.PathLike, source: str | None = None
 
 __all__ = ["CheckpointProcessor", "PROCESSOR_CLASS", "PROCESSOR_FILES", "ProcessorFiles", "add_processor_files",
            "build_processing_class", "generate_processor_files", "make_tokenizer_config_portable", "num_image_tokens",
-           "processor_chat_template", "resolve_processor_files", "source_processor_files"]
+           "processor_chat_template", "resolve_processor_files", "source_processor_files",
+           "folder_processor_files", "sub_processor_settings", "NESTED_PROCESSOR_KEYS"]

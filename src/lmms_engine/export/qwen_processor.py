@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from lmms_engine.export.processor import (
     IMAGE_PROCESSOR_FILE,
+    NESTED_PROCESSOR_KEYS,
     PROCESSOR_CONFIG_FILE,
     VIDEO_PROCESSOR_FILE,
     CheckpointProcessor,
@@ -114,7 +115,8 @@ def write_pixel_settings(files: Mapping[str, bytes], family: str, processing: An
     if PROCESSOR_CONFIG_FILE in out:
         data = json.loads(out[PROCESSOR_CONFIG_FILE])
         nested = {key: _with_settings(data[key], settings)
-                  for key, settings in (("image_processor", image), ("video_processor", video))
+                  for key, settings in ((NESTED_PROCESSOR_KEYS[IMAGE_PROCESSOR_FILE], image),
+                                        (NESTED_PROCESSOR_KEYS[VIDEO_PROCESSOR_FILE], video))
                   if isinstance(data.get(key), dict)}
         if nested:
             out[PROCESSOR_CONFIG_FILE] = _json_bytes({**data, **nested})
