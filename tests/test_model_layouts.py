@@ -266,3 +266,14 @@ def test_generate_with_video_runs_cached_decoding_consistently() -> None:
             logits = model(input_ids=seq, pixel_values_videos=pixels, video_num_frames=num).logits
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, seq)
+
+
+def test_vision_feature_size_reads_the_tower_width_rule() -> None:
+    model = make_model()
+    vision = model.config.vision_config
+    assert model.vision_feature_size == vision.hidden_size
+    model.config.vision_feature_layer = [-2, -1]
+    assert model.vision_feature_size == 2 * vision.hidden_size
+    # a tower config with its own block width (embed_dim, as Qwen2-VL's) is read by models.vision.vision_width
+    vision.embed_dim = vision.hidden_size + 8
+    assert model.vision_feature_size == 2 * (vision.hidden_size + 8)

@@ -41,7 +41,7 @@ from lmms_engine.models.layout import (
     VideoTokenTemplate,
     build_video_template,
 )
-from lmms_engine.models.vision import feature_size, patch_grid_side, select_features
+from lmms_engine.models.vision import feature_size, patch_grid_side, select_features, vision_width
 from lmms_engine.models.llava_video_config import LLAVA_MODEL_TYPES, LLAVA_VIDEO_MODEL_TYPE, LlavaVideoConfig
 from lmms_engine.utils.config import ConfigError, from_mapping
 from lmms_engine.utils.sharding import gathers_weights
@@ -180,7 +180,7 @@ class LlavaVideoForConditionalGeneration(VideoFamilyMixin, LlavaOnevisionForCond
     @property
     def vision_feature_size(self) -> int:
         """Width of the tower features the projector reads (``vision_feature_layer``; a list concatenates)."""
-        return feature_size(self.config.vision_config.hidden_size, self.config.vision_feature_layer)
+        return feature_size(vision_width(self.config.vision_config), self.config.vision_feature_layer)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
