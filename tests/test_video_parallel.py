@@ -145,6 +145,19 @@ def test_a_single_keyframe_interval_pipelines_conversion(tmp_path):
         assert read_indices(video.frames) == list(range(0, 60, 3))
 
 
+def test_scalers_kept_between_reads_give_the_same_pixels(tmp_path, monkeypatch):
+    """Reads of clips of other native sizes at one output size reuse the scalers of earlier reads (set
+    up for another input size): the frames equal those of scalers made afresh for each read."""
+    clips = [make_clip(tmp_path / "a.mp4", 20, fps=25, size=(64, 96)),
+             make_clip(tmp_path / "b.mp4", 20, fps=25, size=(48, 64))]
+    monkeypatch.setattr(decode, "_SCALERS", decode._ScalerPool())
+    reused = [read_video(clip, [1, 7, 19], target_size=(24, 32), num_threads=1).frames for clip in clips * 2]
+    assert len(decode._SCALERS._free[((24, 32),)]) == 1  # one set, handed from read to read
+    for clip, frames in zip(clips * 2, reused):
+        monkeypatch.setattr(decode, "_SCALERS", decode._ScalerPool())
+        assert torch.equal(frames, read_video(clip, [1, 7, 19], target_size=(24, 32), num_threads=1).frames)
+
+
 def test_frame_table_cache_hits_and_invalidates_on_change(tmp_path):
     clip = make_clip(tmp_path / "c.mp4", 50, fps=25, keyframe_interval=10)
     frame_table_cache.clear()
