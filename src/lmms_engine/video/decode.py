@@ -96,8 +96,9 @@ _TEXT_ART_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 _SEEK_RETRIES = 3
 # Most decoder contexts one read runs at once (each holds a decoder's reference frames).
 MAX_DECODE_CONTEXTS = 8
-# A context is only worth its container open and seek when it has this many packets to decode.
-_MIN_PACKETS_PER_CONTEXT = 24
+# A context is only worth its container open when it has this many packets to decode (the open costs
+# about what one 720p packet's decode does, with the parse-only probe).
+_MIN_PACKETS_PER_CONTEXT = 16
 
 
 class VideoReadError(ValueError):
@@ -374,17 +375,35 @@ frame_table_cache = FrameTableCache()
 """The process's frame-table cache used by ``read_video`` (``frame_table_cache.clear()`` empties it)."""
 
 
+# Most bytes of packets one read keeps from its index pass for its decoders (``build_frame_table``).
+_MAX_KEPT_PACKET_BYTES = 64 << 20
+
+
 def build_frame_table(path: str | Path, container: av.container.InputContainer,
-                      stream: av.video.stream.VideoStream, cancel: threading.Event | None = None) -> FrameTable:
-    """Demux every packet of ``stream`` once (no decoding) and index its frames."""
+                      stream: av.video.stream.VideoStream, cancel: threading.Event | None = None,
+                      keep: list[av.Packet] | None = None) -> FrameTable:
+    """Demux every packet of ``stream`` once (no decoding) and index its frames.
+
+    ``keep``: a list that collects the non-empty packets in decode order (``keep[i]`` is the packet at
+    decode position ``i``), for decoders to read instead of seeking and demuxing them again; it is
+    emptied, and collecting stops, once they pass ``_MAX_KEPT_PACKET_BYTES`` (memory stays bounded).
+    """
     read: list[_Packet] = []
     decode_pos: dict[int, int] = {}
     position = 0
+    kept_bytes = 0
     try:
         for packet in container.demux(stream):
             _check_cancel(cancel)
             if packet.size == 0:
                 continue
+            if keep is not None:
+                kept_bytes += packet.size
+                if kept_bytes > _MAX_KEPT_PACKET_BYTES:
+                    keep.clear()
+                    keep = None
+                else:
+                    keep.append(packet)
             if packet.pts is not None:
                 decode_pos.setdefault(packet.pts, position)
             if not packet.is_corrupt:
@@ -695,9 +714,10 @@ class _Reader:
 
     def __init__(self, path: str | Path, container: av.container.InputContainer,
                  stream: av.video.stream.VideoStream, table: FrameTable,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, packets: list[av.Packet] | None = None) -> None:
         self.path, self.container, self.stream, self.table = path, container, stream, table
         self.cancel = cancel
+        self.packets = packets  # the index pass's packets (build_frame_table's keep), or None: demux
         self.codec = stream.codec_context
         self.can_skip = self.codec.name in _NONREF_SKIP_CODECS
 
@@ -807,6 +827,8 @@ class _Reader:
         is tried first and the packet it lands on is checked; landing past the keyframe retries with
         its dts, then with earlier keyframes, then decodes from the start.
         """
+        if self.packets:
+            return iter(self.packets[key:])
         table = self.table
         earlier = [k for k in table.keyframes if k < key][::-1][:_SEEK_RETRIES]
         tries = [ts for ts in table.seek_ts[key] if ts is not None]
@@ -887,10 +909,10 @@ def split_groups(table: FrameTable, groups: list[tuple[int, list[int]]], budget:
     costs = list(cost_of.values())
     total = sum(costs)
     most = max(1, min(budget, len(groups), MAX_DECODE_CONTEXTS, total // _MIN_PACKETS_PER_CONTEXT))
-    best, best_time = [groups], _estimated_time([total], budget)
+    best, best_time = [groups], _estimated_time([costs], budget)
     for parts in range(2, most + 1):
         runs = _balanced_runs(groups, costs, parts)
-        seconds = _estimated_time([sum(cost_of[key] for key, _ in run) for run in runs], budget)
+        seconds = _estimated_time([[cost_of[key] for key, _ in run] for run in runs], budget)
         if seconds < best_time:
             best, best_time = runs, seconds
     return best
@@ -900,19 +922,25 @@ def split_groups(table: FrameTable, groups: list[tuple[int, list[int]]], budget:
 # when every decoded frame is a reference (a serial chain they overlap row by row): the peers that
 # decode so reached 1.4-1.7 cores of 2 (benchmarks/RESULTS.md), so 1.6.
 FRAME_THREAD_GAIN = 1.6
+# Packets' worth of time frame threads lose per keyframe interval: the decoder is drained after each,
+# so their pipeline fills and empties again.
+FRAME_THREAD_REFILL = 2.0
 
 
-def _estimated_time(run_costs: list[int], budget: int) -> float:
-    """Time of decoding runs of ``run_costs`` packets at once, each context with an equal share of
-    ``budget`` threads, in packets decoded by one thread: the longest run, shortened by frame threads
-    when its context has two or more.
+def _estimated_time(runs: list[list[int]], budget: int) -> float:
+    """Time of decoding ``runs`` (each a list of keyframe-interval costs in packets) at once, each
+    context with an equal share of ``budget`` threads, in packets decoded by one thread: the longest
+    run, its intervals shortened by frame threads when its context has two or more, less so when they
+    are short.
 
     One long keyframe interval beside a short one (every frame a reference in VP9 and all-reference
     streams, or a clip with few keyframes) thus stays in one context with FFmpeg's frame threads: two
-    single-threaded contexts would leave one core idle once the short one is done.
+    single-threaded contexts would leave one core idle once the short one is done. Many short intervals
+    go to single-threaded contexts instead.
     """
-    threads = max(1, budget // len(run_costs))
-    return max(run_costs) / (FRAME_THREAD_GAIN if threads >= 2 else 1.0)
+    if max(1, budget // len(runs)) < 2:
+        return max(sum(run) for run in runs)
+    return max(sum(cost / FRAME_THREAD_GAIN + FRAME_THREAD_REFILL for cost in run) for run in runs)
 
 
 def _balanced_runs(groups: list[tuple[int, list[int]]], costs: list[int], parts: int,
@@ -1007,8 +1035,9 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
     try:
         _check_cancel(cancel)
         table = frame_table_cache.get(cache_key)
+        packets: list[av.Packet] = []  # a table built now keeps its packets for the decoders
         if table is None:
-            table = build_frame_table(path, container, stream, cancel)
+            table = build_frame_table(path, container, stream, cancel, keep=packets)
             frame_table_cache.put(cache_key, table)
         if table.pts is None:  # no timestamps to seek by (raw streams often cannot seek): read afresh
             container.close()
@@ -1033,10 +1062,11 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
         runs = [None] if table.pts is None else split_groups(table, plan_groups(table, wanted), budget)
         try:
             if len(runs) == 1:
-                done = _decode_context(path, container, stream, table, cancel, slot_of, convert, runs[0], budget)
+                done = _decode_context(path, container, stream, table, cancel, slot_of, convert, runs[0], budget,
+                                       packets)
             else:
                 done = _read_parallel(path, table, runs, budget, slot_of, convert, contexts, stream,
-                                      timeout, cancel)
+                                      timeout, cancel, packets)
         except (av.error.FFmpegError, OSError) as err:
             raise VideoReadError(path, f"decoding failed ({type(err).__name__}: {err})") from err
         else:  # every context has returned: nothing converts any more
@@ -1069,8 +1099,10 @@ PIPELINE_CONVERSION = True
 
 def _decode_context(path: str | Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
                     table: FrameTable, cancel: threading.Event | _AnyEvent | None, slot_of: dict[int, int],
-                    convert: _Converter, groups: list[tuple[int, list[int]]] | None, threads: int) -> list[int]:
+                    convert: _Converter, groups: list[tuple[int, list[int]]] | None, threads: int,
+                    packets: list[av.Packet] | None = None) -> list[int]:
     """Decode ``groups`` in one decoder context with ``threads`` threads; return the slots filled.
+    ``packets``: the index pass's packets to read instead of demuxing (``_Reader``).
 
     With 2 threads or more the kept frames are converted in a thread of their own while FFmpeg decodes
     with ``threads`` threads (FFmpeg's own choice when this context has every core): after
@@ -1084,7 +1116,7 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
     stream.codec_context.thread_count = 0 if whole_machine else threads
     sink = _PipelinedConverter(convert) if pipelined else convert
     try:
-        done = _Reader(path, container, stream, table, cancel).read(slot_of, sink, groups)
+        done = _Reader(path, container, stream, table, cancel, packets).read(slot_of, sink, groups)
     except BaseException:
         try:
             sink.close()
@@ -1098,11 +1130,13 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
 def _read_parallel(path: str | Path, table: FrameTable, runs: list[list[tuple[int, list[int]]]], budget: int,
                    slot_of: dict[int, int], convert: _Converter, contexts: list[av.container.InputContainer],
                    stream: av.video.stream.VideoStream, timeout: float | None,
-                   cancel: threading.Event | None) -> list[int]:
+                   cancel: threading.Event | None, packets: list[av.Packet] | None = None) -> list[int]:
     """Decode ``runs`` (contiguous keyframe intervals) at once, one decoder context per run.
 
     The already open ``stream`` serves the first run; each other run opens its own container (appended
-    to ``contexts``, which the caller closes). FFmpeg threads per context: an equal share of ``budget``.
+    to ``contexts``, which the caller closes) for its decoder. FFmpeg threads per context: an equal
+    share of ``budget``. ``packets`` (the index pass's, shared read-only) spare every context its seeks
+    and demuxing.
     """
     per_context = max(1, budget // len(runs))
     stop = threading.Event()
@@ -1118,7 +1152,7 @@ def _read_parallel(path: str | Path, table: FrameTable, runs: list[list[tuple[in
                 contexts.append(opened)
                 ctx_convert = convert.fork()
             return _decode_context(path, opened, ctx_stream, table, either, slot_of, ctx_convert, runs[k],
-                                   per_context)
+                                   per_context, packets)
         return work
 
     results = _run_parallel([job(k) for k in range(len(runs))], stop)
