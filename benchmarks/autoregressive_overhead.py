@@ -24,8 +24,8 @@ Shape (LLaVA-OneVision-0.5B on a 16-frame video): LLM hidden 896, 16 frames, 14x
 - shared vs copy target encoder: parameters the module registers, state-dict bytes, and the measured RSS
   growth of creating the module next to a real-memory so400m tower.
 
-Run: ``python benchmarks/autoregressive_overhead.py [--rounds 2] [--quick] [--no-write]``
-(``--quick``: no memory or target-encoder probes).
+Run: ``python benchmarks/autoregressive_overhead.py [--rounds 2] [--quick] [--windows sliding,all] [--no-write]``
+(``--quick``: no memory or target-encoder probes, only ``sliding`` timed unless ``--windows`` says otherwise).
 """
 
 from __future__ import annotations
@@ -278,6 +278,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
     parser.add_argument("--quick", action="store_true", help="no memory or target-encoder probes")
     parser.add_argument("--no-write", action="store_true", help="print only, do not rewrite RESULTS.md")
+    parser.add_argument("--windows", help=f"comma-separated windows to time (of {', '.join(WINDOWS)}; default: "
+                                          "all of them, `sliding` with --quick); the others' FLOPs come from "
+                                          "the accounting formula")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -287,7 +290,10 @@ def main() -> None:
     load_start, started = os.getloadavg()[0], time.perf_counter()
     seq_len = FRAMES * TOKENS + 1 + 64  # video tokens, the newline, 64 text tokens
 
-    timed_windows = ("sliding",) if args.quick else WINDOWS
+    timed_windows = tuple(args.windows.split(",")) if args.windows else (("sliding",) if args.quick else WINDOWS)
+    unknown = [w for w in timed_windows if w not in WINDOWS]
+    if unknown:
+        parser.error(f"--windows: unknown {', '.join(unknown)} (choose from {', '.join(WINDOWS)})")
     cases = {w: realistic(w) for w in timed_windows}
     flops, targets = {}, {}
     for window, (module, hidden, features) in cases.items():  # the counted run doubles as the warm-up
@@ -354,10 +360,14 @@ def main() -> None:
         "## Autoregressive reconstruction overhead (`benchmarks/autoregressive_overhead.py`)",
         "",
         machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}. Command: "
-        f"`python benchmarks/autoregressive_overhead.py --rounds {rounds}{' --quick' if args.quick else ''}` "
-        f"({minutes:.0f} min). **Shared, loaded machine**: 1-minute load average {load_start:.1f} at the start, "
-        f"{load_end:.1f} at the end (2 cores, several users); times are medians (min-max) over {rounds} "
-        "interleaved round(s), and the ratios are taken within a round.",
+        f"`python benchmarks/autoregressive_overhead.py --rounds {rounds}{' --quick' if args.quick else ''}"
+        f"{' --windows ' + args.windows if args.windows else ''}` ({minutes:.0f} min). "
+        + (f"Quiet machine: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end"
+           if load_start < 1.5 and load_end < 2.5 else
+           f"**Shared, loaded machine**: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at "
+           "the end (2 cores, several users)")
+        + f"; times are medians (min-max) over {rounds} interleaved round(s), and the ratios are taken "
+        "within a round.",
         "",
         f"Module at LLM hidden {HIDDEN}, {FRAMES} frames x {TOKENS} tokens (SigLIP-so400m 27x27 grid, bilinear "
         "stride 2), embedding 1152, batch 1, default predictor (3 layers, 8 heads, num_hist 3), shared target "
@@ -377,7 +387,7 @@ def main() -> None:
             lines.append(f"| `{window}` | {targets[window]} | {_med(times[window])} | {flops[window] / 1e9:.0f} | "
                          f"{flops[window] / med / 1e9:.0f} | {mem} |")
         else:
-            lines.append(f"| `{window}` | {targets[window]} | not timed (--quick) | {flops[window] / 1e9:.0f} "
+            lines.append(f"| `{window}` | {targets[window]} | not timed | {flops[window] / 1e9:.0f} "
                          f"(formula) | - | {mem} |")
     sl, al = "sliding", "all"
     lines += [
@@ -421,7 +431,12 @@ def main() -> None:
         f"{statistics.median(tiny_times['all']) * 1e3:.1f} ms, `sliding` "
         f"{statistics.median(tiny_times['sliding']) * 1e3:.1f} ms (medians of {len(tiny_times['off'])} steps); "
         f"AR step / SFT step: `all` {_ratio(tiny_ratio['all'])}, `sliding` {_ratio(tiny_ratio['sliding'])} "
-        "(per-round medians).",
+        f"(per-round medians, {rounds} rounds).",
+        "",
+        "Goals (one pass, every frame supervised): FLOPs <= 10 % of the Qwen2-0.5B step: "
+        f"{flops[sl] / llm:.1%} (`all`: {flops[al] / llm:.1%}); step time at real widths <= 1.10x: "
+        + ", ".join(f"`{w}` {_ratio(step_ratio[w])}" for w in timed_windows)
+        + f"; tiny CPU step <= 1.15x: `sliding` {_ratio(tiny_ratio['sliding'])} (`all` {_ratio(tiny_ratio['all'])}).",
     ]
     if encoders:
         lines += [
