@@ -158,6 +158,32 @@ def test_scalers_kept_between_reads_give_the_same_pixels(tmp_path, monkeypatch):
         assert torch.equal(frames, read_video(clip, [1, 7, 19], target_size=(24, 32), num_threads=1).frames)
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_decoders_reading_the_index_pass_packets_return_what_seeking_decoders_do(many_gops, monkeypatch,
+                                                                                  num_threads):
+    """A first read (index built now) hands its packets to every decoder context; past the byte cap, or
+    with the index cached, the decoders seek and demux. Frames are the full decode's either way."""
+    reference = full_decode_rgb(many_gops)
+    indices = random.Random(num_threads).sample(range(240), 50)
+    real_seek = decode._Reader._seek
+    from_packets: list[bool] = []
+
+    def seek(self, key):
+        from_packets.append(bool(self.packets))
+        return real_seek(self, key)
+
+    monkeypatch.setattr(decode._Reader, "_seek", seek)
+    for cap, cached, expected in ((decode._MAX_KEPT_PACKET_BYTES, False, True), (100, False, False),
+                                  (decode._MAX_KEPT_PACKET_BYTES, True, False)):
+        monkeypatch.setattr(decode, "_MAX_KEPT_PACKET_BYTES", cap)
+        if not cached:
+            frame_table_cache.clear()
+        from_packets.clear()
+        video = read_video(many_gops, indices, num_threads=num_threads)
+        assert torch.equal(video.frames, torch.from_numpy(reference[indices]))
+        assert from_packets and set(from_packets) == {expected}
+
+
 def test_frame_table_cache_hits_and_invalidates_on_change(tmp_path):
     clip = make_clip(tmp_path / "c.mp4", 50, fps=25, keyframe_interval=10)
     frame_table_cache.clear()
