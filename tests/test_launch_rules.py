@@ -63,6 +63,19 @@ def test_fsdp_without_an_accelerator_one_message(data, tmp_path):
     assert checked == f"{WHERE}.{rule}" and by_hand == rule
 
 
+def test_liger_kernel_without_an_accelerator_one_message(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("Liger kernels run where there is a GPU")
+    from lmms_engine.train import AutoregressiveTrainer, TrainingArguments
+
+    checked = message(check_pipeline, trainer_block(data, tmp_path, use_liger_kernel=True), "x.yaml")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_liger_kernel=True, report_to="none")
+    by_hand = message(AutoregressiveTrainer, model=build_model({}), args=args, enable_autoregressive=False)
+    rule = ("use_liger_kernel: Liger kernels are Triton GPU kernels; on this machine (no GPU) they would fail at "
+            "the first step: remove use_liger_kernel or set it to false")
+    assert checked == f"{WHERE}.{rule}" and by_hand == rule
+
+
 @pytest.mark.parametrize("key, value, rule", [
     ("video_folder", "nowhere/videos", "video_folder: folder 'nowhere/videos' does not exist"),
     ("image_folder", "nowhere/images", "image_folder: folder 'nowhere/images' does not exist"),

@@ -24,7 +24,7 @@ dataset is built here. Relative paths are relative to the current directory.
 Each rule lives with the class that owns its fact, and the places that guard the Python API call the same
 check (one message): ``DatasetConfig.check_files`` (data files and folders; also ``open_records`` and the
 evaluate block), ``AutoregressiveConfig.check_against_tower`` (embedding_dim; also the module),
-``lmms_engine.train.arguments.check_fsdp`` (also the trainer), ``DemoDataConfig.check_folder`` (also
+``lmms_engine.train.arguments.check_fsdp`` and ``check_liger_kernel`` (also the trainer), ``DemoDataConfig.check_folder`` (also
 ``ensure_demo_data``), :meth:`TrainerBlockConfig.check_autoregressive` (the trainer checks the built model),
 ``lmms_engine.models.builder.resolve_video_layout`` (also ``attach_autoregressive_module``).
 """
@@ -310,7 +310,7 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
     dataset_config = _check_dataset(raw.get("dataset_config"), f"{where}.dataset_config", generated)
     args = {key: value for key, value in raw.items() if key not in TRAINER_KEYS}
     resume = _check_resume(args.pop(RESUME_KEY, None), f"{where}.{RESUME_KEY}")
-    from lmms_engine.train.arguments import TrainingArguments, check_fsdp, has_accelerator
+    from lmms_engine.train.arguments import TrainingArguments, check_fsdp, check_liger_kernel
 
     # Types (from the dataclass fields) and transformers' own consistency checks, before any model.
     wide = {key: args[key] for key in WIDER_TYPES if key in args}
@@ -333,9 +333,7 @@ def _check_trainer(raw: Any, where: str, generated: set[Path]) -> TrainerBlockCo
         raise ConfigError(f"{where}: {err}") from err
     _check_training_values(training, args, where, dataset_config)
     check_fsdp(training, f"{where}.fsdp")
-    if args.get("use_liger_kernel") and not has_accelerator():
-        raise ConfigError(f"{where}.use_liger_kernel: Liger kernels are Triton GPU kernels; on this machine (no GPU) "
-                          f"they would fail at the first step: remove use_liger_kernel or set it to false")
+    check_liger_kernel(training, f"{where}.use_liger_kernel")
     return TrainerBlockConfig(trainer_type, model_config, dataset_config, args, resume, where)
 
 

@@ -93,6 +93,16 @@ def check_fsdp(args: Any, where: str = "fsdp") -> None:
                           f"to train with DDP")
 
 
+def check_liger_kernel(args: Any, where: str = "use_liger_kernel") -> None:
+    """The one check that requested Liger kernels (``args.use_liger_kernel``) can run, for the launcher's
+    config check and the trainer alike: they are Triton GPU kernels, which fail at the first step on CPU
+    processes (or, without liger-kernel installed, in transformers with an install hint that would not help).
+    Raises :class:`~lmms_engine.utils.config.ConfigError` naming ``where``."""
+    if args.use_liger_kernel and not has_accelerator():
+        raise ConfigError(f"{where}: Liger kernels are Triton GPU kernels; on this machine (no GPU) they would fail "
+                          f"at the first step: remove use_liger_kernel or set it to false")
+
+
 def limit_cpu_threads(args: Any) -> int | None:
     """On a CPU run with ``OMP_NUM_THREADS`` unset, use one intra-op thread per process; return it.
 
@@ -108,4 +118,4 @@ def limit_cpu_threads(args: Any) -> int | None:
     return 1
 
 
-__all__ = ["TrainingArguments", "check_fsdp", "has_accelerator", "limit_cpu_threads"]
+__all__ = ["TrainingArguments", "check_fsdp", "check_liger_kernel", "has_accelerator", "limit_cpu_threads"]

@@ -52,7 +52,7 @@ from lmms_engine.train.checkpointing import (
     remove_stale_staging,
     staging_parent,
 )
-from lmms_engine.train.arguments import check_fsdp, limit_cpu_threads
+from lmms_engine.train.arguments import check_fsdp, check_liger_kernel, limit_cpu_threads
 from lmms_engine.train.loss_window import LossWindow
 from lmms_engine.train.throughput import add_throughput_logging
 from lmms_engine.utils.config import ConfigError
@@ -117,6 +117,7 @@ class AutoregressiveTrainer(Trainer):
             _default_data_arguments(trainer_kwargs, model)
         if args is not None:
             check_fsdp(args)
+            check_liger_kernel(args)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._step_units: StepUnits | None = None
         if self._model_counts_units():
