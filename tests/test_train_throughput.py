@@ -130,3 +130,59 @@ def test_callback_logs_every_logging_step_of_a_trainer(tmp_path) -> None:
         per_token = entry["model_tflops_per_second_per_device"] * 1e12 / entry["tokens_per_second_per_device"]
         flops = ModelFlops.from_model(model)
         assert per_token == pytest.approx(flops.llm_per_token(length) + frames * flops.vision_per_frame() / length)
+
+
+def test_image_batch_equals_the_counted_flops() -> None:
+    """An image batch (anyres tiles of a sample's only image, one tile for each of several), a training
+    step through the built model: torch's count of the matmuls against the accounting, exact but for the
+    patch embedding's missing input gradient (pixels; 1 x its forward where the 6N convention counts 2 x);
+    attention forward exact (the LLM's and the tower's on every tile that runs, not on padding tiles)."""
+    from lmms_engine.data.images import image_token_count
+    from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration
+    from lmms_engine.utils.flops import flops_by_op
+
+    torch.manual_seed(0)
+    config = tiny_llava_config()
+    side = config.vision_config.image_size
+    config.image_grid_pinpoints = [[side, side], [side, 2 * side], [2 * side, side]]
+    model = LlavaVideoForConditionalGeneration(config).train()
+    flops = ModelFlops.from_model(model)
+    sizes = torch.tensor([[40, 90], [50, 50], [30, 70]])  # sample 0: one wide image; sample 1: two images
+    batch_num_images = torch.tensor([1, 2])
+    assert flops.image_tiles(sizes, batch_num_images) == [3, 1, 1]  # base + 1 x 2 grid; untiled
+    counts = [image_token_count(h, w, tiled=t, image_size=side, patch_size=config.vision_config.patch_size,
+                                grid_pinpoints=config.image_grid_pinpoints, vision_aspect_ratio=config.vision_aspect_ratio,
+                                select_strategy=config.vision_feature_select_strategy)
+              for (h, w), t in zip(sizes.tolist(), (True, False, False))]
+    image = config.image_token_id
+    rows = [[7] * 4 + [image] * counts[0] + [9] * 6, [7] * 3 + [image] * counts[1] + [8] * 2 + [image] * counts[2] + [9] * 4]
+    length = max(map(len, rows))
+    rows = [row[:-1] + [9] * (length - len(row)) + row[-1:] for row in rows]  # equal lengths: no padding
+    ids = torch.tensor(rows)
+    pixels = torch.zeros(3, 3, 3, side, side)
+    pixels[0] = torch.randn(3, 3, side, side)
+    pixels[1:, :1] = torch.randn(2, 1, 3, side, side)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+             "image_sizes": sizes, "batch_num_images": batch_num_images}
+    counted = flops_by_op(lambda: model(**batch).loss.backward())
+    attention_ops = {k: v for k, v in counted.items() if "attention" in k}
+    assert set(counted) - set(attention_ops) <= {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution",
+                                                 "aten.convolution_backward"}, counted.keys()
+    tiles = 5
+    p = flops.patches
+    tower_matmuls = 2.0 * flops.tower_params * p * tiles
+    patch_embed = 2.0 * 3 * config.vision_config.patch_size ** 2 * flops.tower_width * p * tiles
+    projector = 6.0 * flops.projector_params * p * tiles
+    tower_attention = 4.0 * flops.tower_layers * flops.tower_width * p ** 2 * tiles
+    llm_matmuls = 6.0 * flops.llm_params * 2 * length
+    llm_attention = 12.0 * flops.llm_layers * flops.llm_attention_width * length ** 2 * 2
+    assert flops.tower_trainable and flops.projector_trainable
+    # torch also counts one blank frame through the tower and projector (a batch without videos keeps every
+    # rank's backward on the same parameters): no work, so not in the accounting
+    blank = 1 + 1 / tiles
+    assert sum(counted.values()) - sum(attention_ops.values()) == \
+        llm_matmuls + blank * (3 * tower_matmuls + projector - patch_embed)
+    assert sum(v for k, v in attention_ops.items() if "backward" not in k) == llm_attention / 3 + blank * tower_attention
+    total = flops.inputs_flops([length, length], batch)
+    assert total == llm_matmuls + llm_attention + 3 * (tower_matmuls + tower_attention) + projector
+    assert total == flops.batch_flops([length, length]) + tiles * flops.vision_per_frame()

@@ -70,18 +70,33 @@ def _features_of_tiles(height: int, width: int, side: int, scale_h: int, scale_w
     return features + newlines
 
 
+def _tile_grid(height: int, width: int, image_size: int, grid_pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(rows, columns) of ``image_size`` tiles of the best grid pinpoint for a ``height x width`` image."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution([height, width], [list(p) for p in grid_pinpoints])
+    return best_h // image_size, best_w // image_size
+
+
+def image_tile_count(height: int, width: int, *, tiled: bool, image_size: int,
+                     grid_pinpoints: Sequence[Sequence[int]]) -> int:
+    """Tiles the vision tower runs on for a ``height x width`` image: the base tile plus, when tiled (the
+    only image of its sample), the best pinpoint's grid of tiles (module docstring)."""
+    if not tiled:
+        return 1
+    rows, cols = _tile_grid(height, width, image_size, grid_pinpoints)
+    return 1 + rows * cols
+
+
 def image_token_count(height: int, width: int, *, tiled: bool, image_size: int, patch_size: int,
                       grid_pinpoints: Sequence[Sequence[int]], vision_aspect_ratio: str = "anyres_max_9",
                       select_strategy: str = "full") -> int:
     """``<image>`` tokens of a ``height x width`` image (module docstring)."""
-    from transformers.image_processing_utils import select_best_resolution
-
     side = image_size // patch_size
     if tiled:
-        best_h, best_w = select_best_resolution([height, width], [list(p) for p in grid_pinpoints])
+        rows, cols = _tile_grid(height, width, image_size, grid_pinpoints)
         max_tiles = int(vision_aspect_ratio.removeprefix("anyres_max_"))
-        count = side * side + _features_of_tiles(height, width, side, best_h // image_size, best_w // image_size,
-                                                 max_tiles)
+        count = side * side + _features_of_tiles(height, width, side, rows, cols, max_tiles)
     else:
         count = side * side + 1
     return count - 1 if select_strategy == "default" else count
@@ -115,4 +130,4 @@ def images_to_pixel_values(images: Sequence[Any], *, image_size: int, mean: Sequ
     return result
 
 
-__all__ = ["ImageReadError", "image_size", "image_token_count", "images_to_pixel_values", "load_image"]
+__all__ = ["ImageReadError", "image_size", "image_tile_count", "image_token_count", "images_to_pixel_values", "load_image"]

@@ -12,6 +12,10 @@ activations, pooling and the softmax are left out; embedding lookups are free):
   runs forward only (factor 2, no backward); a trainable one counts 3x that.
 - **Projector**, per patch: ``6 x N_proj`` (trainable) or ``2 x N_proj`` (frozen, over a frozen
   tower: nothing below it needs a gradient, so forward only).
+- **Images**: the tower and projector as for a frame, on each tile the tower runs on
+  (:func:`lmms_engine.data.images.image_tile_count` of ``image_sizes``: the base tile plus the anyres grid
+  for the only image of its sample, ``batch_num_images``; one tile otherwise; the zero tiles that pad
+  ``pixel_values [N, tiles_max, 3, S, S]`` do not run). Their ``<image>`` tokens are LLM tokens like any other.
 
 Activation recomputation (gradient checkpointing) is not counted, as usual for MFU. The LLM's attention
 term uses its query width (``heads x head_dim``, the LLM's hidden size in most models).
@@ -196,6 +200,8 @@ class ModelFlops(StepFlops):
     tower_trainable: bool = False
     projector_params: int = 0
     projector_trainable: bool = True
+    tile_size: int = 0
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, config: Any, *, autoregressive: Mapping[str, Any] | None = None,
@@ -225,7 +231,9 @@ class ModelFlops(StepFlops):
         return cls(llm_params=llm, llm_layers=layers, llm_hidden=h, llm_attention_width=attention_width,
                    tower_params=tower, tower_layers=used, tower_width=d, patches=side * side,
                    tower_trainable=tower_trainable, projector_params=projector,
-                   projector_trainable=projector_trainable, **ar)
+                   projector_trainable=projector_trainable, tile_size=int(vision.image_size),
+                   grid_pinpoints=tuple((int(h_), int(w_)) for h_, w_ in getattr(config, "image_grid_pinpoints", None)
+                                        or ()), **ar)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelFlops":
@@ -249,18 +257,33 @@ class ModelFlops(StepFlops):
         projector = (6.0 if self.projector_trainable else 2.0) * self.projector_params * self.patches
         return forward * (3.0 if self.tower_trainable else 1.0) + projector
 
-    def batch_flops(self, sequence_lengths: Sequence[int], video_num_frames: torch.Tensor | None = None) -> float:
+    def image_tiles(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None) -> list[int]:
+        """Tiles the tower runs on for each image of ``image_sizes`` ``[N, 2]`` (height, width): tiled when
+        it is the only image of its sample (``batch_num_images`` ``[B]``; None: every image, as transformers)."""
+        from lmms_engine.data.images import image_tile_count
+
+        counts = batch_num_images.tolist() if batch_num_images is not None else [1] * len(image_sizes)
+        tiled = [n == 1 for n in counts for _ in range(n)]
+        return [image_tile_count(int(h), int(w), tiled=t, image_size=self.tile_size, grid_pinpoints=self.grid_pinpoints)
+                for (h, w), t in zip(image_sizes.tolist(), tiled)]
+
+    def batch_flops(self, sequence_lengths: Sequence[int], video_num_frames: torch.Tensor | None = None,
+                    image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None) -> float:
         """FLOPs of one micro-batch: the token count of each sample (attention is per sample, also in
-        packed rows) and ``video_num_frames`` ``[V]`` (one entry per video)."""
+        packed rows), ``video_num_frames`` ``[V]`` (one entry per video) and the images' ``image_sizes``
+        ``[N, 2]`` with ``batch_num_images`` ``[B]`` (:meth:`image_tiles`)."""
         total = self.llm_flops(sequence_lengths)
         if video_num_frames is not None:
             for frames in video_num_frames.tolist():
                 total += frames * self.vision_per_frame() + self.predictor_per_video(frames)
+        if image_sizes is not None:
+            total += sum(self.image_tiles(image_sizes, batch_num_images)) * self.vision_per_frame()
         return float(total)
 
     def inputs_flops(self, sequence_lengths: Sequence[int], inputs: Mapping[str, Any]) -> float:
         """:meth:`batch_flops` of a batch given as the model's forward kwargs."""
-        return self.batch_flops(sequence_lengths, inputs.get("video_num_frames"))
+        images = inputs.get("image_sizes") if inputs.get("pixel_values") is not None else None
+        return self.batch_flops(sequence_lengths, inputs.get("video_num_frames"), images, inputs.get("batch_num_images"))
 
     def describe(self) -> str:
         """One line stating what is counted."""
