@@ -17,6 +17,7 @@ from lmms_engine.data.preprocess import ProcessorInfo  # noqa: E402
 from lmms_engine.export.__main__ import main as export_main  # noqa: E402
 from lmms_engine.models.builder import build_model  # noqa: E402
 from lmms_engine.models.llava_video import LlavaVideoForConditionalGeneration  # noqa: E402
+from lmms_engine.models.lora import merge_lora  # noqa: E402
 from lmms_engine.train.autoregressive_trainer import AutoregressiveTrainer  # noqa: E402
 from lmms_engine.utils.config import ConfigError  # noqa: E402
 from train_support import (  # noqa: E402
@@ -147,3 +148,35 @@ def test_a_layout_plain_transformers_cannot_build_takes_lora_and_merges(tmp_path
     ids = torch.tensor([[1, 5, 9, 12, 7]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=2e-5)
+
+
+def test_adapters_are_float32_in_a_bf16_model_train_and_reload_bit_identical(tmp_path):
+    """bf16 base weights, float32 adapters (peft's get_peft_model default): every lora_A element moves at a
+    LoRA learning rate (bf16 adapters kept most of them: the update is below bf16's resolution of the value);
+    a bf16 reload keeps them float32 and bit-identical; merge-lora folds them into the bf16 weights."""
+    torch.manual_seed(0)
+    model = build_model({"lora": dict(LORA), "torch_dtype": "bfloat16"}, tiny_tokenizer())
+    adapters = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert len(adapters) == 12 and {p.dtype for p in adapters.values()} == {torch.float32}
+    assert model.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    ids = torch.randint(5, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # lora_B starts at zero: the second step gives lora_A a gradient
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(bool((p != before[n]).all()) for n, p in adapters.items() if ".lora_A." in n)
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = LlavaVideoForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    state = model.state_dict()
+    for name, param in reloaded.state_dict().items():
+        assert param.dtype == state[name].dtype, name
+        torch.testing.assert_close(param, state[name], rtol=0, atol=0, msg=name)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        merge_lora(reloaded.eval())
+        got = reloaded(input_ids=ids).logits.float()
+    assert reloaded.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05)  # bf16 rounding of the merged weights

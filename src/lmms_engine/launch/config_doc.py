@@ -319,11 +319,11 @@ the trained tensors):
 | model | `model.safetensors` | `adapter_model.safetensors` | `optimizer.pt` | whole folder | trained tensors + optimizer only |
 | --- | --- | --- | --- | --- | --- |
 | tiny Qwen2.5-VL (measured) | 1.87 MB | 0.67 MB | 1.36 MB | 3.96 MB | 2.08 MB |
-| Qwen2.5-VL-7B, bf16 (estimate) | 16.9 GB | 0.39 GB | 0.78 GB | 18.1 GB | 1.2 GB |
+| Qwen2.5-VL-7B, bf16 (estimate) | 17.0 GB | 0.43 GB | 0.86 GB | 18.3 GB | 1.3 GB |
 
-The 7B estimate: 8.29 B base parameters in bf16 (16.6 GB); trained 130 M: adapters 20.2 M (bf16),
+The 7B estimate: 8.29 B base parameters in bf16 (16.6 GB); trained 130 M: adapters 20.2 M (float32, as peft's `get_peft_model` makes them),
 merger 44.6 M (bf16), predictor 64.9 M (float32, `_keep_in_fp32_modules_strict`). To bound the disk, keep the last checkpoints only
-(`save_total_limit: 2` = 36 GB for the 7B run) and share `adapter_model.safetensors` or the merged folder.
+(`save_total_limit: 2` = 37 GB for the 7B run) and share `adapter_model.safetensors` or the merged folder.
 """
 
 

@@ -8,8 +8,8 @@ through :class:`~lmms_engine.models.qwen_vl_common.QwenVideoMixin`), before tran
   that ``config.json`` records are created before a checkpoint's weights load into them;
 - ``from_pretrained`` freezes again what loading unfroze (:meth:`_refreeze`);
 - ``save_pretrained`` writes the names of ``state_dict()`` and, with LoRA, ``adapter_model.safetensors``;
-- the Trainer passes no ``num_items_in_batch`` (``accepts_loss_kwargs``), and the predictor keeps float32
-  weights in a half-precision model (``_keep_in_fp32_modules_strict``).
+- the Trainer passes no ``num_items_in_batch`` (``accepts_loss_kwargs``), and the predictor and the LoRA
+  adapters keep float32 weights in a half-precision model (``_keep_in_fp32_modules_strict``).
 
 A family supplies :meth:`_freeze_vision_tower` and, where it has some, :meth:`_unused_vision_parameters`.
 """
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from lmms_engine.models.autoregressive_config import restore_autoregressive_module
-from lmms_engine.models.lora import CONFIG_LORA_KEY
+from lmms_engine.models.lora import CONFIG_LORA_KEY, FP32_ADAPTER_PATTERNS
 
 
 class VideoFamilyMixin:
@@ -29,9 +29,10 @@ class VideoFamilyMixin:
 
     #: transformers' Trainer passes no ``num_items_in_batch``: the loss terms are raw sums and counts.
     accepts_loss_kwargs = False
-    #: The autoregressive predictor keeps float32 weights in a half-precision model: it is created in
-    #: float32 beside a bf16/fp16 model, so a reload must not round it (transformers' load-time rule).
-    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor"]
+    #: The autoregressive predictor and the LoRA adapters keep float32 weights in a half-precision model:
+    #: they are created in float32 beside a bf16/fp16 model, so a reload must not round them (transformers'
+    #: load-time rule).
+    _keep_in_fp32_modules_strict = ["autoregressive_module.predictor", *FP32_ADAPTER_PATTERNS]
 
     def _freeze_vision_tower(self) -> None:
         """Freeze the vision tower (a ``shared`` target encoder must stay fixed)."""
