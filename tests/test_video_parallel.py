@@ -184,6 +184,34 @@ def test_decoders_reading_the_index_pass_packets_return_what_seeking_decoders_do
         assert from_packets and set(from_packets) == {expected}
 
 
+@pytest.mark.parametrize("wpp", [True, False])
+def test_hevc_with_wavefront_rows_decodes_with_slice_threads_frame_exact(tmp_path, monkeypatch, wpp):
+    """x265's wavefront rows (its default) are read from the PPS, and such a stream is decoded with
+    slice threads; without them frame threads stay. Frames equal a serial full decode either way."""
+    from lmms_engine.video.encode import write_video
+    from clips import coded_frames
+
+    params = "log-level=error" + ("" if wpp else ":wpp=0")
+    clip = write_video(tmp_path / "c.mp4", coded_frames(40, 64, 96), fps=25, keyframe_interval=40, codec="libx265",
+                       options={"preset": "ultrafast", "x265-params": params})
+    with av.open(str(clip)) as container:
+        assert decode.hevc_parallel_rows(container.streams.video[0].codec_context.extradata) is wpp
+    assert decode.hevc_parallel_rows(None) is False and decode.hevc_parallel_rows(b"\x01\x02") is False
+    thread_types: list[str] = []
+    real_reader = decode._Reader
+
+    def reader(path, container, stream, *args):
+        thread_types.append(stream.thread_type.name)
+        return real_reader(path, container, stream, *args)
+
+    monkeypatch.setattr(decode, "_Reader", reader)
+    indices = list(range(0, 40, 3))
+    video = read_video(clip, indices, num_threads=2)
+    assert thread_types == [("SLICE" if wpp else "AUTO")]
+    assert torch.equal(video.frames, torch.from_numpy(full_decode_rgb(clip)[indices]))
+    assert read_indices(video.frames) == indices
+
+
 def test_frame_table_cache_hits_and_invalidates_on_change(tmp_path):
     clip = make_clip(tmp_path / "c.mp4", 50, fps=25, keyframe_interval=10)
     frame_table_cache.clear()

@@ -1097,6 +1097,60 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
 PIPELINE_CONVERSION = True
 
 
+def hevc_parallel_rows(extradata: bytes | None) -> bool:
+    """Whether an HEVC stream's picture parameter sets (in its ``hvcC`` extradata) enable wavefront
+    rows (entropy coding sync) or tiles, which FFmpeg's slice threads decode in parallel inside one
+    picture. False when unknown (no ``hvcC``, or one that does not parse)."""
+    try:
+        return any(flags for flags in _hevc_pps_parallel_flags(extradata or b""))
+    except (IndexError, ValueError):
+        return False
+
+
+def _hevc_pps_parallel_flags(hvcc: bytes) -> Iterator[bool]:
+    """``tiles_enabled_flag or entropy_coding_sync_enabled_flag`` of each PPS in an ``hvcC`` record."""
+    if len(hvcc) < 23 or hvcc[0] != 1:
+        raise ValueError("not an hvcC record")
+    pos = 23
+    for _ in range(hvcc[22]):
+        nal_type, count = hvcc[pos] & 0x3F, int.from_bytes(hvcc[pos + 1:pos + 3], "big")
+        pos += 3
+        for _ in range(count):
+            size = int.from_bytes(hvcc[pos:pos + 2], "big")
+            nal = hvcc[pos + 2:pos + 2 + size]
+            pos += 2 + size
+            if nal_type == 34:  # PPS
+                bits = _Bits(nal[2:].replace(b"\x00\x00\x03", b"\x00\x00"))  # after the 2-byte NAL header
+                bits.ue(), bits.ue()  # pps and sps ids
+                bits.u(7)  # dependent slices, output flag, 3 extra slice-header bits, sign hiding, cabac init
+                bits.ue(), bits.ue(), bits.ue()  # default active refs l0 / l1, init_qp_minus26 (se, same length)
+                bits.u(2)  # constrained intra, transform skip
+                if bits.u(1):  # cu_qp_delta_enabled
+                    bits.ue()
+                bits.ue(), bits.ue()  # cb / cr qp offsets (se, same length)
+                bits.u(4)  # chroma qp offsets present, weighted pred / bipred, transquant bypass
+                yield bool(bits.u(2))  # tiles_enabled, entropy_coding_sync_enabled
+
+
+class _Bits:
+    """Big-endian bit reader with Exp-Golomb codes (H.265 section 9.2)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.value, self.left = int.from_bytes(data, "big"), 8 * len(data)
+
+    def u(self, n: int) -> int:
+        if n > self.left:
+            raise ValueError("out of bits")
+        self.left -= n
+        return (self.value >> self.left) & ((1 << n) - 1)
+
+    def ue(self) -> int:
+        zeros = 0
+        while not self.u(1):
+            zeros += 1
+        return (1 << zeros) - 1 + self.u(zeros)
+
+
 def _decode_context(path: str | Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
                     table: FrameTable, cancel: threading.Event | _AnyEvent | None, slot_of: dict[int, int],
                     convert: _Converter, groups: list[tuple[int, list[int]]] | None, threads: int,
@@ -1114,6 +1168,11 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
     # converter thread mostly waits on the decoder, so it is not counted against the share.
     whole_machine = threads >= _available_cores()
     stream.codec_context.thread_count = 0 if whole_machine else threads
+    # HEVC with wavefront rows or tiles: slice threads work inside each picture that is decoded, where
+    # frame threads, after non-reference pictures are skipped, wait on a chain of references (measured
+    # on the benchmark's x265 clip, 2 cores: 0.55 s against 0.70 s for 8 frames).
+    if threads >= 2 and stream.codec_context.name == "hevc" and hevc_parallel_rows(stream.codec_context.extradata):
+        stream.thread_type = "SLICE"
     sink = _PipelinedConverter(convert) if pipelined else convert
     try:
         done = _Reader(path, container, stream, table, cancel, packets).read(slot_of, sink, groups)
