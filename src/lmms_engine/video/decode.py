@@ -33,8 +33,9 @@ How a read works (``read_video``):
    DataLoader workers) is split into contexts with equal shares of FFmpeg frame/slice threads (FFmpeg's
    own count when one context has every core), as many contexts as make the read shortest by a
    simple estimate (``split_groups``): one long keyframe interval beside short ones stays in one
-   context with frame threads. A context with two threads or more converts its frames in a thread
-   beside the decoder.
+   context with frame threads (slice threads for HEVC with wavefront rows or tiles). A context with
+   two threads or more converts its frames in a thread beside the decoder. The first read of a file
+   hands the index pass's packets to its decoders (no second demux; up to 64 MiB).
 
 Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
 in output order; a decoding error there ends the read (later frames could not be told apart).
