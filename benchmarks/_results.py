@@ -33,6 +33,34 @@ def machine_line(packages: tuple[str, ...] = ("torch", "transformers", "av")) ->
             + ", ".join(versions))
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def core_share() -> float:
+    """Fraction of one core a single busy thread gets right now (1.0 on an idle machine).
+
+    Unlike the load average it does not count the benchmark's own threads that just ran."""
+    import time
+
+    import numpy as np
+
+    a = np.random.default_rng(0).random((600, 600))
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(40):
+        a = np.tanh(a * 1.0001)  # single-threaded numpy work (no BLAS threads involved)
+    return (_cpu_seconds() - c0) / (time.perf_counter() - t0)
+
+
+def is_quiet(load_before: float, share_after: float) -> bool:
+    """The machine was quiet for a run: low load before it, and a full core for one thread right after it
+    (the load average after a run counts the run's own threads, so it is not used)."""
+    return load_before < 1.5 and share_after >= 0.9
+
+
 def spread(ratios: list[float]) -> str:
     """A ratio as quoted in the tables: the median over rounds and its (min-max), e.g. ``1.04x (0.98-1.12)``."""
     import statistics

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_line, write_section  # noqa: E402
+from _results import core_share, is_quiet, machine_line, write_section  # noqa: E402
 
 from lmms_engine.models.autoregressive_reconstruction import create_autoregressive_reconstruction_module  # noqa: E402
 from lmms_engine.utils.flops import count_flops  # noqa: E402
@@ -354,7 +354,7 @@ def main() -> None:
                                                                  {**LLAVA_POOLING, "target_encoder": mode})
             encoders[mode] = (*state_bytes(module), run_probe(f"create-{mode}"))
     tower_params = sum(p.numel() for p in so400m().parameters())
-    load_end, minutes = os.getloadavg()[0], (time.perf_counter() - started) / 60
+    load_end, share_end, minutes = os.getloadavg()[0], core_share(), (time.perf_counter() - started) / 60
 
     lines = [
         "## Autoregressive reconstruction overhead (`benchmarks/autoregressive_overhead.py`)",
@@ -362,10 +362,11 @@ def main() -> None:
         machine_line(("torch", "transformers")) + f"; torch threads {torch.get_num_threads()}. Command: "
         f"`python benchmarks/autoregressive_overhead.py --rounds {rounds}{' --quick' if args.quick else ''}"
         f"{' --windows ' + args.windows if args.windows else ''}` ({minutes:.0f} min). "
-        + (f"Quiet machine: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end"
-           if load_start < 1.5 and load_end < 2.5 else
+        + (f"Quiet machine: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end "
+           f"(this run's own threads included), one busy thread got {share_end:.0%} of a core after it"
+           if is_quiet(load_start, share_end) else
            f"**Shared, loaded machine**: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at "
-           "the end (2 cores, several users)")
+           f"the end, one busy thread got {share_end:.0%} of a core after it (2 cores, several users)")
         + f"; times are medians (min-max) over {rounds} interleaved round(s), and the ratios are taken "
         "within a round.",
         "",

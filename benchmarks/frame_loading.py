@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_line, write_section  # noqa: E402
+from _results import _cpu_seconds, core_share, is_quiet, machine_line, write_section  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "_cache"
 SIZE = (384, 384)
@@ -284,23 +284,6 @@ def right_frames(frames: np.ndarray, indices: list[int], reference: dict[int, np
     return True
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, FFmpeg's included
-    return usage.ru_utime + usage.ru_stime
-
-
-def core_share() -> float:
-    """Fraction of one core a single busy thread gets right now (1.0 on an idle machine)."""
-    rng = np.random.default_rng(0)
-    a = rng.random((600, 600))
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    for _ in range(40):
-        a = np.tanh(a * 1.0001)  # single-threaded numpy work (no BLAS threads involved)
-    return (_cpu_seconds() - c0) / (time.perf_counter() - t0)
-
-
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     c0, t0 = _cpu_seconds(), time.perf_counter()
     fn()
@@ -448,7 +431,7 @@ def run(rounds: int, quick: bool, before: str | None = None, clips: list[str] | 
         text = f"{result['med'][key]:.3f} / {result['cpu'][key]:.3f}"
         return text + ("" if result["match"][key] else " (wrong frames)")
 
-    quiet = load_before[0] < 1.5 and load_after[0] < 2.5
+    quiet = is_quiet(load_before[0], share_after)
     shown = [k for k in ("ours", "ours_cached", "before", "decord", "torchcodec", "pyav_seek", "pyav_all")
              if k in loaders]
     command = (f"python benchmarks/frame_loading.py{' --quick' if quick else ''} --rounds {rounds}"
