@@ -30,6 +30,19 @@ def make(window: str = "sliding", seed: int = 0, **overrides):
     return create_autoregressive_reconstruction_module(tower, HIDDEN, config).eval()
 
 
+def prefix_layout(lengths: list[int], t: int):
+    """A slow-stream layout of ``len(lengths)`` rows of ``t`` frames x ``P`` tokens where row ``b`` holds
+    only its first ``lengths[b]`` frames (the rest absent, position -1)."""
+    from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
+
+    positions = torch.arange(t * P).view(1, t, P).repeat(len(lengths), 1, 1)
+    for b, n in enumerate(lengths):
+        positions[b, n:] = -1
+    return VideoTokenLayout(slow=FrameTokenIndex(positions, (positions >= 0).all(-1), 2, 4), fast=None,
+                            separator_mask=torch.zeros(len(lengths), t * P, dtype=torch.bool), pool_mode="average",
+                            num_frames=torch.tensor(lengths))
+
+
 def test_banded_mask_is_the_band_of_the_frame_causal_mask():
     for frames, per, band in [(1, 1, 1), (5, 2, 2), (6, 3, 3), (4, 2, 9)]:
         mask = banded_frame_causal_mask(frames, per, band)
@@ -124,18 +137,11 @@ def test_last_frame_never_reaches_its_prediction():
 def test_samples_of_unequal_length_add_up_and_nothing_supervised_is_a_connected_zero():
     """The loss contract per sample: a batch's sums and counts are those of its samples alone; a
     truncated video supervises its present prefix, a sample without video nothing."""
-    from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
-
     module = make()
     t = 6
     hidden, feats = torch.randn(3, t * P, HIDDEN), torch.randn(3, t, 64, WIDTH)
     lengths = [6, 3, 0]
-    positions = torch.arange(t * P).view(1, t, P).repeat(3, 1, 1)
-    for b, n in enumerate(lengths):
-        positions[b, n:] = -1
-    layout = VideoTokenLayout(slow=FrameTokenIndex(positions, (positions >= 0).all(-1), 2, 4), fast=None,
-                              separator_mask=torch.zeros(3, t * P, dtype=torch.bool), pool_mode="average",
-                              num_frames=torch.tensor(lengths))
+    layout = prefix_layout(lengths, t)
     out = module.compute_autoregressive_loss(hidden, target_features=feats, video_token_layout=layout,
                                              return_output=True)
     assert out.num_targets == (5 + 2) * P
@@ -199,17 +205,10 @@ def test_throughput_accounting_equals_the_counted_flops(window):
 def test_units_counted_before_the_step_equal_the_forwards_counts():
     """The trainer normalises over units counted from ``video_num_frames`` before the forward: for the
     one pass they must be the forward's own counts, per stream (fast/slow too)."""
-    from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
-
     for extra in ({}, {"use_fast_slow_frames": True, "num_fast": 4, "num_slow": 3, "slow_stride": 2}):
         module = make(**extra)
         lengths, t = [7, 2, 5], 7
-        positions = torch.arange(t * P).view(1, t, P).repeat(3, 1, 1)
-        for b, n in enumerate(lengths):
-            positions[b, n:] = -1
-        layout = VideoTokenLayout(slow=FrameTokenIndex(positions, (positions >= 0).all(-1), 2, 4), fast=None,
-                                  separator_mask=torch.zeros(3, t * P, dtype=torch.bool), pool_mode="average",
-                                  num_frames=torch.tensor(lengths))
+        layout = prefix_layout(lengths, t)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # streams clipped to short videos
             out = module.compute_autoregressive_loss(torch.randn(3, t * P, HIDDEN), target_features=torch.randn(3, t, 64, WIDTH),

@@ -14,14 +14,6 @@ from lmms_engine.launch.cli import main
 from lmms_engine.launch.config import check_pipeline, load_pipeline_config
 from lmms_engine.utils.config import ConfigError
 
-RECORD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
-
-
-@pytest.fixture()
-def data(tmp_path) -> Path:
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps([RECORD, RECORD]))
-    return path
 
 
 def trainer(data: Path, out: Path, **keys) -> list[dict]:

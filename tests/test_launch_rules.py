@@ -4,7 +4,6 @@ same text, naming the key, the value and what would be valid."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,7 @@ from lmms_engine.launch.config import check_pipeline
 from lmms_engine.models.builder import build_model
 from lmms_engine.utils.config import ConfigError
 
-RECORD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
 WHERE = "x.yaml: block 0 (trainer).config"
-
-
-@pytest.fixture()
-def data(tmp_path) -> Path:
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps([RECORD, RECORD]))
-    return path
 
 
 def trainer_block(data: Path, out: Path, **config) -> list[dict]:
