@@ -21,7 +21,8 @@ from typing import Any, Iterator
 from torch import nn
 
 from lmms_engine.models.autoregressive_config import restore_autoregressive_module
-from lmms_engine.models.lora import CONFIG_LORA_KEY, FP32_ADAPTER_PATTERNS
+from lmms_engine.models.lora import (CONFIG_LORA_KEY, FP32_ADAPTER_PATTERNS, freeze_for_lora, inject_lora,
+                                     save_trained_tensors)
 
 
 class VideoFamilyMixin:
@@ -47,8 +48,6 @@ class VideoFamilyMixin:
         checkpoint's weights (and the Trainer's resume) find them."""
         restore_autoregressive_module(self, self.config, self._freeze_vision_tower)
         if getattr(self.config, CONFIG_LORA_KEY, None):
-            from lmms_engine.models.lora import inject_lora
-
             inject_lora(self, getattr(self.config, CONFIG_LORA_KEY))
 
     @classmethod
@@ -81,15 +80,11 @@ class VideoFamilyMixin:
         result = super().save_pretrained(  # type: ignore[misc]
             save_directory, *args, save_original_format=save_original_format, **kwargs)
         if getattr(self.config, CONFIG_LORA_KEY, None) and kwargs.get("is_main_process", True):
-            from lmms_engine.models.lora import save_trained_tensors
-
             save_trained_tensors(self, save_directory)
         return result
 
     def _refreeze(self) -> None:
         if getattr(self.config, CONFIG_LORA_KEY, None):
-            from lmms_engine.models.lora import freeze_for_lora
-
             freeze_for_lora(self)
         for param in self._unused_vision_parameters():
             param.requires_grad_(False)
