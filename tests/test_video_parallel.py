@@ -184,32 +184,34 @@ def test_decoders_reading_the_index_pass_packets_return_what_seeking_decoders_do
         assert from_packets and set(from_packets) == {expected}
 
 
-@pytest.mark.parametrize("wpp", [True, False])
-def test_hevc_with_wavefront_rows_decodes_with_slice_threads_frame_exact(tmp_path, monkeypatch, wpp):
-    """x265's wavefront rows (its default) are read from the PPS, and such a stream is decoded with
-    slice threads; without them frame threads stay. Frames equal a serial full decode either way."""
+@pytest.mark.parametrize("codec", ["libx265", "libx264"])
+def test_context_with_two_cores_runs_four_frame_threads_per_core_frame_exact(tmp_path, monkeypatch, codec):
+    """A read with two cores in one decoder context runs ``frame_thread_count(2)`` = 8 FFmpeg threads
+    (one core: 1), HEVC and H.264 alike, and returns the frames of a serial full decode."""
     from lmms_engine.video.encode import write_video
     from clips import coded_frames
 
-    params = "log-level=error" + ("" if wpp else ":wpp=0")
-    clip = write_video(tmp_path / "c.mp4", coded_frames(40, 64, 96), fps=25, keyframe_interval=40, codec="libx265",
-                       options={"preset": "ultrafast", "x265-params": params})
-    with av.open(str(clip)) as container:
-        assert decode.hevc_parallel_rows(container.streams.video[0].codec_context.extradata) is wpp
-    assert decode.hevc_parallel_rows(None) is False and decode.hevc_parallel_rows(b"\x01\x02") is False
-    thread_types: list[str] = []
+    assert [decode.frame_thread_count(n) for n in (1, 2, 3, 4, 8)] == [1, 8, 12, 16, 16]
+    options = {"preset": "ultrafast", "x265-params": "log-level=error"} if codec == "libx265" else {}
+    clip = write_video(tmp_path / "c.mp4", coded_frames(40, 64, 96), fps=25, keyframe_interval=40, codec=codec,
+                       options=options)
+    counts: list[int] = []
     real_reader = decode._Reader
 
     def reader(path, container, stream, *args):
-        thread_types.append(stream.thread_type.name)
+        counts.append(stream.codec_context.thread_count)
         return real_reader(path, container, stream, *args)
 
     monkeypatch.setattr(decode, "_Reader", reader)
     indices = list(range(0, 40, 3))
-    video = read_video(clip, indices, num_threads=2)
-    assert thread_types == [("SLICE" if wpp else "AUTO")]
-    assert torch.equal(video.frames, torch.from_numpy(full_decode_rgb(clip)[indices]))
-    assert read_indices(video.frames) == indices
+    reference = full_decode_rgb(clip)
+    for threads, expected in ((2, 8), (1, 1)):
+        counts.clear()
+        frame_table_cache.clear()
+        video = read_video(clip, indices, num_threads=threads)
+        assert counts == [expected]
+        assert torch.equal(video.frames, torch.from_numpy(reference[indices]))
+        assert read_indices(video.frames) == indices
 
 
 def test_frame_table_cache_hits_and_invalidates_on_change(tmp_path):

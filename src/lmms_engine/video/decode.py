@@ -30,11 +30,11 @@ How a read works (``read_video``):
    preallocated output, so the result is the same frame for frame whatever the split; memory grows by
    one decoder (its reference frames) per context, and contexts never outnumber the thread budget.
    The budget (``num_threads``; 0 = ``decode_thread_budget()``: the process's cores, shared out among
-   DataLoader workers) is split into contexts with equal shares of FFmpeg frame/slice threads (FFmpeg's
-   own count when one context has every core), as many contexts as make the read shortest by a
-   simple estimate (``split_groups``): one long keyframe interval beside short ones stays in one
-   context with frame threads (slice threads for HEVC with wavefront rows or tiles). A context with
-   two threads or more converts its frames in a thread beside the decoder. The first read of a file
+   DataLoader workers) is split into contexts with equal shares of cores, as many contexts as make
+   the read shortest by a simple estimate (``split_groups``): one long keyframe interval beside short
+   ones stays in one context with frame threads. A context with two cores or more runs
+   ``frame_thread_count`` FFmpeg threads (four per core: skipped packets take a thread's turn too)
+   and converts its frames in a thread beside the decoder. The first read of a file
    hands the index pass's packets to its decoders (no second demux; up to 64 MiB).
 
 Streams without usable pts (e.g. raw ``.h264`` files) are decoded once from the start, frames counted
@@ -1096,60 +1096,19 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
 
 # With two threads or more, a context converts in a thread of its own beside FFmpeg's.
 PIPELINE_CONVERSION = True
+# FFmpeg's frame threads per core of a context's share, and at most this many per context. FFmpeg's
+# own count (one per core, plus one) keeps too few packets in flight once non-reference frames are
+# skipped: a skipped packet still takes a thread's turn, so on the benchmark's x265 clip (half its
+# frames skipped) two cores ran 1.4 busy; four per core kept them busy (wall 0.53-0.68x the best peer
+# against 0.78-1.02x, CPU lower too). Each thread holds one picture in flight: bounded by the cap.
+FRAME_THREADS_PER_CORE = 4
+MAX_FRAME_THREADS = 16
 
 
-def hevc_parallel_rows(extradata: bytes | None) -> bool:
-    """Whether an HEVC stream's picture parameter sets (in its ``hvcC`` extradata) enable wavefront
-    rows (entropy coding sync) or tiles, which FFmpeg's slice threads decode in parallel inside one
-    picture. False when unknown (no ``hvcC``, or one that does not parse)."""
-    try:
-        return any(flags for flags in _hevc_pps_parallel_flags(extradata or b""))
-    except (IndexError, ValueError):
-        return False
-
-
-def _hevc_pps_parallel_flags(hvcc: bytes) -> Iterator[bool]:
-    """``tiles_enabled_flag or entropy_coding_sync_enabled_flag`` of each PPS in an ``hvcC`` record."""
-    if len(hvcc) < 23 or hvcc[0] != 1:
-        raise ValueError("not an hvcC record")
-    pos = 23
-    for _ in range(hvcc[22]):
-        nal_type, count = hvcc[pos] & 0x3F, int.from_bytes(hvcc[pos + 1:pos + 3], "big")
-        pos += 3
-        for _ in range(count):
-            size = int.from_bytes(hvcc[pos:pos + 2], "big")
-            nal = hvcc[pos + 2:pos + 2 + size]
-            pos += 2 + size
-            if nal_type == 34:  # PPS
-                bits = _Bits(nal[2:].replace(b"\x00\x00\x03", b"\x00\x00"))  # after the 2-byte NAL header
-                bits.ue(), bits.ue()  # pps and sps ids
-                bits.u(7)  # dependent slices, output flag, 3 extra slice-header bits, sign hiding, cabac init
-                bits.ue(), bits.ue(), bits.ue()  # default active refs l0 / l1, init_qp_minus26 (se, same length)
-                bits.u(2)  # constrained intra, transform skip
-                if bits.u(1):  # cu_qp_delta_enabled
-                    bits.ue()
-                bits.ue(), bits.ue()  # cb / cr qp offsets (se, same length)
-                bits.u(4)  # chroma qp offsets present, weighted pred / bipred, transquant bypass
-                yield bool(bits.u(2))  # tiles_enabled, entropy_coding_sync_enabled
-
-
-class _Bits:
-    """Big-endian bit reader with Exp-Golomb codes (H.265 section 9.2)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.value, self.left = int.from_bytes(data, "big"), 8 * len(data)
-
-    def u(self, n: int) -> int:
-        if n > self.left:
-            raise ValueError("out of bits")
-        self.left -= n
-        return (self.value >> self.left) & ((1 << n) - 1)
-
-    def ue(self) -> int:
-        zeros = 0
-        while not self.u(1):
-            zeros += 1
-        return (1 << zeros) - 1 + self.u(zeros)
+def frame_thread_count(threads: int) -> int:
+    """FFmpeg threads for a decoder context given ``threads`` cores: 1 for one core, else
+    ``FRAME_THREADS_PER_CORE`` per core up to ``MAX_FRAME_THREADS``."""
+    return 1 if threads < 2 else min(MAX_FRAME_THREADS, FRAME_THREADS_PER_CORE * threads)
 
 
 def _decode_context(path: str | Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
@@ -1160,20 +1119,11 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
     ``packets``: the index pass's packets to read instead of demuxing (``_Reader``).
 
     With 2 threads or more the kept frames are converted in a thread of their own while FFmpeg decodes
-    with ``threads`` threads (FFmpeg's own choice when this context has every core): after
-    non-reference frames are skipped the decode is a serial chain that frame threads only partly
-    shorten, while conversion overlaps it fully.
+    with :func:`frame_thread_count` threads: after non-reference frames are skipped the decode is a
+    serial chain that frame threads only partly shorten, while conversion overlaps it fully.
     """
     pipelined = PIPELINE_CONVERSION and threads >= 2
-    # One context holding every core lets FFmpeg pick its thread count (one per core, plus one); the
-    # converter thread mostly waits on the decoder, so it is not counted against the share.
-    whole_machine = threads >= _available_cores()
-    stream.codec_context.thread_count = 0 if whole_machine else threads
-    # HEVC with wavefront rows or tiles: slice threads work inside each picture that is decoded, where
-    # frame threads, after non-reference pictures are skipped, wait on a chain of references (measured
-    # on the benchmark's x265 clip, 2 cores: 0.55 s against 0.70 s for 8 frames).
-    if threads >= 2 and stream.codec_context.name == "hevc" and hevc_parallel_rows(stream.codec_context.extradata):
-        stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = frame_thread_count(threads)
     sink = _PipelinedConverter(convert) if pipelined else convert
     try:
         done = _Reader(path, container, stream, table, cancel, packets).read(slot_of, sink, groups)
