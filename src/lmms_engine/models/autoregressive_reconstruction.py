@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmms_engine.models.autoregressive_config import AutoregressiveConfig
-from lmms_engine.models.frame_attention import apply_rotary, banded_attention, rotary_tables
+from lmms_engine.models.frame_attention import apply_rotary, banded_attention, frame_rotary_tables
 from lmms_engine.models.layout import FrameTokenIndex, VideoTokenLayout
 from lmms_engine.models.loss_terms import LossTerm, autoregressive_mean
 from lmms_engine.models.vision import feature_size, patch_grid_side, select_features, vision_width
@@ -247,8 +247,7 @@ class FramePredictor(nn.Module):
         x = (tokens + pos.to(tokens.dtype)).reshape(n, frames * patches, dim)
         band = mask = None
         if self.sliding:
-            frame_of_token = torch.arange(frames, device=x.device).repeat_interleave(patches)
-            cos, sin = rotary_tables(frame_of_token, dim // self.num_heads, x.dtype)
+            cos, sin = frame_rotary_tables(frames, patches, dim // self.num_heads, x.dtype, x.device)
             band = BandedAttention(patches, self.num_hist, cos, sin, self.attention_backend)
         elif causal:
             mask = frame_causal_mask(frames, patches, device=x.device)
@@ -786,15 +785,21 @@ class AutoregressiveReconstructionModule(nn.Module):
         supervised = torch.arange(valid.shape[1] - 1, device=valid.device)[None, :] + 1 < lead[:, None]
         if valid.shape[1] < 2 or not supervised.any():
             return None, None, 0
-        rows = supervised.any(1).nonzero().flatten()
+        rows = supervised.any(1)
         last = int(lead[rows].max())  # frames the longest sample supplies; later ones are padding
-        pred = self.predictor(tokens[rows, :last - 1], pool_stride=stride, pool_mode=mode, causal=True, grid=grid)
-        keep = supervised[rows, :last - 1]
-        target, previous = targets[rows, 1:last][keep], targets[rows, :last - 1][keep]
-        pred = pred[keep]
-        err = (pred.float() - target).pow(2).sum()
-        base_err = (previous - target).pow(2).sum()
-        return err, base_err, pred.shape[0] * pred.shape[1]
+        if bool(rows.all()):  # the usual batch: slices, not gathered copies
+            tokens, targets, keep = tokens[:, :last - 1], targets[:, :last], supervised[:, :last - 1]
+        else:
+            tokens, targets, keep = tokens[rows, :last - 1], targets[rows, :last], supervised[rows, :last - 1]
+        pred = self.predictor(tokens, pool_stride=stride, pool_mode=mode, causal=True, grid=grid).float()
+        target, previous = targets[:, 1:], targets[:, :-1]
+        if bool(keep.all()):
+            err, base_err = F.mse_loss(pred, target, reduction="sum"), F.mse_loss(previous, target, reduction="sum")
+        else:  # where, not multiply: positions past a sample's frames must not reach the loss or its gradient
+            keep = keep[..., None, None]
+            err = torch.where(keep, (pred - target).pow(2), 0.0).sum()
+            base_err = torch.where(keep, (previous - target).pow(2), 0.0).sum()
+        return err, base_err.detach(), int(keep.sum()) * pred.shape[2]
 
     def _combine(self, results: dict, return_output: bool):
         """Per-stream :class:`LossTerm` s (squared error per target token, mean over the embedding, summed
