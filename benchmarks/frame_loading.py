@@ -442,7 +442,7 @@ def run(rounds: int, quick: bool, before: str | None = None, clips: list[str] | 
         "## Frame loading",
         "",
         f"{machine_line(('torch', 'av', 'decord', 'torchcodec'))}; FFmpeg threads: each loader's "
-        f"default policy (ours: {decode_thread_budget()} threads per read here). "
+        f"default policy (ours: {decode_thread_budget()} cores per read here). "
         f"Command: `{command}` ({minutes:.0f} min).",
         "",
         (f"Quiet machine: load average (1 min) before / after the run {load_before[0]:.1f} / "
@@ -514,8 +514,9 @@ FOOTER = (
     "references while the returned frames stay bit-exact; the decoder drained after an interval's last "
     "target; independent keyframe intervals decoded at once in several decoder contexts (one container "
     "each, contiguous runs of equal work) where that is estimated faster than one context with FFmpeg's "
-    "frame threads (a long interval beside short ones stays in one), and within a context of two threads "
-    "or more the kept frames converted in a thread beside the decoder; only kept frames converted, to "
+    "frame threads (a long interval beside short ones stays in one), and within a context of two cores "
+    "or more four FFmpeg frame threads per core (a skipped packet takes a thread's turn too) and the kept "
+    "frames converted in a thread beside the decoder; only kept frames converted, to "
     "planar RGB straight into the `[T, 3, H, W]` output, one scaler thread each; FFmpeg's open probe "
     "parses without decoding a picture. The packet index is cached per file in the process "
     "(`ours, cached index`)."
