@@ -307,6 +307,7 @@ def main() -> None:
     for fn in parts.values():
         fn()
     tiny = tiny_steps()
+    tiny_flops = {key: count_flops(fn) for key, fn in tiny.items()}  # the counted run doubles as a warm-up
     for fn in tiny.values():
         timed(fn, repeats=1, warmup=3)
 
@@ -432,7 +433,11 @@ def main() -> None:
         f"{statistics.median(tiny_times['all']) * 1e3:.1f} ms, `sliding` "
         f"{statistics.median(tiny_times['sliding']) * 1e3:.1f} ms (medians of {len(tiny_times['off'])} steps); "
         f"AR step / SFT step: `all` {_ratio(tiny_ratio['all'])}, `sliding` {_ratio(tiny_ratio['sliding'])} "
-        f"(per-round medians, {rounds} rounds).",
+        f"(per-round medians, {rounds} rounds). Counted FLOPs of the steps: module off "
+        f"{tiny_flops['off'] / 1e6:.0f} M, `all` {tiny_flops['all'] / 1e6:.0f} M, `sliding` "
+        f"{tiny_flops['sliding'] / 1e6:.0f} M: the module adds {tiny_flops['all'] / tiny_flops['off'] - 1:.1%} "
+        f"(`all`) and {tiny_flops['sliding'] / tiny_flops['off'] - 1:.1%} (`sliding`) of the step's FLOPs, so at "
+        "the model's own FLOP rate the ratio would be 1 plus that.",
         "",
         "Goals (one pass, every frame supervised): FLOPs <= 10 % of the Qwen2-0.5B step: "
         f"{flops[sl] / llm:.1%} (`all`: {flops[al] / llm:.1%}); step time at real widths <= 1.10x: "
