@@ -31,10 +31,11 @@ def test_flops_of_tiny_config_equal_hand_computation() -> None:
                                                                       "num_hist": 3, "window": "all"})
     assert ar.predictor_params == 4096 + 16384 + 32768
     assert ar.predictor_per_video(8) == 6 * (4096 * 128 + 49152 * 48 * 5) + 3 * 5 * 4 * 48 ** 2 * 64
-    # "sliding": one pass over 7 frames (112 tokens: too short for chunked attention, one dense call).
+    # "sliding": one pass over 7 frames of 16 tokens, chunked attention on CPU: query frames 0-2 against
+    # key frames 0-2, 3-5 against 1-5, 6 against 4-6 = 27 frame pairs of 16 x 16 tokens.
     sliding = ModelFlops.from_config(tiny_llava_config(), autoregressive={"embedding_dim": 64, "num_layers": 1,
                                                                            "num_hist": 3, "window": "sliding"})
-    assert sliding.predictor_per_video(8) == 6 * (4096 * 128 + 49152 * 112) + 3 * 4 * 112 ** 2 * 64
+    assert sliding.predictor_per_video(8) == 6 * (4096 * 128 + 49152 * 112) + 3 * 4 * (27 * 16 ** 2) * 64
     mask = torch.tensor([[1] * 100, [1] * 60 + [0] * 40])
     expected = 100 * flops.llm_per_token(100) + 60 * flops.llm_per_token(60) + 8 * flops.vision_per_frame()
     assert flops.batch_flops(mask.sum(-1).tolist(), torch.tensor([8, 0])) == expected
