@@ -1101,7 +1101,8 @@ PIPELINE_CONVERSION = True
 # skipped: a skipped packet still takes a thread's turn, so on the benchmark's x265 clip (half its
 # frames skipped) two cores ran 1.4 busy; four per core kept them busy (wall 0.53-0.68x the best peer
 # against 0.78-1.02x, CPU lower too; H.264, VP9 the same or faster). Each thread holds a picture in
-# flight: a 720p read of 64 frames peaked 10-17 MiB higher with 8 threads than with 3; the cap bounds it.
+# flight: a 720p read of 64 frames peaked 10-17 MiB higher with 8 threads than with 3. The cap is FFmpeg's
+# own for its automatic count, so a many-core machine holds no more pictures than FFmpeg's default would.
 FRAME_THREADS_PER_CORE = 4
 MAX_FRAME_THREADS = 16
 
