@@ -108,7 +108,7 @@ class DatasetConfig:
         truncation: ``turns`` (keep whole leading exchanges that fit) or ``drop`` (drop over-long samples).
         padding_side: ``right`` or ``left``, used by the collator.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` it and count it.
-        decode_threads: threads per video read (parallel keyframe intervals, then FFmpeg threads);
+        decode_threads: cores per video read (parallel keyframe intervals, then FFmpeg frame threads);
             0 = auto: the cores divided among the DataLoader workers (1 each when workers >= cores).
         decode_timeout: seconds one video read may take; null = no limit. A read that blocks (a pipe
             nobody writes, a stalled network mount) or runs longer is abandoned and the record replaced

@@ -59,8 +59,8 @@ class MultiScaleVideoFrameLoader:
     """Loads sampled video frames as uint8 RGB tensors, at one or several scales, and pools features.
 
     Args:
-        num_threads: threads per video read: independent keyframe intervals decode in parallel
-            decoder contexts, then FFmpeg threads inside them (``lmms_engine.video.decode``); 0 = auto:
+        num_threads: cores per video read: independent keyframe intervals decode in parallel
+            decoder contexts, then FFmpeg frame threads inside them (``lmms_engine.video.decode``); 0 = auto:
             the cores, shared out among the DataLoader's workers inside one (one thread each when
             workers >= cores, the measured best there); 1 = one single-threaded decoder.
     """

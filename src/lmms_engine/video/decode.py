@@ -1008,8 +1008,8 @@ def read_video(path: str | Path, select: SamplingSpec | Sequence[int], *,
             coded size.
         scale_factors: None = one ``[T, 3, H, W]`` tensor; else a list with one tensor per factor, at
             ``output_sizes(native, target_size, scale_factors)``, all from one decode pass.
-        num_threads: threads for this read: decoder contexts over independent keyframe intervals,
-            then FFmpeg threads inside them (module docstring, step 5); 1 = one single-threaded
+        num_threads: cores for this read: decoder contexts over independent keyframe intervals, then
+            FFmpeg frame threads inside them (``frame_thread_count``, module docstring step 5); 1 = one single-threaded
             decoder; 0 = ``decode_thread_budget()`` (the cores, shared among DataLoader workers).
         timeout: seconds the whole read may take (None = no limit); past it the read is abandoned and
             :class:`DecodeTimeout` raised (module docstring).
