@@ -155,6 +155,24 @@ def test_samples_of_unequal_length_add_up_and_nothing_supervised_is_a_connected_
     assert all(p.grad is not None for p in module.predictor.parameters())
 
 
+@pytest.mark.parametrize("frames", [7, 25])  # 28 tokens: the dense kernel; 100: chunked
+def test_training_after_an_evaluation_under_inference_mode_backpropagates(frames):
+    """Rotary tables and masks are cached per shape: built first under ``torch.inference_mode`` (an
+    evaluation), they still serve a later training step's backward."""
+    from lmms_engine.models import frame_attention
+
+    frame_attention.frame_rotary_tables.cache_clear()
+    frame_attention._mask.cache_clear()
+    module = make()
+    hidden, feats = torch.randn(1, frames * P, HIDDEN), torch.randn(1, frames, 64, WIDTH)
+    with torch.inference_mode():
+        evaluated = module.compute_autoregressive_loss(hidden, target_features=feats)
+    trained = module.train().compute_autoregressive_loss(hidden.requires_grad_(True), target_features=feats)
+    trained.backward()
+    torch.testing.assert_close(trained.detach(), evaluated)
+    assert hidden.grad.abs().sum() > 0 and all(p.grad is not None for p in module.predictor.parameters())
+
+
 def test_sliding_needs_the_frame_causal_mask():
     with pytest.raises(ValueError, match=r"window: sliding .* use_frame_causal_mask: true .* window: all or random"):
         AutoregressiveConfig(use_frame_causal_mask=False)

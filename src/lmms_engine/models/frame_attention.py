@@ -136,8 +136,11 @@ def frame_rotary_tables(frames: int, tokens_per_frame: int, head_dim: int, dtype
                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rotary_tables` of ``frames`` frame-major frames of ``tokens_per_frame`` tokens
     (``[frames * tokens_per_frame, head_dim]`` each), cached: every step of a run asks for the same."""
-    frame_of_token = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame)
-    return rotary_tables(frame_of_token, head_dim, dtype)
+    # Normal tensors even when first asked for under inference mode (an evaluation): the cache outlives
+    # that block, and autograd cannot save inference tensors for a later training step's backward.
+    with torch.inference_mode(False):
+        frame_of_token = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame)
+        return rotary_tables(frame_of_token, head_dim, dtype)
 
 
 def rotary_tables(frame_of_token: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
