@@ -33,7 +33,8 @@ def machine_line(packages: tuple[str, ...] = ("torch", "transformers", "av")) ->
             + ", ".join(versions))
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """CPU seconds this process has used so far, all its threads (FFmpeg's included)."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
@@ -49,10 +50,10 @@ def core_share() -> float:
     import numpy as np
 
     a = np.random.default_rng(0).random((600, 600))
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for _ in range(40):
         a = np.tanh(a * 1.0001)  # single-threaded numpy work (no BLAS threads involved)
-    return (_cpu_seconds() - c0) / (time.perf_counter() - t0)
+    return (cpu_seconds() - c0) / (time.perf_counter() - t0)
 
 
 def is_quiet(load_before: float, share_after: float) -> bool:

@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import _cpu_seconds, core_share, is_quiet, machine_line, write_section  # noqa: E402
+from _results import core_share, cpu_seconds, is_quiet, machine_line, spread, write_section  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "_cache"
 SIZE = (384, 384)
@@ -241,15 +241,12 @@ def every_frame_needed(path: Path) -> bool:
 def load_floor(path: Path, indices: list[int]) -> None:
     """FFmpeg alone: every frame up to the last target decoded with ours' frame threads, nothing
     converted or kept (the decode-work floor of a clip where :func:`every_frame_needed`)."""
-    import av
-
     from lmms_engine.video.decode import decode_thread_budget, frame_thread_count
 
     last = max(indices)
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = frame_thread_count(decode_thread_budget())
+    container, stream = _open_pyav(path)
+    stream.codec_context.thread_count = frame_thread_count(decode_thread_budget())
+    with container:
         for n, _ in enumerate(container.decode(stream)):
             if n >= last:
                 break
@@ -320,18 +317,14 @@ def right_frames(frames: np.ndarray, indices: list[int], reference: dict[int, np
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0, _cpu_seconds() - c0
-
-
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def _pair(wall: list[float], cpu: list[float]) -> str:
     """Two table cells: the wall and the CPU ratio with their spreads ("- | -" when not measured)."""
-    return f"{_spread(wall)} | {_spread(cpu)}" if wall else "- | -"
+    return f"{spread(wall)} | {spread(cpu)}" if wall else "- | -"
 
 
 def measure_cell(path: Path, indices: list[int], loaders: dict, rounds: int) -> dict:
@@ -451,8 +444,8 @@ def run(rounds: int, quick: bool, before: str | None = None, clips: list[str] | 
             too_slow |= result["slow"]
             result["not_timed"] = sorted(set(loaders) - set(result["med"]))
             print(name, count, {k: round(v, 3) for k, v in result["med"].items()}, "best", result["best"],
-                  _spread(result["ratio"]) if result["ratio"] else "-",
-                  "before", _spread(result["before"]) if result["before"] else "-",
+                  spread(result["ratio"]) if result["ratio"] else "-",
+                  "before", spread(result["before"]) if result["before"] else "-",
                   f"({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
             rows.append((name, count, result))
     data_rates = dataloader_case(rounds, [c for c in clips if c != "long"][:5]) if dataloader else []
@@ -541,7 +534,7 @@ def run(rounds: int, quick: bool, before: str | None = None, clips: list[str] | 
         for name, count, r in floor_rows:
             to_floor = [o / f for o, f in zip(r["wall_runs"]["ours"], r["wall_runs"]["floor"])]
             lines.append(f"| {name} | {count} | {r['med']['floor']:.3f} / {r['cpu']['floor']:.3f} | "
-                         f"{r['med']['ours']:.3f} | {_spread(to_floor)} | "
+                         f"{r['med']['ours']:.3f} | {spread(to_floor)} | "
                          + (f"{0.8 * r['med'][r['best']]:.3f} |" if r["best"] else "- |"))
     if data_rates:
         lines += [
