@@ -930,9 +930,9 @@ FRAME_THREAD_REFILL = 2.0
 
 def _estimated_time(runs: list[list[int]], budget: int) -> float:
     """Time of decoding ``runs`` (each a list of keyframe-interval costs in packets) at once, each
-    context with an equal share of ``budget`` threads, in packets decoded by one thread: the longest
-    run, its intervals shortened by frame threads when its context has two or more, less so when they
-    are short.
+    context with an equal share of ``budget`` cores, in packets decoded by one thread: the longest
+    run, its intervals shortened by frame threads when its context has two cores or more, less so when
+    they are short.
 
     One long keyframe interval beside a short one (every frame a reference in VP9 and all-reference
     streams, or a clip with few keyframes) thus stays in one context with FFmpeg's frame threads: two
@@ -1094,7 +1094,7 @@ def _read_video(path: str | Path, select: SamplingSpec | Sequence[int], target_s
     )
 
 
-# With two threads or more, a context converts in a thread of its own beside FFmpeg's.
+# With two cores or more, a context converts in a thread of its own beside FFmpeg's.
 PIPELINE_CONVERSION = True
 # FFmpeg's frame threads per core of a context's share, and at most this many per context. FFmpeg's
 # own count (one per core, plus one) keeps too few packets in flight once non-reference frames are
@@ -1117,10 +1117,10 @@ def _decode_context(path: str | Path, container: av.container.InputContainer, st
                     table: FrameTable, cancel: threading.Event | _AnyEvent | None, slot_of: dict[int, int],
                     convert: _Converter, groups: list[tuple[int, list[int]]] | None, threads: int,
                     packets: list[av.Packet] | None = None) -> list[int]:
-    """Decode ``groups`` in one decoder context with ``threads`` threads; return the slots filled.
+    """Decode ``groups`` in one decoder context given ``threads`` cores; return the slots filled.
     ``packets``: the index pass's packets to read instead of demuxing (``_Reader``).
 
-    With 2 threads or more the kept frames are converted in a thread of their own while FFmpeg decodes
+    With 2 cores or more the kept frames are converted in a thread of their own while FFmpeg decodes
     with :func:`frame_thread_count` threads: after non-reference frames are skipped the decode is a
     serial chain that frame threads only partly shorten, while conversion overlaps it fully.
     """
@@ -1146,8 +1146,8 @@ def _read_parallel(path: str | Path, table: FrameTable, runs: list[list[tuple[in
     """Decode ``runs`` (contiguous keyframe intervals) at once, one decoder context per run.
 
     The already open ``stream`` serves the first run; each other run opens its own container (appended
-    to ``contexts``, which the caller closes) for its decoder. FFmpeg threads per context: an equal
-    share of ``budget``. ``packets`` (the index pass's, shared read-only) spare every context its seeks
+    to ``contexts``, which the caller closes) for its decoder. Cores per context: an equal share of
+    ``budget`` (:func:`frame_thread_count` FFmpeg threads each). ``packets`` (the index pass's, shared read-only) spare every context its seeks
     and demuxing.
     """
     per_context = max(1, budget // len(runs))
